@@ -1,0 +1,49 @@
+# imagepushd — developer entry points. Every target works on a fresh Debian 12 machine as root.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+APT_PACKAGES := containerd docker-registry skopeo systemd-container mmdebstrap \
+                libsystemd-dev pkg-config gcc python3-dev python3-venv
+PYTEST_ARGS ?=
+
+.PHONY: apt test lint typecheck unit deps venv demo bench-scan clean
+
+## make test: install everything needed, then lint, type-check and run the whole suite.
+test: deps lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+## make demo: the main job (see README).
+demo: deps
+	$(BIN)/python demo/demo.py
+
+deps: apt venv
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(BIN)/imagepushd
+
+$(BIN)/imagepushd: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+lint: venv
+	$(BIN)/ruff check daemon tests bench demo
+	$(BIN)/ruff format --check daemon tests bench demo
+
+typecheck: venv
+	$(BIN)/mypy
+
+bench-scan: deps
+	$(BIN)/python bench/scan.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info daemon/*.egg-info .pytest_cache .mypy_cache .ruff_cache

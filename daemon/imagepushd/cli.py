@@ -1,0 +1,242 @@
+"""The ``imagepushd`` command line: argparse subcommands, one-line errors, exit codes.
+
+Exit codes: 0 success, 1 failure, 2 usage or configuration error. Errors are one line on
+stderr; the traceback is logged only at ``--log-level debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from imagepushd import __version__
+from imagepushd.containerd.content import ContentStore, ImageGraph, discover_root
+from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot, MetadataStore
+from imagepushd.errors import (
+    ImageNotFoundError,
+    ImagepushdError,
+    NamespaceNotFoundError,
+)
+from imagepushd.layout import ExportImage, export_layout
+from imagepushd.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+
+log = logging.getLogger("imagepushd")
+
+_SHORT_TYPES = {
+    OCI_INDEX: "oci index",
+    OCI_MANIFEST: "oci manifest",
+    DOCKER_LIST: "docker list",
+    DOCKER_MANIFEST: "docker manifest",
+}
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a command may touch of the outside world (injected, so tests need no patching)."""
+
+    env: Mapping[str, str]
+    home: Path
+    stdout: TextIO
+
+
+def human_size(size: int) -> str:
+    """Bytes as a short binary-unit string (``12.3 MiB``)."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+class _Store:
+    """containerd's metadata and content for one command, opened from the discovered root."""
+
+    def __init__(self, args: argparse.Namespace, ctx: Context) -> None:
+        root = discover_root(args.root, None, ctx.env, ctx.home)
+        self.metadata = MetadataStore.at_root(root)
+        self.content = ContentStore(root)
+
+    def snapshot(self, namespace: str | None) -> MetadataSnapshot:
+        snap = self.metadata.read(None if namespace is None else [namespace], blobs=True)
+        if namespace is not None and namespace not in snap.namespaces:
+            have = ", ".join(snap.namespaces) or "none"
+            raise NamespaceNotFoundError(
+                f"namespace {namespace!r} does not exist in {self.metadata.path} (have: {have})"
+            )
+        return snap
+
+
+def _namespace(args: argparse.Namespace, ctx: Context) -> str | None:
+    if getattr(args, "all_namespaces", False):
+        return None
+    return str(args.namespace or ctx.env.get("CONTAINERD_NAMESPACE") or "default")
+
+
+def _image_row(record: ImageRecord, graph: ImageGraph | None, error: str | None) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "namespace": record.namespace,
+        "name": record.name,
+        "digest": record.target.digest,
+        "media_type": record.target.media_type,
+        "size": graph.size if graph else record.target.size,
+        "platforms": [str(p) for p in graph.platforms()] if graph else [],
+        "complete": bool(graph and graph.complete),
+        "missing": [d.digest for d in graph.missing] if graph else [],
+        "created": record.created_at.isoformat() if record.created_at else None,
+        "updated": record.updated_at.isoformat() if record.updated_at else None,
+    }
+    if error is not None:
+        row["error"] = error
+    return row
+
+
+def cmd_images(args: argparse.Namespace, ctx: Context) -> int:
+    """List images with their content status."""
+    store = _Store(args, ctx)
+    namespace = _namespace(args, ctx)
+    snap = store.snapshot(namespace)
+    graphs: dict[tuple[str, str], tuple[ImageGraph | None, str | None]] = {}
+    rows = []
+    for record in snap.images:
+        key = (record.namespace, record.target.digest)
+        if key not in graphs:
+            try:
+                known = snap.blobs.get(record.namespace, {})
+                graphs[key] = (store.content.walk(record.target, known), None)
+            except ImagepushdError as exc:
+                log.warning("%s/%s: %s", record.namespace, record.name, exc)
+                graphs[key] = (None, str(exc))
+        rows.append(_image_row(record, *graphs[key]))
+    if args.json:
+        json.dump(rows, ctx.stdout, indent=2)
+        ctx.stdout.write("\n")
+        return 0
+    table = [("NAMESPACE", "NAME", "DIGEST", "TYPE", "SIZE", "PLATFORMS", "CONTENT")]
+    for row in rows:
+        content = "error" if "error" in row else "complete"
+        if row["missing"]:
+            content = f"missing {len(row['missing'])}"
+        table.append(
+            (
+                row["namespace"],
+                row["name"],
+                row["digest"],
+                _SHORT_TYPES.get(row["media_type"], row["media_type"]),
+                human_size(row["size"]),
+                ",".join(row["platforms"]) or "-",
+                content,
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+    for r in table:
+        cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)]
+        ctx.stdout.write("  ".join([*cells, r[-1]]) + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, ctx: Context) -> int:
+    """Write images as an OCI image layout (directory or tar)."""
+    store = _Store(args, ctx)
+    namespace = _namespace(args, ctx)
+    assert namespace is not None
+    snap = store.snapshot(namespace)
+    known = snap.blobs.get(namespace, {})
+    images: list[ExportImage] = []
+    for name in dict.fromkeys(args.images):
+        record = snap.image(namespace, name)
+        if record is None:
+            raise ImageNotFoundError(f"image {name!r} not found in namespace {namespace!r}")
+        images.append(ExportImage(name, record.target, store.content.walk(record.target, known)))
+    result = export_layout(store.content, images, args.output)
+    log.info(
+        "exported %d image(s), %d blobs, %s to %s",
+        result.images,
+        result.blobs,
+        human_size(result.bytes),
+        result.path,
+    )
+    return 0
+
+
+def _add_store_options(parser: argparse.ArgumentParser, all_namespaces: bool) -> None:
+    parser.add_argument("--root", type=Path, help="containerd root (default: discovered)")
+    if all_namespaces:
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("-n", "--namespace", help="containerd namespace (default: default)")
+        group.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
+    else:
+        parser.add_argument("-n", "--namespace", help="containerd namespace (default: default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="imagepushd",
+        description="Push images from containerd's content store to OCI registries.",
+    )
+    parser.add_argument("--version", action="version", version=f"imagepushd {__version__}")
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="warning",
+        help="log verbosity (debug also shows tracebacks)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    images = sub.add_parser("images", help="list images in containerd and their content status")
+    _add_store_options(images, all_namespaces=True)
+    images.add_argument("--json", action="store_true", help="print a JSON list")
+    images.set_defaults(func=cmd_images)
+
+    export = sub.add_parser("export", help="write images as an OCI image layout")
+    export.add_argument("images", nargs="+", metavar="IMAGE", help="image name in containerd")
+    export.add_argument(
+        "-o", "--output", type=Path, required=True, help="directory, or a tar if it ends in .tar"
+    )
+    _add_store_options(export, all_namespaces=False)
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def _configure_logging(level: str, stream: TextIO) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("imagepushd: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def run(argv: Sequence[str], ctx: Context, stderr: TextIO) -> int:
+    """Parse ``argv`` and run the command; errors become one line on ``stderr``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level, stderr)
+    try:
+        return int(args.func(args, ctx))
+    except ImagepushdError as exc:
+        log.debug("traceback", exc_info=True)
+        stderr.write(f"imagepushd: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        stderr.write("imagepushd: interrupted\n")
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point."""
+    ctx = Context(env=os.environ, home=Path.home(), stdout=sys.stdout)
+    try:
+        return run(sys.argv[1:] if argv is None else argv, ctx, sys.stderr)
+    except BrokenPipeError:
+        # stdout closed early (``| head``): not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1

@@ -1,0 +1,494 @@
+"""A read-only, lock-free reader of bbolt files.
+
+containerd keeps its metadata in a bbolt file it holds an exclusive ``flock`` on, and a
+restarting containerd waits forever for that lock, so this reader never locks: it opens the
+file ``O_RDONLY`` and reads pages with ``pread`` (no mmap, so a truncated file is a short read,
+not a SIGBUS). Consistency comes from the zero-advance rule: a walk of tree N is accepted only
+if the newest valid meta page still holds exactly N after the walk; anything else is retried
+with bounded, jittered backoff. A structural error on a stable txid is real corruption and is
+raised as :class:`BoltFormatError` rather than looped on.
+
+Every offset, count and length read from the file is bounds-checked before use, page visits
+are cycle-checked, and no allocation is sized by a field the file could lie about beyond the
+file's own size. This module knows nothing about containerd.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import random
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from imagepushd.errors import BoltFormatError, ContainerdError, SnapshotBusyError
+
+T = TypeVar("T")
+
+MAGIC = 0xED0CDAED
+VERSION = 2
+PAGE_HEADER_SIZE = 16
+ELEMENT_SIZE = 16
+BUCKET_HEADER_SIZE = 16
+META_OFFSET = PAGE_HEADER_SIZE
+META_SIZE = 64
+
+FLAG_BRANCH = 0x01
+FLAG_LEAF = 0x02
+FLAG_META = 0x04
+LEAF_BUCKET = 0x01
+
+MIN_PAGE_SIZE = 512
+MAX_PAGE_SIZE = 1 << 20
+NODE_CACHE_SIZE = 64
+
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_U64 = (1 << 64) - 1
+
+
+def fnv1a64(data: bytes) -> int:
+    """FNV-1a 64-bit hash, bbolt's meta checksum."""
+    h = _FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV_PRIME) & _U64
+    return h
+
+
+class _Layout:
+    """Struct layouts for one byte order (bbolt writes the host CPU's order)."""
+
+    def __init__(self, order: str) -> None:
+        self.order = order
+        self.page_header = struct.Struct(order + "QHHI")
+        self.meta = struct.Struct(order + "IIIIQQQQQQ")
+        self.bucket_header = struct.Struct(order + "QQ")
+        self.element = struct.Struct(order + "IIII")
+        self.branch_element = struct.Struct(order + "IIQ")
+
+
+_LAYOUTS = {b"\xed\xda\x0c\xed": _Layout("<"), b"\xed\x0c\xda\xed": _Layout(">")}
+
+
+@dataclass(frozen=True)
+class Meta:
+    """One valid meta page: where the tree of transaction ``txid`` starts."""
+
+    page_size: int
+    root: int
+    sequence: int
+    freelist: int
+    pgid: int
+    txid: int
+    raw: bytes
+    layout: _Layout
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Meta | None:
+        """Decode a 64-byte meta struct; None when it is not a valid meta."""
+        if len(raw) < META_SIZE:
+            return None
+        layout = _LAYOUTS.get(raw[0:4])
+        if layout is None:
+            return None
+        magic, version, page_size, _flags, root, seq, freelist, pgid, txid, checksum = (
+            layout.meta.unpack_from(raw, 0)
+        )
+        if magic != MAGIC or version != VERSION:
+            return None
+        if checksum != fnv1a64(raw[:56]):
+            return None
+        return cls(page_size, root, seq, freelist, pgid, txid, bytes(raw[:META_SIZE]), layout)
+
+
+class _Leaf:
+    """A parsed leaf page: parallel lists of keys, element flags and values."""
+
+    __slots__ = ("flags", "keys", "values")
+
+    def __init__(self, keys: list[bytes], flags: list[int], values: list[bytes]) -> None:
+        self.keys = keys
+        self.flags = flags
+        self.values = values
+
+
+class _Branch:
+    """A parsed branch page: separator keys and child page ids."""
+
+    __slots__ = ("children", "keys")
+
+    def __init__(self, keys: list[bytes], children: list[int]) -> None:
+        self.keys = keys
+        self.children = children
+
+
+_Node = _Leaf | _Branch
+
+
+class Tx:
+    """A read view of one meta's tree; valid only inside :meth:`BoltFile.view`."""
+
+    def __init__(self, fd: int, meta: Meta, file_size: int, name: str) -> None:
+        self._fd = fd
+        self.meta = meta
+        self._layout = meta.layout
+        self._name = name
+        self._page_size = meta.page_size
+        self._pgid = meta.pgid
+        self._cache: dict[int, _Node] = {}
+        if meta.root < 2 or meta.root >= meta.pgid:
+            raise self.error(f"root page {meta.root} outside [2, {meta.pgid})")
+        if meta.pgid * meta.page_size > file_size:
+            raise self.error(
+                f"file is {file_size} bytes but txid {meta.txid} uses "
+                f"{meta.pgid * meta.page_size} (truncated)"
+            )
+
+    @property
+    def txid(self) -> int:
+        """The transaction id this view reads."""
+        return self.meta.txid
+
+    def error(self, what: str) -> BoltFormatError:
+        """A format error naming the file and transaction."""
+        return BoltFormatError(f"{self._name}: txid {self.meta.txid}: {what}")
+
+    @property
+    def root(self) -> Bucket:
+        """The root bucket."""
+        return Bucket(self, self.meta.root, None)
+
+    def node(self, pgid: int) -> _Node:
+        """Read and parse page ``pgid`` (a branch or leaf), with a small per-view cache."""
+        cached = self._cache.get(pgid)
+        if cached is not None:
+            return cached
+        if pgid < 2 or pgid >= self._pgid:
+            raise self.error(f"page {pgid} outside [2, {self._pgid})")
+        ps = self._page_size
+        buf = self._pread(ps, pgid * ps, pgid)
+        page_id, flags, count, overflow = self._layout.page_header.unpack_from(buf, 0)
+        if page_id != pgid:
+            raise self.error(f"page {pgid} has header id {page_id}")
+        if overflow:
+            if pgid + overflow >= self._pgid:
+                raise self.error(f"page {pgid} overflow {overflow} runs past {self._pgid}")
+            buf = self._pread((overflow + 1) * ps, pgid * ps, pgid)
+        node = self.parse_page(buf, flags, count, f"page {pgid}")
+        if len(self._cache) >= NODE_CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]
+        self._cache[pgid] = node
+        return node
+
+    def _pread(self, size: int, offset: int, pgid: int) -> bytes:
+        try:
+            buf = os.pread(self._fd, size, offset)
+        except OSError as exc:
+            raise ContainerdError(f"{self._name}: reading page {pgid}: {exc.strerror}") from exc
+        if len(buf) != size:
+            raise self.error(f"short read of page {pgid} ({len(buf)} of {size} bytes)")
+        return buf
+
+    def parse_page(self, buf: bytes, flags: int, count: int, where: str) -> _Node:
+        """Decode the element array of a branch or leaf page image held in ``buf``."""
+        end = PAGE_HEADER_SIZE + ELEMENT_SIZE * count
+        if end > len(buf):
+            raise self.error(f"{where}: {count} elements overflow the page")
+        if flags & FLAG_BRANCH:
+            return self._parse_branch(buf, count, where)
+        if flags & FLAG_LEAF:
+            return self._parse_leaf(buf, count, where)
+        raise self.error(f"{where}: unexpected page flags {flags:#x}")
+
+    def _parse_leaf(self, buf: bytes, count: int, where: str) -> _Leaf:
+        keys: list[bytes] = []
+        flags_out: list[int] = []
+        values: list[bytes] = []
+        size = len(buf)
+        elements = self._layout.element.iter_unpack(
+            buf[PAGE_HEADER_SIZE : PAGE_HEADER_SIZE + ELEMENT_SIZE * count]
+        )
+        base = PAGE_HEADER_SIZE
+        prev = b""
+        for eflags, pos, ksize, vsize in elements:
+            start = base + pos
+            mid = start + ksize
+            stop = mid + vsize
+            if ksize == 0 or stop > size:
+                raise self.error(f"{where}: element at {base} out of bounds")
+            key = buf[start:mid]
+            if key <= prev:
+                raise self.error(f"{where}: keys not in ascending order")
+            prev = key
+            keys.append(key)
+            flags_out.append(eflags)
+            values.append(buf[mid:stop])
+            base += ELEMENT_SIZE
+        return _Leaf(keys, flags_out, values)
+
+    def _parse_branch(self, buf: bytes, count: int, where: str) -> _Branch:
+        if count == 0:
+            raise self.error(f"{where}: empty branch page")
+        keys: list[bytes] = []
+        children: list[int] = []
+        size = len(buf)
+        elements = self._layout.branch_element.iter_unpack(
+            buf[PAGE_HEADER_SIZE : PAGE_HEADER_SIZE + ELEMENT_SIZE * count]
+        )
+        base = PAGE_HEADER_SIZE
+        prev = b""
+        for pos, ksize, child in elements:
+            start = base + pos
+            stop = start + ksize
+            if ksize == 0 or stop > size:
+                raise self.error(f"{where}: element at {base} out of bounds")
+            key = buf[start:stop]
+            if key <= prev:
+                raise self.error(f"{where}: keys not in ascending order")
+            prev = key
+            keys.append(key)
+            children.append(child)
+            base += ELEMENT_SIZE
+        return _Branch(keys, children)
+
+    def open_bucket(self, value: bytes, where: str) -> Bucket:
+        """Interpret a sub-bucket value: a page-backed root or an inline page image."""
+        if len(value) < BUCKET_HEADER_SIZE:
+            raise self.error(f"{where}: bucket value of {len(value)} bytes")
+        root, _seq = self._layout.bucket_header.unpack_from(value, 0)
+        if root != 0:
+            if len(value) != BUCKET_HEADER_SIZE:
+                raise self.error(f"{where}: page-backed bucket value of {len(value)} bytes")
+            return Bucket(self, root, None)
+        page = value[BUCKET_HEADER_SIZE:]
+        if len(page) < PAGE_HEADER_SIZE:
+            raise self.error(f"{where}: inline bucket without a page header")
+        _id, flags, count, _overflow = self._layout.page_header.unpack_from(page, 0)
+        if not flags & FLAG_LEAF:
+            raise self.error(f"{where}: inline bucket is not a leaf")
+        node = self.parse_page(page, flags, count, f"{where} (inline)")
+        assert isinstance(node, _Leaf)
+        return Bucket(self, 0, node)
+
+
+class Bucket:
+    """A bucket: ordered keys mapping to values or to nested buckets."""
+
+    __slots__ = ("_inline", "_root", "_tx")
+
+    def __init__(self, tx: Tx, root: int, inline: _Leaf | None) -> None:
+        self._tx = tx
+        self._root = root
+        self._inline = inline
+
+    def _where(self) -> str:
+        return "inline bucket" if self._inline is not None else f"bucket at page {self._root}"
+
+    def _leaves(self) -> Iterator[_Leaf]:
+        """Yield the leaves in key order, checking for cycles and key ordering across pages."""
+        if self._inline is not None:
+            yield self._inline
+            return
+        tx = self._tx
+        visited: set[int] = set()
+        # Each stack entry: (pgid, lower bound key, upper bound key or None).
+        stack: list[tuple[int, bytes, bytes | None]] = [(self._root, b"", None)]
+        while stack:
+            pgid, low, high = stack.pop()
+            if pgid in visited:
+                raise tx.error(f"page {pgid} reached twice in one bucket (cycle)")
+            visited.add(pgid)
+            node = tx.node(pgid)
+            if node.keys and (node.keys[0] < low or (high is not None and node.keys[-1] >= high)):
+                raise tx.error(f"page {pgid}: keys outside the range its parent gives")
+            if isinstance(node, _Leaf):
+                yield node
+                continue
+            keys = node.keys
+            bounds: list[bytes | None] = [*keys[1:], high]
+            for i in range(len(keys) - 1, -1, -1):
+                stack.append((node.children[i], keys[i], bounds[i]))
+
+    def _entry(self, key: bytes) -> tuple[int, bytes] | None:
+        """Descend to ``key``'s leaf; return (flags, value) or None."""
+        if self._inline is not None:
+            leaf = self._inline
+        else:
+            tx = self._tx
+            path: set[int] = set()
+            pgid = self._root
+            while True:
+                if pgid in path:
+                    raise tx.error(f"page {pgid} is its own ancestor (cycle)")
+                path.add(pgid)
+                node = tx.node(pgid)
+                if isinstance(node, _Leaf):
+                    leaf = node
+                    break
+                i = bisect.bisect_right(node.keys, key) - 1
+                pgid = node.children[max(i, 0)]
+        i = bisect.bisect_left(leaf.keys, key)
+        if i < len(leaf.keys) and leaf.keys[i] == key:
+            return leaf.flags[i], leaf.values[i]
+        return None
+
+    def get(self, key: bytes) -> bytes | None:
+        """The plain value at ``key``; None if absent or if ``key`` names a sub-bucket."""
+        entry = self._entry(key)
+        if entry is None or entry[0] & LEAF_BUCKET:
+            return None
+        return entry[1]
+
+    def bucket(self, key: bytes) -> Bucket | None:
+        """The sub-bucket at ``key``; None if absent or a plain value."""
+        entry = self._entry(key)
+        if entry is None or not entry[0] & LEAF_BUCKET:
+            return None
+        return self._tx.open_bucket(entry[1], f"{self._where()} key {key!r}")
+
+    def items(self) -> Iterator[tuple[bytes, bytes | Bucket]]:
+        """Every (key, value-or-bucket) in ascending key order."""
+        prev = b""
+        for leaf in self._leaves():
+            if leaf.keys and leaf.keys[0] <= prev:
+                raise self._tx.error(f"{self._where()}: keys repeat across pages")
+            for key, flags, value in zip(leaf.keys, leaf.flags, leaf.values, strict=True):
+                if flags & LEAF_BUCKET:
+                    yield key, self._tx.open_bucket(value, f"{self._where()} key {key!r}")
+                else:
+                    yield key, value
+            if leaf.keys:
+                prev = leaf.keys[-1]
+
+    def keys(self) -> Iterator[bytes]:
+        """Every key in ascending order, without opening sub-buckets."""
+        for leaf in self._leaves():
+            yield from leaf.keys
+
+    def buckets(self) -> Iterator[tuple[bytes, Bucket]]:
+        """Only the sub-buckets, in key order (plain values are skipped)."""
+        for key, value in self.items():
+            if isinstance(value, Bucket):
+                yield key, value
+
+    def to_dict(self) -> dict[bytes, bytes | Bucket]:
+        """All entries at once; convenient for small buckets such as one image record."""
+        return dict(self.items())
+
+
+class BoltFile:
+    """A bbolt file opened for lock-free, consistent reads.
+
+    ``sleep`` and ``rand`` are injected so tests can drive the retry schedule.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        attempts: int = 10,
+        backoff: tuple[float, float] = (0.01, 0.2),
+        sleep: Callable[[float], None] = time.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.path = Path(path)
+        self._attempts = attempts
+        self._backoff = backoff
+        self._sleep = sleep
+        self._rand = rand
+        self._fd: int | None = None
+        self._ino: tuple[int, int] | None = None
+
+    def __enter__(self) -> BoltFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file descriptor (a later read reopens it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self._ino = None
+
+    def _open(self) -> int:
+        """Return an fd for the file at ``path``, reopening it if the file was replaced."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self.close()
+            raise ContainerdError(f"{self.path}: no such file") from None
+        except OSError as exc:
+            self.close()
+            raise ContainerdError(f"{self.path}: {exc.strerror}") from exc
+        if self._fd is not None and self._ino == (st.st_dev, st.st_ino):
+            return self._fd
+        self.close()
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError:
+            raise ContainerdError(
+                f"{self.path}: permission denied (run as root or as containerd's rootless user)"
+            ) from None
+        except OSError as exc:
+            raise ContainerdError(f"{self.path}: {exc.strerror}") from exc
+        fst = os.fstat(fd)
+        self._fd, self._ino = fd, (fst.st_dev, fst.st_ino)
+        return fd
+
+    def _read_metas(self, fd: int) -> Meta:
+        """The valid meta with the highest txid, probing for meta 1 as bbolt does."""
+        try:
+            head = os.pread(fd, PAGE_HEADER_SIZE + META_SIZE, 0)
+        except OSError as exc:
+            raise ContainerdError(f"{self.path}: {exc.strerror}") from exc
+        meta0 = Meta.parse(head[META_OFFSET:])
+        if meta0 is not None and not MIN_PAGE_SIZE <= meta0.page_size <= MAX_PAGE_SIZE:
+            meta0 = None
+        offsets = [meta0.page_size] if meta0 else [1024 << i for i in range(15)]
+        meta1 = None
+        for offset in offsets:
+            try:
+                raw = os.pread(fd, META_SIZE, offset + META_OFFSET)
+            except OSError as exc:
+                raise ContainerdError(f"{self.path}: {exc.strerror}") from exc
+            candidate = Meta.parse(raw)
+            if candidate is not None and candidate.page_size == offset:
+                meta1 = candidate
+                break
+        valid = [m for m in (meta0, meta1) if m is not None]
+        if not valid:
+            raise BoltFormatError(f"{self.path}: not a bbolt file (no valid meta page)")
+        return max(valid, key=lambda m: m.txid)
+
+    def meta(self) -> Meta:
+        """The newest valid meta page now (cheap: a change check for watchers)."""
+        return self._read_metas(self._open())
+
+    def view(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` on a consistent snapshot and return its result.
+
+        ``fn`` must only read. It is re-run when containerd committed during the walk.
+        """
+        low, high = self._backoff
+        for attempt in range(self._attempts):
+            fd = self._open()
+            before = self._read_metas(fd)
+            try:
+                result = fn(Tx(fd, before, os.fstat(fd).st_size, str(self.path)))
+            except BoltFormatError:
+                if self._read_metas(fd).raw == before.raw:
+                    raise
+            else:
+                if self._read_metas(fd).raw == before.raw:
+                    return result
+            delay = min(high, low * (2**attempt))
+            self._sleep(delay * (0.5 + self._rand() / 2))
+        raise SnapshotBusyError(
+            f"{self.path}: changed during each of {self._attempts} snapshot attempts"
+        )

@@ -1,0 +1,307 @@
+"""containerd's content store: find the root, open blobs with verification, walk image graphs.
+
+Blob files are shared by all namespaces; whether a namespace may use one is decided by its
+``content/blob`` record in meta.db, so completeness checks take that set of digests too.
+Every byte read through :class:`BlobReader` is hashed once and compared at the end: a corrupt
+local blob is an error, never data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from imagepushd.containerd.metadata import META_DB
+from imagepushd.errors import (
+    BlobCorruptError,
+    ContainerdError,
+    ManifestError,
+    MissingContentError,
+    RootNotFoundError,
+)
+from imagepushd.oci import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MAX_CONFIG_SIZE,
+    MAX_MANIFEST_SIZE,
+    Descriptor,
+    Index,
+    Manifest,
+    Platform,
+    config_platform,
+    is_digest,
+    parse_manifest,
+)
+
+CONTENT_BLOBS = Path("io.containerd.content.v1.content") / "blobs"
+DEFAULT_ROOT = Path("/var/lib/containerd")
+MAX_INDEX_DEPTH = 8
+READ_SIZE = 256 << 10
+
+
+def root_candidates(env: Mapping[str, str], home: Path) -> list[Path]:
+    """Where containerd's root usually is: the system root, then the rootless one."""
+    xdg = env.get("XDG_DATA_HOME")
+    rootless = Path(xdg) / "containerd" if xdg else home / ".local" / "share" / "containerd"
+    return [DEFAULT_ROOT, rootless]
+
+
+def _has_meta_db(root: Path) -> bool:
+    try:
+        return (root / META_DB).is_file()
+    except PermissionError:
+        raise ContainerdError(
+            f"{root}: permission denied (containerd's root is private: run as root "
+            "or as the rootless containerd's user)"
+        ) from None
+
+
+def discover_root(
+    explicit: Path | None,
+    configured: Path | None,
+    env: Mapping[str, str],
+    home: Path,
+) -> Path:
+    """The containerd root to read: ``--root``, else the configured one, else the usual places."""
+    chosen = explicit if explicit is not None else configured
+    candidates = [chosen] if chosen is not None else root_candidates(env, home)
+    for root in candidates:
+        if _has_meta_db(root):
+            return root
+    raise RootNotFoundError([str(c) for c in candidates])
+
+
+class BlobReader:
+    """A read-only stream of one blob that verifies size and digest as it is consumed.
+
+    The digest is checked the moment the last byte is read, so callers that read exactly
+    ``size`` bytes (tar writers, uploaders) get verification without reading to EOF.
+    """
+
+    def __init__(self, file: BinaryIO, descriptor: Descriptor) -> None:
+        self._file = file
+        self.descriptor = descriptor
+        algorithm, _, self._expected = descriptor.digest.partition(":")
+        self._hash = hashlib.new(algorithm)
+        self._read = 0
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the underlying file."""
+        self._file.close()
+
+    def read(self, size: int = READ_SIZE) -> bytes:
+        """Up to ``size`` bytes; raises :class:`BlobCorruptError` as soon as a mismatch shows."""
+        want = self.descriptor.size - self._read
+        if want <= 0:
+            return b""
+        data = self._file.read(min(size if size >= 0 else want, want))
+        if not data:
+            raise BlobCorruptError(
+                f"blob {self.descriptor.digest} is truncated: {self._read} of "
+                f"{self.descriptor.size} bytes"
+            )
+        self._hash.update(data)
+        self._read += len(data)
+        if self._read == self.descriptor.size and self._hash.hexdigest() != self._expected:
+            raise BlobCorruptError(
+                f"blob {self.descriptor.digest} is corrupt: its content hashes to "
+                f"{self._hash.name}:{self._hash.hexdigest()}"
+            )
+        return data
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read():
+            yield chunk
+
+
+class ContentStore:
+    """The blob files under ``<root>/io.containerd.content.v1.content/blobs``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / CONTENT_BLOBS
+
+    def path(self, digest: str) -> Path:
+        """The file holding ``digest`` (validated, so a digest can never escape the store)."""
+        if not is_digest(digest):
+            raise ContainerdError(f"invalid or unsupported digest {digest!r}")
+        algorithm, _, hex_ = digest.partition(":")
+        return self.blobs / algorithm / hex_
+
+    def has(self, descriptor: Descriptor) -> bool:
+        """Whether the blob file exists with the descriptor's size."""
+        try:
+            return self.path(descriptor.digest).stat().st_size == descriptor.size
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise ContainerdError(f"{self.path(descriptor.digest)}: {exc.strerror}") from exc
+
+    def open(self, descriptor: Descriptor) -> BlobReader:
+        """A verifying reader of the blob; missing or mis-sized files are errors."""
+        path = self.path(descriptor.digest)
+        try:
+            file = path.open("rb", buffering=0)
+        except FileNotFoundError:
+            raise MissingContentError(f"blob {descriptor.digest}", [descriptor.digest]) from None
+        except OSError as exc:
+            raise ContainerdError(f"{path}: {exc.strerror}") from exc
+        size = os.fstat(file.fileno()).st_size
+        if size != descriptor.size:
+            file.close()
+            raise BlobCorruptError(
+                f"blob {descriptor.digest} is {size} bytes, its descriptor says {descriptor.size}"
+            )
+        return BlobReader(file, descriptor)
+
+    def read_bytes(self, descriptor: Descriptor, limit: int) -> bytes:
+        """The whole verified blob, refusing anything larger than ``limit``."""
+        if descriptor.size > limit:
+            raise ManifestError(
+                f"blob {descriptor.digest} is {descriptor.size} bytes, over the {limit} limit"
+            )
+        with self.open(descriptor) as reader:
+            return b"".join(reader)
+
+    def walk(self, target: Descriptor, known: Collection[str] | None = None) -> ImageGraph:
+        """The graph below ``target``, noting every blob that is absent.
+
+        ``known`` is the namespace's set of blob digests from meta.db; a file outside it is
+        not usable in that namespace and counts as missing.
+        """
+        return _Walker(self, known).graph(target)
+
+
+@dataclass(frozen=True)
+class BlobNode:
+    """A blob an index refers to that is neither a manifest nor an index (kept as it is)."""
+
+    descriptor: Descriptor
+
+
+@dataclass(frozen=True)
+class ManifestNode:
+    """An image manifest, its platform, and its content (None when the manifest is absent)."""
+
+    descriptor: Descriptor
+    platform: Platform | None
+    manifest: Manifest | None
+
+
+@dataclass(frozen=True)
+class IndexNode:
+    """An index and its children (none when the index blob itself is absent)."""
+
+    descriptor: Descriptor
+    index: Index | None
+    children: tuple[GraphNode, ...]
+
+
+GraphNode = BlobNode | ManifestNode | IndexNode
+
+
+@dataclass(frozen=True)
+class ImageGraph:
+    """Everything reachable from an image's target, and what of it is missing."""
+
+    root: GraphNode
+    missing: tuple[Descriptor, ...]
+
+    @property
+    def complete(self) -> bool:
+        """Whether every reachable blob is present."""
+        return not self.missing
+
+    def nodes(self) -> Iterator[GraphNode]:
+        """Every node, parents before children."""
+        stack: list[GraphNode] = [self.root]
+        while stack:
+            node = stack.pop()
+            yield node
+            if isinstance(node, IndexNode):
+                stack.extend(reversed(node.children))
+
+    def manifests(self) -> list[ManifestNode]:
+        """Every image manifest node, in index order."""
+        return [n for n in self.nodes() if isinstance(n, ManifestNode)]
+
+    def platforms(self) -> list[Platform]:
+        """The distinct platforms of the image's manifests, sorted."""
+        return sorted({m.platform for m in self.manifests() if m.platform is not None})
+
+    def descriptors(self) -> list[Descriptor]:
+        """Every reachable blob once: configs and layers, then manifests, then indexes."""
+        blobs: dict[str, Descriptor] = {}
+        manifests: dict[str, Descriptor] = {}
+        indexes: dict[str, Descriptor] = {}
+        for node in self.nodes():
+            if isinstance(node, IndexNode):
+                indexes[node.descriptor.digest] = node.descriptor
+            elif isinstance(node, ManifestNode):
+                manifests[node.descriptor.digest] = node.descriptor
+                if node.manifest is not None:
+                    for d in (node.manifest.config, *node.manifest.layers):
+                        blobs.setdefault(d.digest, d)
+            else:
+                blobs.setdefault(node.descriptor.digest, node.descriptor)
+        # Indexes were met parents-first; children must come before the indexes naming them.
+        return [*blobs.values(), *manifests.values(), *reversed(indexes.values())]
+
+    @property
+    def size(self) -> int:
+        """Total bytes of the distinct blobs the graph names, present or not."""
+        return sum(d.size for d in self.descriptors())
+
+
+class _Walker:
+    """One graph walk: records missing blobs and bounds index nesting."""
+
+    def __init__(self, store: ContentStore, known: Collection[str] | None) -> None:
+        self._store = store
+        self._known = known
+        self._missing: dict[str, Descriptor] = {}
+
+    def graph(self, target: Descriptor) -> ImageGraph:
+        root = self._visit(target, target.platform, 0)
+        return ImageGraph(root, tuple(self._missing.values()))
+
+    def _present(self, descriptor: Descriptor) -> bool:
+        ok = (self._known is None or descriptor.digest in self._known) and self._store.has(
+            descriptor
+        )
+        if not ok:
+            self._missing.setdefault(descriptor.digest, descriptor)
+        return ok
+
+    def _visit(self, desc: Descriptor, platform: Platform | None, depth: int) -> GraphNode:
+        if depth > MAX_INDEX_DEPTH:
+            raise ManifestError(f"index {desc.digest}: nested deeper than {MAX_INDEX_DEPTH}")
+        is_index = desc.media_type in INDEX_TYPES
+        if not is_index and desc.media_type not in MANIFEST_TYPES and depth > 0:
+            self._present(desc)
+            return BlobNode(desc)
+        if not self._present(desc):
+            if is_index:
+                return IndexNode(desc, None, ())
+            return ManifestNode(desc, platform, None)
+        parsed = parse_manifest(self._store.read_bytes(desc, MAX_MANIFEST_SIZE), desc)
+        if isinstance(parsed, Index):
+            children = tuple(self._visit(c, c.platform, depth + 1) for c in parsed.manifests)
+            return IndexNode(desc, parsed, children)
+        config_present = self._present(parsed.config)
+        for layer in parsed.layers:
+            self._present(layer)
+        if platform is None and config_present:
+            data = self._store.read_bytes(parsed.config, MAX_CONFIG_SIZE)
+            platform = config_platform(data, parsed.config.digest)
+        return ManifestNode(desc, platform, parsed)

@@ -1,0 +1,100 @@
+"""The exception tree: one root, translated at the boundaries, classified once.
+
+::
+
+    ImagepushdError                 every error this package raises on purpose (exit 1)
+    ├── UsageError                  bad command-line input (exit 2)
+    ├── ContainerdError             reading containerd's root, metadata or content
+    │   ├── RootNotFoundError       no containerd root (names every path tried)
+    │   ├── BoltFormatError         meta.db is not a bbolt file or its tree is inconsistent
+    │   │   └── MetadataFormatError a value in containerd's schema does not decode
+    │   ├── SnapshotBusyError       meta.db kept changing under every snapshot attempt
+    │   ├── UnsupportedSchemaError  containerd's metadata schema is one we cannot read
+    │   ├── NamespaceNotFoundError
+    │   ├── ImageNotFoundError
+    │   ├── MissingContentError     blobs an operation needs are absent (lists them)
+    │   └── BlobCorruptError        a blob's bytes do not match its digest or size
+    ├── ManifestError               a manifest or index is malformed or unsupported
+    └── OutputError                 writing an export or other output failed
+
+The CLI turns any ``ImagepushdError`` into one line on stderr and its ``exit_code``.
+Lower layers never let ``OSError`` or decoder exceptions escape unclassified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class ImagepushdError(Exception):
+    """Root of every error this package raises deliberately."""
+
+    exit_code = 1
+
+
+class UsageError(ImagepushdError):
+    """The command line asked for something malformed."""
+
+    exit_code = 2
+
+
+class ContainerdError(ImagepushdError):
+    """Something about containerd's root, metadata or content store."""
+
+
+class RootNotFoundError(ContainerdError):
+    """No containerd root holding a meta.db was found."""
+
+    def __init__(self, tried: Sequence[str]) -> None:
+        self.tried = tuple(tried)
+        super().__init__(
+            "no containerd root found (looked for io.containerd.metadata.v1.bolt/meta.db in "
+            + ", ".join(self.tried)
+            + "); pass --root"
+        )
+
+
+class BoltFormatError(ContainerdError):
+    """meta.db is not a bbolt file, or its tree is structurally inconsistent."""
+
+
+class MetadataFormatError(BoltFormatError):
+    """A value in containerd's schema does not decode (torn read or corruption)."""
+
+
+class SnapshotBusyError(ContainerdError):
+    """meta.db advanced during every attempt to take a consistent snapshot."""
+
+
+class UnsupportedSchemaError(ContainerdError):
+    """containerd's metadata uses a schema this reader does not understand."""
+
+
+class NamespaceNotFoundError(ContainerdError):
+    """The requested containerd namespace does not exist."""
+
+
+class ImageNotFoundError(ContainerdError):
+    """The requested image name does not exist in the namespace."""
+
+
+class MissingContentError(ContainerdError):
+    """Blobs needed by an operation are not in the content store."""
+
+    def __init__(self, what: str, missing: Sequence[str]) -> None:
+        self.missing = tuple(missing)
+        shown = ", ".join(self.missing[:5])
+        more = f" and {len(self.missing) - 5} more" if len(self.missing) > 5 else ""
+        super().__init__(f"{what}: {len(self.missing)} blob(s) missing: {shown}{more}")
+
+
+class BlobCorruptError(ContainerdError):
+    """A blob's content does not hash to its digest or has the wrong size."""
+
+
+class ManifestError(ImagepushdError):
+    """A manifest or index is malformed, too large, or of an unsupported type."""
+
+
+class OutputError(ImagepushdError):
+    """Writing output (an export, a file) failed."""

@@ -1,0 +1,152 @@
+"""Writing OCI image layouts (a directory, or a tar of one) from containerd's content store.
+
+The output appears atomically: everything is written under a temporary sibling name and
+renamed into place only when every blob has been copied and verified, so a failure (missing
+or corrupt content, a full disk) leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imagepushd.containerd.content import ContentStore, ImageGraph
+from imagepushd.errors import ImagepushdError, MissingContentError, OutputError
+from imagepushd.oci import OCI_INDEX, Descriptor
+
+ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
+OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
+
+
+@dataclass(frozen=True)
+class ExportImage:
+    """One image to export: the name to record and its resolved graph."""
+
+    name: str
+    target: Descriptor
+    graph: ImageGraph
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote."""
+
+    path: Path
+    images: int
+    blobs: int
+    bytes: int
+
+
+def index_json(images: Sequence[ExportImage]) -> bytes:
+    """The layout's ``index.json``: one descriptor per image, named both ways."""
+    manifests: list[dict[str, Any]] = []
+    for image in images:
+        entry = Descriptor(image.target.media_type, image.target.digest, image.target.size)
+        obj = entry.to_json()
+        obj["annotations"] = {
+            ANNOTATION_CONTAINERD_NAME: image.name,
+            ANNOTATION_REF_NAME: image.name,
+        }
+        manifests.append(obj)
+    doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
+    return json.dumps(doc, indent=2).encode() + b"\n"
+
+
+def _blobs(images: Sequence[ExportImage]) -> list[Descriptor]:
+    seen: dict[str, Descriptor] = {}
+    for image in images:
+        if not image.graph.complete:
+            raise MissingContentError(
+                f"cannot export {image.name}", [d.digest for d in image.graph.missing]
+            )
+        for descriptor in image.graph.descriptors():
+            seen.setdefault(descriptor.digest, descriptor)
+    return list(seen.values())
+
+
+def _blob_name(descriptor: Descriptor) -> str:
+    algorithm, _, hex_ = descriptor.digest.partition(":")
+    return f"blobs/{algorithm}/{hex_}"
+
+
+def export_layout(store: ContentStore, images: Sequence[ExportImage], out: Path) -> ExportResult:
+    """Write ``images`` as an OCI layout at ``out`` (a tar when its name ends in ``.tar``)."""
+    blobs = _blobs(images)
+    as_tar = out.name.endswith(".tar")
+    if out.exists() and (as_tar or not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"{out}: already exists" + ("" if as_tar else " and is not empty"))
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        if as_tar:
+            _write_tar(store, images, blobs, partial)
+            os.replace(partial, out)
+        else:
+            _write_dir(store, images, blobs, partial)
+            if out.exists():
+                out.rmdir()
+            os.replace(partial, out)
+    except BaseException as exc:
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, ImagepushdError):
+            raise OutputError(f"writing {out}: {exc.strerror or exc}") from exc
+        raise
+    return ExportResult(out, len(images), len(blobs), sum(b.size for b in blobs))
+
+
+def _write_dir(
+    store: ContentStore, images: Sequence[ExportImage], blobs: Sequence[Descriptor], dest: Path
+) -> None:
+    dest.mkdir()
+    (dest / "oci-layout").write_bytes(OCI_LAYOUT)
+    for descriptor in blobs:
+        path = dest / _blob_name(descriptor)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with store.open(descriptor) as reader, path.open("wb") as file:
+            for chunk in reader:
+                file.write(chunk)
+    (dest / "index.json").write_bytes(index_json(images))
+
+
+def _tar_info(name: str, size: int, mode: int, mtime: int, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime, info.type = size, mode, mtime, kind
+    return info
+
+
+def _write_tar(
+    store: ContentStore, images: Sequence[ExportImage], blobs: Sequence[Descriptor], dest: Path
+) -> None:
+    now = int(time.time())
+    index = index_json(images)
+    with (
+        dest.open("xb") as file,
+        tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        tar.addfile(
+            _tar_info("oci-layout", len(OCI_LAYOUT), 0o644, now, tarfile.REGTYPE),
+            io.BytesIO(OCI_LAYOUT),
+        )
+        tar.addfile(
+            _tar_info("index.json", len(index), 0o644, now, tarfile.REGTYPE), io.BytesIO(index)
+        )
+        dirs = sorted({_blob_name(b).rsplit("/", 1)[0] for b in blobs} | {"blobs"})
+        for directory in dirs:
+            tar.addfile(_tar_info(directory + "/", 0, 0o755, now, tarfile.DIRTYPE))
+        for descriptor in blobs:
+            info = _tar_info(_blob_name(descriptor), descriptor.size, 0o444, now, tarfile.REGTYPE)
+            with store.open(descriptor) as reader:
+                tar.addfile(info, reader)
+        file.flush()
+        os.fsync(file.fileno())
