@@ -1,0 +1,183 @@
+"""Bad input to the CLI: one clear line on stderr, exit 1 (2 for usage), no traceback."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from imagepushd.cli import Context, human_size, run
+from tests.support.containerd import Containerd
+from tests.support.images import ImageBuilder
+
+
+def cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    ctx = Context(env=env or {}, home=Path("/nonexistent-home"), stdout=out)
+    code = run(list(argv), ctx, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line(err: str, *needles: str) -> None:
+    assert err.startswith("imagepushd: error: "), err
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.fixture
+def copied_root(containerd: Containerd, image_builder: ImageBuilder, tmp_path: Path) -> Path:
+    """A containerd root whose meta.db holds one image, copied after containerd stopped."""
+    root = image_builder.image([10], seed="cli")
+    image_builder.write_oci_archive(tmp_path / "a.tar", {"example.com/cli:1": root})
+    containerd.import_archive(tmp_path / "a.tar")
+    containerd.stop()
+    copy = tmp_path / "root"
+    shutil.copytree(containerd.root, copy)
+    return copy
+
+
+def meta_db(root: Path) -> Path:
+    return root / "io.containerd.metadata.v1.bolt" / "meta.db"
+
+
+def test_human_size():
+    assert [human_size(n) for n in (0, 1023, 1024, 5 << 20, 3 << 40)] == [
+        "0 B",
+        "1023 B",
+        "1.0 KiB",
+        "5.0 MiB",
+        "3.0 TiB",
+    ]
+
+
+def test_missing_root_names_the_paths_tried(tmp_path: Path):
+    code, _, err = cli("images", "--root", str(tmp_path / "nope"))
+    assert code == 1
+    assert_one_line(err, str(tmp_path / "nope"), "no containerd root found")
+    code, _, err = cli("images", env={"XDG_DATA_HOME": str(tmp_path / "xdg")})
+    assert code == 1
+    assert_one_line(err, "/var/lib/containerd", str(tmp_path / "xdg" / "containerd"))
+
+
+def test_rootless_root_is_discovered(copied_root: Path, tmp_path: Path):
+    xdg = tmp_path / "xdg"
+    xdg.mkdir()
+    (xdg / "containerd").symlink_to(copied_root)
+    code, out, err = cli("images", env={"XDG_DATA_HOME": str(xdg)})
+    if Path("/var/lib/containerd/io.containerd.metadata.v1.bolt/meta.db").exists():
+        pytest.fail("this machine has a system containerd root; the test needs it absent")
+    assert code == 0, err
+    assert "example.com/cli:1" in out
+
+
+@pytest.mark.e2e
+def test_not_a_bbolt_file(copied_root: Path):
+    meta_db(copied_root).write_bytes(os.urandom(8192))
+    code, _, err = cli("images", "--root", str(copied_root))
+    assert code == 1
+    assert_one_line(err, "not a bbolt file")
+
+
+def patch_db_version(path: Path, value: int) -> None:
+    data = bytearray(path.read_bytes())
+    count = 0
+    needle = b"version"
+    start = data.find(needle)
+    while start != -1:
+        data[start + len(needle)] = value
+        count += 1
+        start = data.find(needle, start + 1)
+    assert count
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.e2e
+def test_unsupported_and_newer_db_versions(copied_root: Path):
+    patch_db_version(meta_db(copied_root), 0)  # zigzag varint 0: no schema version
+    code, _, err = cli("images", "--root", str(copied_root))
+    assert code == 1
+    assert_one_line(err, "metadata version 0 is not supported")
+
+    patch_db_version(meta_db(copied_root), 12)  # zigzag 12 = version 6: newer than we know
+    code, out, err = cli("images", "--root", str(copied_root))
+    assert code == 0
+    assert "version 6 is newer than 4" in err
+    assert "example.com/cli:1" in out
+
+
+@pytest.mark.e2e
+def test_unknown_namespace_and_image(copied_root: Path, tmp_path: Path):
+    code, _, err = cli("images", "--root", str(copied_root), "-n", "nope")
+    assert code == 1
+    assert_one_line(err, "namespace 'nope' does not exist", "have: default")
+    code, _, err = cli("export", "--root", str(copied_root), "nope:1", "-o", str(tmp_path / "o"))
+    assert code == 1
+    assert_one_line(err, "image 'nope:1' not found in namespace 'default'")
+    code, _, err = cli("images", "--root", str(copied_root), env={"CONTAINERD_NAMESPACE": "x"})
+    assert code == 1
+    assert_one_line(err, "namespace 'x' does not exist")
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]):
+    for argv in (["images", "-n", "x", "-A"], ["export", "img"], ["frobnicate"], []):
+        with pytest.raises(SystemExit) as exc:
+            cli(*argv)
+        assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_traceback_only_at_debug(copied_root: Path):
+    meta_db(copied_root).write_bytes(b"\0" * 100)
+    code, _, err = cli("--log-level", "debug", "images", "--root", str(copied_root))
+    assert code == 1
+    assert "Traceback" in err and err.rstrip().endswith("no valid meta page)")
+
+
+@pytest.mark.e2e
+def test_permission_denied_is_one_line(copied_root: Path):
+    """An unprivileged user meets containerd's 0700 root and 0600 meta.db."""
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv not found (Debian package util-linux)")
+    # pytest's tmp_path sits under a 0700 directory: give nobody a path it can traverse.
+    public = Path(tempfile.mkdtemp(prefix="imagepushd-perm-", dir="/tmp"))
+    public.chmod(0o755)
+    try:
+        copied_root = Path(shutil.copytree(copied_root, public / "root"))
+        check_permissions(copied_root)
+    finally:
+        shutil.rmtree(public)
+
+
+def check_permissions(copied_root: Path) -> None:
+    def as_nobody(root: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                *("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"),
+                *(sys.executable, "-m", "imagepushd", "images", "--root", str(root)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    copied_root.chmod(0o700)
+    proc = as_nobody(copied_root)
+    assert proc.returncode == 1
+    assert_one_line(proc.stderr, "permission denied", str(copied_root))
+
+    copied_root.chmod(0o755)
+    meta_db(copied_root).parent.chmod(0o755)
+    meta_db(copied_root).chmod(0o600)
+    proc = as_nobody(copied_root)
+    assert proc.returncode == 1
+    assert_one_line(proc.stderr, "permission denied", "meta.db")

@@ -1,0 +1,151 @@
+"""The content store: verified reads, graph walks, completeness, root discovery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imagepushd.containerd.content import (
+    BlobNode,
+    ContentStore,
+    IndexNode,
+    ManifestNode,
+    discover_root,
+    root_candidates,
+)
+from imagepushd.errors import (
+    BlobCorruptError,
+    ContainerdError,
+    ManifestError,
+    MissingContentError,
+    RootNotFoundError,
+)
+from imagepushd.oci import OCI_INDEX, Descriptor, Platform
+from tests.support.images import Blob, ImageBuilder
+
+
+def store_with(tmp_path: Path, builder: ImageBuilder, *roots: Blob) -> ContentStore:
+    store = ContentStore(tmp_path / "root")
+    for root in roots:
+        for blob in builder.blobs_of(root):
+            path = store.path(blob.digest)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with blob.open() as src:
+                path.write_bytes(src.read())
+    return store
+
+
+def desc(blob: Blob) -> Descriptor:
+    return Descriptor(blob.media_type, blob.digest, blob.size)
+
+
+def test_path_refuses_digests_that_could_escape(tmp_path: Path):
+    store = ContentStore(tmp_path)
+    with pytest.raises(ContainerdError):
+        store.path("sha256:../../../etc/passwd")
+    assert store.path("sha256:" + "a" * 64).parent.name == "sha256"
+
+
+def test_blob_reader_verifies(tmp_path: Path, image_builder: ImageBuilder):
+    layer = image_builder.layer(1 << 20, "r")
+    root = image_builder.manifest([layer])
+    store = store_with(tmp_path, image_builder, root)
+    with store.open(desc(layer)) as reader:
+        assert b"".join(reader) == layer.data
+    # Same size, different bytes: detected when the last byte is read.
+    store.path(layer.digest).write_bytes(b"x" * layer.size)
+    with store.open(desc(layer)) as reader, pytest.raises(BlobCorruptError, match="corrupt"):
+        b"".join(reader)
+    store.path(layer.digest).write_bytes(b"short")
+    with pytest.raises(BlobCorruptError, match="5 bytes"):
+        store.open(desc(layer))
+    store.path(layer.digest).unlink()
+    with pytest.raises(MissingContentError):
+        store.open(desc(layer))
+
+
+def test_walk_nested_index_with_missing_parts(tmp_path: Path, image_builder: ImageBuilder):
+    b = image_builder
+    amd_layer, arm_layer = b.layer(10, "amd"), b.layer(20, "arm")
+    amd = b.manifest([amd_layer])
+    arm = b.manifest([arm_layer], architecture="arm64", variant="v8")
+    inner = b.index([amd, arm])
+    riscv = b.manifest([b.layer(5, "rv")], architecture="riscv64")
+    outer = b.index([inner, riscv])
+    store = store_with(tmp_path, b, outer)
+    graph = store.walk(desc(outer))
+    assert graph.complete
+    assert [str(p) for p in graph.platforms()] == ["linux/amd64", "linux/arm64/v8", "linux/riscv64"]
+    order = [d.digest for d in graph.descriptors()]
+    assert set(order) == {x.digest for x in b.blobs_of(outer)}
+    # Children before the indexes that name them; the top index last.
+    assert order[-1] == outer.digest and order.index(inner.digest) < order.index(outer.digest)
+    assert order.index(amd.digest) < order.index(inner.digest)
+    assert graph.size == sum(x.size for x in b.blobs_of(outer))
+
+    store.path(arm_layer.digest).unlink()
+    store.path(riscv.digest).unlink()
+    graph = store.walk(desc(outer))
+    assert not graph.complete
+    assert {d.digest for d in graph.missing} == {arm_layer.digest, riscv.digest}
+    missing_manifest = [n for n in graph.manifests() if n.descriptor.digest == riscv.digest]
+    assert missing_manifest[0].manifest is None
+    assert missing_manifest[0].platform == Platform("linux", "riscv64")
+
+    # A namespace that has no metadata record for a blob cannot use it.
+    known = {x.digest for x in b.blobs_of(outer)} - {amd_layer.digest}
+    graph = store.walk(desc(outer), known)
+    assert amd_layer.digest in {d.digest for d in graph.missing}
+
+
+def test_walk_keeps_unknown_index_children_as_blobs(tmp_path: Path, image_builder: ImageBuilder):
+    b = image_builder
+    amd = b.manifest([b.layer(3, "x")])
+    attachment = b.add(Blob("application/vnd.example.sbom", b"{}"))
+    index = b.json_blob(
+        OCI_INDEX,
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [amd.descriptor(), attachment.descriptor()],
+        },
+    )
+    store = store_with(tmp_path, b, index)
+    path = store.path(attachment.digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"{}")
+    graph = store.walk(desc(index))
+    kinds = [type(n) for n in graph.nodes()]
+    assert kinds == [IndexNode, ManifestNode, BlobNode]
+    assert graph.complete
+
+
+def test_walk_rejects_unsupported_root(tmp_path: Path, image_builder: ImageBuilder):
+    blob = image_builder.add(
+        Blob("application/vnd.docker.distribution.manifest.v1+prettyjws", b"{}")
+    )
+    store = ContentStore(tmp_path)
+    path = store.path(blob.digest)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"{}")
+    with pytest.raises(ManifestError, match="unsupported media type"):
+        store.walk(desc(blob))
+
+
+def test_root_discovery(tmp_path: Path):
+    home = tmp_path / "home"
+    assert root_candidates({}, home) == [
+        Path("/var/lib/containerd"),
+        home / ".local/share/containerd",
+    ]
+    assert root_candidates({"XDG_DATA_HOME": "/x"}, home)[1] == Path("/x/containerd")
+    rootless = home / ".local/share/containerd"
+    (rootless / "io.containerd.metadata.v1.bolt").mkdir(parents=True)
+    (rootless / "io.containerd.metadata.v1.bolt" / "meta.db").write_bytes(b"")
+    if not Path("/var/lib/containerd/io.containerd.metadata.v1.bolt/meta.db").exists():
+        assert discover_root(None, None, {}, home) == rootless
+    assert discover_root(None, rootless, {}, tmp_path) == rootless
+    with pytest.raises(RootNotFoundError) as exc:
+        discover_root(tmp_path / "nope", rootless, {}, home)
+    assert exc.value.tried == (str(tmp_path / "nope"),)
