@@ -10,6 +10,8 @@ import pytest
 
 from tests.support.containerd import Containerd
 from tests.support.images import ImageBuilder
+from tests.support.registry import Registry
+from tests.support.tokenserver import TokenServer
 
 
 def _require_binaries(*names: str) -> None:
@@ -38,3 +40,69 @@ def containerd(tmp_path: Path) -> Iterator[Containerd]:
 def image_builder() -> ImageBuilder:
     """A fresh, empty ImageBuilder."""
     return ImageBuilder()
+
+
+# ---------------------------------------------------------------------- real registry
+
+#: Users of the ``token_registry`` fixture's token server.
+TOKEN_USERS = {"alice": "secret", "bob": "hunter2"}
+#: Grants of the ``token_registry`` fixture: alice pushes and pulls anything, bob only pulls,
+#: anonymous gets nothing.
+TOKEN_GRANTS = {"alice": {"*": ["pull", "push"]}, "bob": {"*": ["pull"]}}
+
+
+def _require_registry_tools() -> None:
+    missing = [name for name in ("docker-registry", "skopeo") if shutil.which(name) is None]
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} not found on PATH: install the Debian packages "
+            "docker-registry and skopeo (apt-get install -y docker-registry skopeo); "
+            "real-system tests never skip",
+            pytrace=False,
+        )
+
+
+def _serve_registry(registry: Registry) -> Iterator[Registry]:
+    try:
+        registry.start()
+        yield registry
+    finally:
+        registry.close()
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    """A fresh private docker-registry on plain HTTP, no auth (files under tmp_path/registry)."""
+    _require_registry_tools()
+    yield from _serve_registry(Registry(tmp_path / "registry"))
+
+
+@pytest.fixture
+def tls_registry(tmp_path: Path) -> Iterator[Registry]:
+    """A private docker-registry on HTTPS; trust ``registry.ca_file`` (or ``cert_dir``)."""
+    _require_registry_tools()
+    yield from _serve_registry(Registry(tmp_path / "tls-registry", tls=True))
+
+
+@pytest.fixture
+def htpasswd_registry(tmp_path: Path) -> Iterator[Registry]:
+    """A private docker-registry on plain HTTP with Basic auth for alice/secret."""
+    _require_registry_tools()
+    yield from _serve_registry(
+        Registry(tmp_path / "htpasswd-registry", htpasswd={"alice": "secret"})
+    )
+
+
+@pytest.fixture
+def token_registry(tmp_path: Path) -> Iterator[Registry]:
+    """A private docker-registry with token auth; ``.token_server`` is its TokenServer.
+
+    alice/secret may pull and push everything, bob/hunter2 only pull, anonymous nothing.
+    """
+    _require_registry_tools()
+    server = TokenServer(users=TOKEN_USERS, grants=TOKEN_GRANTS)
+    try:
+        server.start()
+        yield from _serve_registry(Registry(tmp_path / "token-registry", token=server))
+    finally:
+        server.stop()

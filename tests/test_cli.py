@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from imagepushd.cli import Context, human_size, run
+from imagepushd.cli import Context, run
+from imagepushd.units import human_size
 from tests.support.containerd import Containerd
 from tests.support.images import ImageBuilder
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,10 +23,19 @@ from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot, Metada
 from imagepushd.errors import (
     ImageNotFoundError,
     ImagepushdError,
+    InvalidReferenceError,
     NamespaceNotFoundError,
+    UsageError,
 )
 from imagepushd.layout import ExportImage, export_layout
-from imagepushd.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from imagepushd.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
+from imagepushd.progress import ProgressRenderer
+from imagepushd.push import PlatformPolicy, Pusher
+from imagepushd.reference import parse_reference
+from imagepushd.registry.client import HostSettings, RegistryClient
+from imagepushd.registry.credentials import Credentials, CredentialStore
+from imagepushd.registry.upload import BlobUploader
+from imagepushd.units import human_size, parse_size
 
 log = logging.getLogger("imagepushd")
 
@@ -44,16 +54,8 @@ class Context:
     env: Mapping[str, str]
     home: Path
     stdout: TextIO
-
-
-def human_size(size: int) -> str:
-    """Bytes as a short binary-unit string (``12.3 MiB``)."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    stderr: TextIO = sys.stderr
+    stdin: TextIO = sys.stdin
 
 
 class _Store:
@@ -166,6 +168,94 @@ def cmd_export(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def _find_image(snap: MetadataSnapshot, namespace: str, name: str) -> ImageRecord:
+    """The image called ``name`` exactly, else by its normalised reference."""
+    record = snap.image(namespace, name)
+    if record is None:
+        try:
+            record = snap.image(namespace, str(parse_reference(name)))
+        except InvalidReferenceError:
+            record = None
+    if record is None:
+        raise ImageNotFoundError(f"image {name!r} not found in namespace {namespace!r}")
+    return record
+
+
+def _credentials(args: argparse.Namespace, ctx: Context, host: str) -> Credentials | None:
+    if args.password_stdin:
+        if not args.username:
+            raise UsageError("--password-stdin needs --username")
+        password = ctx.stdin.readline().rstrip("\n")
+        return Credentials(username=args.username, password=password)
+    if args.username:
+        raise UsageError("--username needs --password-stdin (passwords never go in argv)")
+    return CredentialStore(ctx.env, ctx.home).lookup(host)
+
+
+def cmd_push(args: argparse.Namespace, ctx: Context) -> int:
+    """Push one image from containerd's content store to a registry."""
+    store = _Store(args, ctx)
+    namespace = _namespace(args, ctx)
+    assert namespace is not None
+    snap = store.snapshot(namespace)
+    record = _find_image(snap, namespace, args.image)
+    target = parse_reference(args.target or record.name)
+    policy = PlatformPolicy.parse(args.platform)
+    graph = store.content.walk(record.target, snap.blobs.get(namespace, {}))
+    blobs = snap.blobs.get(namespace, {})
+    # containerd's distribution.source labels name the host without its port.
+    source_host = re.sub(r":\d+$", "", target.registry)
+
+    def mount_sources(descriptor: Descriptor) -> list[str]:
+        blob = blobs.get(descriptor.digest)
+        return blob.sources().get(source_host, []) if blob is not None else []
+
+    settings = HostSettings(plain_http=args.plain_http, ca_file=args.ca_file)
+    credentials = _credentials(args, ctx, target.registry)
+    renderer = None if args.json else ProgressRenderer(ctx.stderr, ctx.stderr.isatty())
+    with RegistryClient(target.registry, settings=settings, credentials=credentials) as client:
+        uploader = BlobUploader(client, chunk_size=args.chunk_size)
+        pusher = Pusher(
+            store.content, client, uploader, concurrency=args.concurrency, on_event=renderer
+        )
+        try:
+            result = pusher.push(graph, target, policy, mount_sources)
+        finally:
+            if renderer is not None:
+                renderer.close()
+    if args.json:
+        json.dump(result.to_json(), ctx.stdout, indent=2)
+        ctx.stdout.write("\n")
+        return 0
+    state = "up to date" if result.up_to_date else "pushed"
+    ctx.stdout.write(
+        f"{state} {result.target} {result.digest}: {result.pushed_blobs} blobs uploaded, "
+        f"{result.mounted_blobs} mounted, {result.skipped_blobs} already there, "
+        f"{human_size(result.bytes_sent)} sent\n"
+    )
+    return 0
+
+
+def _size(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _add_store_options(parser: argparse.ArgumentParser, all_namespaces: bool) -> None:
     parser.add_argument("--root", type=Path, help="containerd root (default: discovered)")
     if all_namespaces:
@@ -203,6 +293,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_store_options(export, all_namespaces=False)
     export.set_defaults(func=cmd_export)
+
+    push = sub.add_parser("push", help="push one image to a registry")
+    push.add_argument("image", metavar="IMAGE", help="image name in containerd")
+    push.add_argument(
+        "target", metavar="TARGET", nargs="?", help="destination reference (default: IMAGE)"
+    )
+    _add_store_options(push, all_namespaces=False)
+    push.add_argument(
+        "--platform",
+        default="all",
+        help="all | available | host | os/arch[/variant][,...] (default: all)",
+    )
+    push.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS")
+    push.add_argument("--ca-file", type=Path, help="extra CA certificates (PEM) to trust")
+    push.add_argument(
+        "--chunk-size", type=_size, default=16 << 20, help="upload chunk size (default 16MiB)"
+    )
+    push.add_argument(
+        "--concurrency", type=_positive, default=3, help="blobs in flight (default 3)"
+    )
+    push.add_argument("--username", help="registry user (with --password-stdin)")
+    push.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    push.add_argument("--json", action="store_true", help="print the result as JSON")
+    push.set_defaults(func=cmd_push)
     return parser
 
 
@@ -232,7 +346,9 @@ def run(argv: Sequence[str], ctx: Context, stderr: TextIO) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point."""
-    ctx = Context(env=os.environ, home=Path.home(), stdout=sys.stdout)
+    ctx = Context(
+        env=os.environ, home=Path.home(), stdout=sys.stdout, stderr=sys.stderr, stdin=sys.stdin
+    )
     try:
         return run(sys.argv[1:] if argv is None else argv, ctx, sys.stderr)
     except BrokenPipeError:

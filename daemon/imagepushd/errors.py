@@ -4,6 +4,7 @@
 
     ImagepushdError                 every error this package raises on purpose (exit 1)
     ├── UsageError                  bad command-line input (exit 2)
+    ├── InvalidReferenceError       an image reference does not parse or normalise (exit 2)
     ├── ContainerdError             reading containerd's root, metadata or content
     │   ├── RootNotFoundError       no containerd root (names every path tried)
     │   ├── BoltFormatError         meta.db is not a bbolt file or its tree is inconsistent
@@ -15,6 +16,9 @@
     │   ├── MissingContentError     blobs an operation needs are absent (lists them)
     │   └── BlobCorruptError        a blob's bytes do not match its digest or size
     ├── ManifestError               a manifest or index is malformed or unsupported
+    ├── RegistryError               a registry refused or failed a request (status, OCI codes)
+    │   ├── RegistryAuthError       credentials missing, rejected, or insufficient
+    │   └── RegistryConnectionError no HTTP answer: refused, reset, timed out, TLS failure
     └── OutputError                 writing an export or other output failed
 
 The CLI turns any ``ImagepushdError`` into one line on stderr and its ``exit_code``.
@@ -34,6 +38,16 @@ class ImagepushdError(Exception):
 
 class UsageError(ImagepushdError):
     """The command line asked for something malformed."""
+
+    exit_code = 2
+
+
+class InvalidReferenceError(ImagepushdError):
+    """An image reference is malformed; the message names the input and the rule it breaks.
+
+    Exit 2 because a reference always comes from the user (argv or config), never from a
+    failing system.
+    """
 
     exit_code = 2
 
@@ -94,6 +108,58 @@ class BlobCorruptError(ContainerdError):
 
 class ManifestError(ImagepushdError):
     """A manifest or index is malformed, too large, or of an unsupported type."""
+
+
+class RegistryError(ImagepushdError):
+    """A registry answered with an error, classified once for the retry policy.
+
+    ``temporary`` is decided here, from the status and OCI error codes, and nowhere else.
+    """
+
+    TEMPORARY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+    TEMPORARY_CODES = frozenset({"TOOMANYREQUESTS", "UNAVAILABLE"})
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        codes: Sequence[str] = (),
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.codes = tuple(codes)
+        self.retry_after = retry_after
+
+    def is_temporary(self) -> bool:
+        """Whether repeating the same request later may succeed."""
+        return self.status in self.TEMPORARY_STATUS or bool(
+            self.TEMPORARY_CODES.intersection(self.codes)
+        )
+
+
+class RegistryAuthError(RegistryError):
+    """Authentication failed or the credentials lack the needed scope: never retried."""
+
+    def is_temporary(self) -> bool:
+        """Auth failures do not heal by waiting."""
+        return False
+
+
+class RegistryConnectionError(RegistryError):
+    """The request got no HTTP answer (connection refused or reset, timeout, TLS failure)."""
+
+    def __init__(
+        self, message: str, *, temporary: bool = True, tls_handshake: bool = False
+    ) -> None:
+        super().__init__(message)
+        self._temporary = temporary
+        self.tls_handshake = tls_handshake
+
+    def is_temporary(self) -> bool:
+        """Connection failures are worth retrying, except TLS verification failures."""
+        return self._temporary
 
 
 class OutputError(ImagepushdError):

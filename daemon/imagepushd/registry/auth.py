@@ -1,0 +1,261 @@
+"""Registry authentication: WWW-Authenticate challenges, Basic, and Bearer tokens with a cache.
+
+This is not an ``httpx.Auth``: an httpx auth flow answers a 401 by re-sending the same request,
+and an upload body streamed from a file cannot be replayed. Instead the client asks for an
+``Authorization`` header before each request (refreshing tokens shortly before expiry, so a
+long upload asks again before every chunk) and reports a 401 here; the client then rebuilds
+the body itself and sends once more. A second 401 is final, so there are no loops.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import httpx
+
+from imagepushd.errors import RegistryAuthError, RegistryConnectionError
+from imagepushd.registry.credentials import Credentials
+
+log = logging.getLogger(__name__)
+
+MIN_TOKEN_LIFETIME = 60.0
+REFRESH_MARGIN = 20.0
+CLIENT_ID = "imagepushd"
+
+_TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_PARAM = re.compile(rf"\s*({_TOKEN})\s*=\s*(?:\"((?:[^\"\\]|\\.)*)\"|({_TOKEN}))\s*(?:,|$)")
+_SCHEME = re.compile(rf"\s*({_TOKEN})(?:\s+|$)")
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """One auth challenge: scheme (lower-case) and its parameters."""
+
+    scheme: str
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """The scopes a Bearer challenge asks for."""
+        return tuple(self.params.get("scope", "").split())
+
+
+def parse_challenges(values: Iterable[str]) -> list[Challenge]:
+    """Parse every challenge in ``WWW-Authenticate`` header values (RFC 7235)."""
+    out: list[Challenge] = []
+    for value in values:
+        pos = 0
+        while pos < len(value):
+            if value[pos] in ", \t":
+                pos += 1
+                continue
+            scheme = _SCHEME.match(value, pos)
+            if scheme is None:
+                break
+            pos = scheme.end()
+            params: dict[str, str] = {}
+            while True:
+                param = _PARAM.match(value, pos)
+                if param is None:
+                    break
+                name, quoted, token = param.groups()
+                params[name.lower()] = (
+                    re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else token
+                )
+                pos = param.end()
+            out.append(Challenge(scheme.group(1).lower(), params))
+    return out
+
+
+def merge_scopes(*groups: Iterable[str]) -> tuple[str, ...]:
+    """Union of scopes, merging actions per resource (``repository:a:pull`` + ``:push``)."""
+    actions: dict[str, set[str]] = {}
+    for group in groups:
+        for scope in group:
+            resource, sep, acts = scope.rpartition(":")
+            if not sep or not resource:
+                continue
+            actions.setdefault(resource, set()).update(a for a in acts.split(",") if a)
+    return tuple(f"{res}:{','.join(sorted(acts))}" for res, acts in sorted(actions.items()))
+
+
+def repository_scope(repository: str, *actions: str) -> str:
+    """The token scope for actions on a repository."""
+    return f"repository:{repository}:{','.join(actions)}"
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float
+
+
+class Authenticator:
+    """Produces Authorization headers for one registry host and reacts to 401s."""
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        host: str,
+        credentials: Credentials | None,
+        *,
+        basic_allowed: Callable[[httpx.URL], bool],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._http = http
+        self._host = host
+        self._credentials = credentials
+        self._basic_allowed = basic_allowed
+        self._clock = clock
+        self._challenge: Challenge | None = None
+        self._tokens: dict[tuple[str, str, tuple[str, ...]], _Token] = {}
+
+    @property
+    def challenge(self) -> Challenge | None:
+        """The challenge learned from the registry, if any yet."""
+        return self._challenge
+
+    def learn(self, response: httpx.Response) -> None:
+        """Remember the registry's challenge from a 401 response."""
+        challenges = parse_challenges(response.headers.get_list("www-authenticate"))
+        preferred = [c for c in challenges if c.scheme == "bearer"] or [
+            c for c in challenges if c.scheme == "basic"
+        ]
+        if not preferred:
+            raise RegistryAuthError(
+                f"{self._host}: authentication required but no usable challenge "
+                f"({response.headers.get('www-authenticate', 'none')!r})",
+                status=401,
+            )
+        self._challenge = preferred[0]
+
+    def authorization(self, scopes: tuple[str, ...], url: httpx.URL) -> str | None:
+        """The header value to send for a request needing ``scopes``, or None (anonymous)."""
+        challenge = self._challenge
+        creds = self._credentials
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            if creds is None or not creds.username:
+                return None
+            if not self._basic_allowed(url):
+                raise RegistryAuthError(
+                    f"{self._host}: refusing to send a password over plain HTTP "
+                    "(allow it for this registry in the configuration)"
+                )
+            pair = f"{creds.username}:{creds.password}".encode()
+            return "Basic " + base64.b64encode(pair).decode()
+        if creds is not None and creds.registry_token:
+            return "Bearer " + creds.registry_token
+        return "Bearer " + self._token(challenge, scopes).value
+
+    def unauthorized(self, response: httpx.Response, scopes: tuple[str, ...]) -> tuple[str, ...]:
+        """Handle a 401: learn the challenge, drop the stale token, return scopes to ask for.
+
+        Called at most once per request by the client; a second 401 is the caller's error.
+        """
+        previous = self._challenge
+        self.learn(response)
+        challenge = self._challenge
+        assert challenge is not None
+        if challenge.scheme == "basic":
+            if previous is not None and previous.scheme == "basic":
+                raise self.denied()
+            return scopes
+        wanted = merge_scopes(scopes, challenge.scopes)
+        self._tokens.pop(self._key(challenge, wanted), None)
+        self._tokens.pop(self._key(challenge, scopes), None)
+        return wanted
+
+    def denied(self) -> RegistryAuthError:
+        """The error for a request still unauthorized after a fresh token or credentials."""
+        challenge = self._challenge
+        if challenge is not None and challenge.params.get("error") == "insufficient_scope":
+            return RegistryAuthError(
+                f"{self._host}: not allowed: {' '.join(challenge.scopes) or 'insufficient scope'}",
+                status=401,
+            )
+        if self._credentials is None or not (
+            self._credentials.username or self._credentials.registry_token
+        ):
+            return RegistryAuthError(
+                f"{self._host}: authentication required and no credentials are configured",
+                status=401,
+            )
+        return RegistryAuthError(f"{self._host}: credentials rejected", status=401)
+
+    @staticmethod
+    def _key(challenge: Challenge, scopes: tuple[str, ...]) -> tuple[str, str, tuple[str, ...]]:
+        return (challenge.params.get("realm", ""), challenge.params.get("service", ""), scopes)
+
+    def _token(self, challenge: Challenge, scopes: tuple[str, ...]) -> _Token:
+        key = self._key(challenge, scopes)
+        cached = self._tokens.get(key)
+        if cached is not None and cached.expires_at - REFRESH_MARGIN > self._clock():
+            return cached
+        token = self._fetch(challenge, scopes)
+        self._tokens[key] = token
+        return token
+
+    def _fetch(self, challenge: Challenge, scopes: tuple[str, ...]) -> _Token:
+        realm = challenge.params.get("realm")
+        if not realm:
+            raise RegistryAuthError(f"{self._host}: Bearer challenge without a realm")
+        url = httpx.URL(realm)
+        service = challenge.params.get("service", "")
+        creds = self._credentials
+        started = self._clock()
+        try:
+            if creds is not None and creds.identity_token:
+                response = self._http.post(
+                    url,
+                    data={
+                        "grant_type": "refresh_token",
+                        "refresh_token": creds.identity_token,
+                        "service": service,
+                        "client_id": CLIENT_ID,
+                        "scope": " ".join(scopes),
+                    },
+                )
+            else:
+                headers = {}
+                if creds is not None and creds.username:
+                    if not self._basic_allowed(url):
+                        raise RegistryAuthError(
+                            f"{self._host}: refusing to send a password to token server "
+                            f"{url.host} over plain HTTP"
+                        )
+                    pair = f"{creds.username}:{creds.password}".encode()
+                    headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+                params = httpx.QueryParams([("service", service)] if service else [])
+                for scope in scopes:
+                    params = params.add("scope", scope)
+                response = self._http.get(url, params=params, headers=headers)
+        except httpx.HTTPError as exc:
+            raise RegistryConnectionError(
+                f"{self._host}: token server {url.host}: {type(exc).__name__}: {exc}"
+            ) from None
+        if response.status_code in (401, 403):
+            raise self.denied()
+        if response.status_code != 200:
+            raise RegistryAuthError(
+                f"{self._host}: token server {url.host} answered {response.status_code}",
+                status=response.status_code,
+            )
+        try:
+            doc = response.json()
+        except ValueError:
+            raise RegistryAuthError(f"{self._host}: token server sent invalid JSON") from None
+        value = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
+        if not isinstance(value, str) or not value:
+            raise RegistryAuthError(f"{self._host}: token server sent no token")
+        lifetime = doc.get("expires_in", MIN_TOKEN_LIFETIME)
+        if not isinstance(lifetime, int | float) or lifetime < MIN_TOKEN_LIFETIME:
+            lifetime = MIN_TOKEN_LIFETIME
+        log.debug("%s: token for %s valid %ss", self._host, " ".join(scopes), lifetime)
+        return _Token(value, started + float(lifetime))

@@ -1,0 +1,388 @@
+"""A client for one registry host.
+
+Transport, TLS, auth, error translation, and the small requests (ping, blob HEAD, upload
+sessions, manifests).
+
+This is the boundary: httpx exceptions and error responses become :class:`RegistryError`
+(classified once) here, and nothing above this package sees httpx's exception types.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.cookiejar
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from imagepushd.errors import (
+    ManifestError,
+    RegistryAuthError,
+    RegistryConnectionError,
+    RegistryError,
+)
+from imagepushd.oci import MAX_MANIFEST_SIZE, Descriptor
+from imagepushd.registry.auth import Authenticator, repository_scope
+from imagepushd.registry.credentials import Credentials
+from imagepushd.registry.retry import Retrier, parse_retry_after
+
+log = logging.getLogger(__name__)
+
+CERTS_DIRS = (Path("/etc/docker/certs.d"), Path("/etc/containers/certs.d"))
+MAX_REDIRECTS = 3
+Body = Callable[[], Iterator[bytes]]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (``name[:port]`` or ``[v6]:port``) names this machine."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    name = name.strip("[]")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """Per-registry settings (from ``[registries."host"]`` or CLI flags)."""
+
+    plain_http: bool = False
+    ca_file: Path | None = None
+    certs_dirs: tuple[Path, ...] = CERTS_DIRS
+    timeout: float = 300.0
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+
+def ssl_context(host: str, settings: HostSettings) -> ssl.SSLContext:
+    """System roots, plus ``ca_file`` and ``certs.d/<host>/*.crt``, plus client cert pairs."""
+    context = ssl.create_default_context()
+    try:
+        if settings.ca_file is not None:
+            context.load_verify_locations(cafile=str(settings.ca_file))
+        for base in settings.certs_dirs:
+            directory = base / host
+            if not directory.is_dir():
+                continue
+            for crt in sorted(directory.glob("*.crt")):
+                context.load_verify_locations(cafile=str(crt))
+            for cert in sorted(directory.glob("*.cert")):
+                key = cert.with_suffix(".key")
+                if key.exists():
+                    context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise RegistryConnectionError(
+            f"{host}: cannot load TLS certificates: {exc}", temporary=False
+        ) from None
+    return context
+
+
+def _no_cookies() -> http.cookiejar.CookieJar:
+    """A jar that keeps nothing: Harbor rejects replayed session cookies (CSRF)."""
+    return http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+
+
+def _tls_verification_failed(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _tls_handshake_failed(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class RegistryClient:
+    """One registry host. Thread-safe for concurrent blob uploads (httpx.Client is)."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        settings: HostSettings | None = None,
+        credentials: Credentials | None = None,
+        retrier: Retrier | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.host = host
+        self.settings = settings or HostSettings()
+        self.retrier = retrier or Retrier()
+        self.api_host = "registry-1.docker.io" if host == "docker.io" else host
+        self._http = httpx.Client(
+            verify=ssl_context(self.api_host, self.settings),
+            timeout=httpx.Timeout(self.settings.timeout, connect=30.0),
+            follow_redirects=False,
+            cookies=_no_cookies(),
+            transport=transport,
+            headers={"User-Agent": "imagepushd", **self.settings.extra_headers},
+        )
+        self._schemes = ["http"] if self.settings.plain_http else ["https"]
+        if is_loopback(self.api_host) and not self.settings.plain_http:
+            self._schemes.append("http")
+        self.scheme = self._schemes[0]
+        self.auth = Authenticator(self._http, host, credentials, basic_allowed=self._basic_allowed)
+        self._pinged = False
+
+    def close(self) -> None:
+        """Close connections."""
+        self._http.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _basic_allowed(self, url: httpx.URL) -> bool:
+        return url.scheme == "https" or self.settings.plain_http or is_loopback(url.netloc.decode())
+
+    def url(self, path: str) -> httpx.URL:
+        """An absolute URL on this registry (pinging first, which settles the scheme)."""
+        self.ping()
+        return self._url(path)
+
+    def _url(self, path: str) -> httpx.URL:
+        return httpx.URL(f"{self.scheme}://{self.api_host}{path}")
+
+    def ping(self) -> None:
+        """``GET /v2/``: choose the scheme (loopback may be plain HTTP) and learn the challenge."""
+        if self._pinged:
+            return
+        last: RegistryError | None = None
+        for scheme in self._schemes:
+            self.scheme = scheme
+            try:
+                response = self.retrier.call(
+                    f"{self.host}: GET /v2/", lambda: self._transport_send("GET", self._url("/v2/"))
+                )
+            except RegistryConnectionError as exc:
+                last = exc
+                if scheme == "https" and "http" in self._schemes and exc.tls_handshake:
+                    continue
+                raise
+            if response.status_code == 401:
+                self.auth.learn(response)
+            elif response.status_code != 200:
+                raise self._error(response, "GET /v2/")
+            self._pinged = True
+            return
+        assert last is not None
+        raise last
+
+    def _transport_send(
+        self,
+        method: str,
+        url: httpx.URL,
+        *,
+        headers: dict[str, str] | None = None,
+        body: Body | bytes | None = None,
+    ) -> httpx.Response:
+        content = body() if callable(body) else body
+        request = self._http.build_request(method, url, headers=headers, content=content)
+        try:
+            return self._http.send(request)
+        except httpx.HTTPError as exc:
+            if _tls_verification_failed(exc):
+                raise RegistryConnectionError(
+                    f"{self.host}: TLS certificate verification failed ({exc}); trust the "
+                    "registry's CA with ca_file or /etc/docker/certs.d/<host>/ca.crt",
+                    temporary=False,
+                ) from None
+            handshake = _tls_handshake_failed(exc)
+            raise RegistryConnectionError(
+                f"{self.host}: {method} {url.path}: {type(exc).__name__}: {exc or 'no details'}",
+                temporary=not handshake,
+                tls_handshake=handshake,
+            ) from None
+
+    def send(
+        self,
+        method: str,
+        url: httpx.URL,
+        *,
+        scopes: tuple[str, ...],
+        ok: Collection[int],
+        headers: dict[str, str] | None = None,
+        body: Body | bytes | None = None,
+        what: str = "",
+    ) -> httpx.Response:
+        """One request (no retry) with auth; a non-``ok`` status raises a classified error.
+
+        ``body`` is a factory so the request can be rebuilt after a 401.
+        """
+        self.ping()
+        what = what or f"{method} {url.path}"
+        for attempt in range(2):
+            request_headers = dict(headers or {})
+            if url.host == self._url("/").host:
+                authorization = self.auth.authorization(scopes, url)
+                if authorization is not None:
+                    request_headers["Authorization"] = authorization
+            response = self._transport_send(method, url, headers=request_headers, body=body)
+            if response.status_code != 401 or attempt == 1:
+                break
+            scopes = self.auth.unauthorized(response, scopes)
+        if response.status_code == 401:
+            raise self.auth.denied()
+        if response.status_code not in ok:
+            raise self._error(response, what)
+        return response
+
+    def call(
+        self,
+        method: str,
+        url: httpx.URL,
+        *,
+        scopes: tuple[str, ...],
+        ok: Collection[int],
+        headers: dict[str, str] | None = None,
+        body: Body | bytes | None = None,
+        what: str = "",
+    ) -> httpx.Response:
+        """:meth:`send` under the retry policy."""
+        label = f"{self.host}: {what or method + ' ' + url.path}"
+        return self.retrier.call(
+            label,
+            lambda: self.send(
+                method, url, scopes=scopes, ok=ok, headers=headers, body=body, what=what
+            ),
+        )
+
+    def _error(self, response: httpx.Response, what: str) -> RegistryError:
+        codes: list[str] = []
+        messages: list[str] = []
+        try:
+            doc = response.json()
+            for item in doc.get("errors", []) if isinstance(doc, dict) else []:
+                if isinstance(item, dict):
+                    codes.append(str(item.get("code", "")))
+                    messages.append(str(item.get("message", "")))
+        except ValueError:
+            pass
+        detail = "; ".join(
+            f"{c}: {m}" if m else c for c, m in zip(codes, messages, strict=True) if c or m
+        )
+        message = f"{self.host}: {what}: HTTP {response.status_code}" + (
+            f" {detail}" if detail else f" {response.reason_phrase}"
+        )
+        cls = RegistryAuthError if response.status_code == 403 else RegistryError
+        return cls(
+            message,
+            status=response.status_code,
+            codes=codes,
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
+        )
+
+    # ---- blobs -------------------------------------------------------------------------
+
+    def blob_exists(self, repository: str, descriptor: Descriptor) -> bool:
+        """HEAD the blob; a size mismatch counts as absent."""
+        url = self.url(f"/v2/{repository}/blobs/{descriptor.digest}")
+        scopes = (repository_scope(repository, "pull", "push"),)
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self.call("HEAD", url, scopes=scopes, ok={200, 404, 307, 308})
+            if response.status_code in (307, 308):
+                url = response.request.url.join(response.headers.get("location", ""))
+                continue
+            if response.status_code == 404:
+                return False
+            length = response.headers.get("content-length")
+            return length is None or int(length) == descriptor.size
+        raise RegistryError(f"{self.host}: HEAD {descriptor.digest}: too many redirects")
+
+    def upload_start(
+        self, repository: str, *, mount: str | None = None, source: str | None = None
+    ) -> httpx.Response:
+        """POST a new upload session, or a cross-repo mount (201 mounted, 202 session)."""
+        path = f"/v2/{repository}/blobs/uploads/"
+        scopes = [repository_scope(repository, "pull", "push")]
+        url = self.url(path)
+        if mount is not None and source is not None:
+            url = url.copy_merge_params({"mount": mount, "from": source})
+            scopes.append(repository_scope(source, "pull"))
+        return self.call(
+            "POST",
+            url,
+            scopes=tuple(scopes),
+            ok={201, 202},
+            headers={"Content-Length": "0"},
+            body=b"",
+            what=f"POST {path}" + (f" (mount {mount} from {source})" if mount else ""),
+        )
+
+    def session_url(self, response: httpx.Response) -> httpx.URL:
+        """The absolute upload-session URL from a response's ``Location``."""
+        location = response.headers.get("location")
+        if not location:
+            raise RegistryError(
+                f"{self.host}: {response.request.method} {response.request.url.path}: "
+                f"HTTP {response.status_code} without a Location header",
+                status=response.status_code,
+            )
+        return response.request.url.join(location)
+
+    def upload_cancel(self, repository: str, location: httpx.URL) -> None:
+        """DELETE an upload session; failures are ignored (sessions expire anyway)."""
+        try:
+            self.send(
+                "DELETE",
+                location,
+                scopes=(repository_scope(repository, "pull", "push"),),
+                ok={200, 202, 204, 404},
+            )
+        except RegistryError as exc:
+            log.debug("%s: cancelling upload session failed: %s", self.host, exc)
+
+    # ---- manifests ---------------------------------------------------------------------
+
+    def manifest_digest(
+        self, repository: str, reference: str, media_types: Collection[str]
+    ) -> str | None:
+        """The digest the registry holds at ``reference`` (tag or digest), or None."""
+        response = self.call(
+            "HEAD",
+            self.url(f"/v2/{repository}/manifests/{reference}"),
+            scopes=(repository_scope(repository, "pull", "push"),),
+            ok={200, 404},
+            headers={"Accept": ", ".join(media_types)},
+        )
+        if response.status_code == 404:
+            return None
+        digest: str | None = response.headers.get("docker-content-digest")
+        return digest
+
+    def manifest_put(self, repository: str, reference: str, media_type: str, data: bytes) -> str:
+        """PUT manifest bytes exactly as given; check the digest the registry reports."""
+        if len(data) > MAX_MANIFEST_SIZE:
+            raise ManifestError(f"manifest for {repository}:{reference} is over 4 MiB")
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        response = self.call(
+            "PUT",
+            self.url(f"/v2/{repository}/manifests/{reference}"),
+            scopes=(repository_scope(repository, "pull", "push"),),
+            ok={200, 201, 202, 204},
+            headers={"Content-Type": media_type},
+            body=data,
+        )
+        reported = response.headers.get("docker-content-digest")
+        if reported and reported != digest:
+            raise RegistryError(
+                f"{self.host}: PUT manifest {repository}:{reference}: registry reports digest "
+                f"{reported}, the bytes sent hash to {digest}"
+            )
+        return digest

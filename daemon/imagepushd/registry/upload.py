@@ -1,0 +1,500 @@
+"""Blob upload with bounded memory.
+
+Existence check, cross-repo mount, monolithic, chunked and streamed uploads, resume from the
+registry's offset, and digest verification before the closing PUT.
+
+Bodies are streamed from file offsets in small reads, so memory does not grow with blob size.
+Every byte is hashed as it is read for sending; the hash state is kept at the last offset the
+registry acknowledged, so resuming after a broken chunk rehashes at most the bytes the
+registry kept beyond it (read locally, never sent twice).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from imagepushd.errors import BlobCorruptError, ContainerdError, RegistryError
+from imagepushd.oci import Descriptor
+from imagepushd.registry.auth import repository_scope
+from imagepushd.registry.client import RegistryClient
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+READ_SIZE = 256 << 10
+SESSION_ATTEMPTS = 3
+MAX_MOUNT_SOURCES = 3
+MAX_PARTS = 4000
+OCTET_STREAM = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class BlobSource:
+    """Bytes ``[offset, offset + size)`` of a file: a content-store blob or an archive member."""
+
+    path: Path
+    descriptor: Descriptor
+    offset: int = 0
+
+
+class Outcome(enum.Enum):
+    """How a blob came to be in the target repository."""
+
+    EXISTS = "exists"
+    MOUNTED = "mounted"
+    UPLOADED = "uploaded"
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """The outcome of one blob and the bytes sent for it (including any resent)."""
+
+    digest: str
+    outcome: Outcome
+    bytes_sent: int
+
+
+@dataclass(frozen=True)
+class ChunkLimits:
+    """What one registry accepts: chunk size bounds and whether it chunks at all."""
+
+    minimum: int = 0
+    maximum: int | None = None
+    chunked: bool = True
+
+
+def registry_limits(host: str) -> ChunkLimits:
+    """Known per-registry limits (GHCR ≤ 4 MiB chunks, ECR ≥ 5 MiB, Artifact Registry none)."""
+    if host == "ghcr.io":
+        return ChunkLimits(maximum=4 * MiB)
+    if host.endswith(".amazonaws.com") and ".dkr.ecr." in host:
+        return ChunkLimits(minimum=5 * MiB)
+    if host.endswith("-docker.pkg.dev") or host == "gcr.io" or host.endswith(".gcr.io"):
+        return ChunkLimits(chunked=False)
+    return ChunkLimits()
+
+
+def parse_range(value: str | None, own: int) -> int | None:
+    """The next offset from a ``Range`` header (``0-<end>``, optional ``bytes=``), or None.
+
+    ``0-0`` means either nothing or one byte received; ``own`` (our acknowledged count)
+    decides, as the protocol notes recommend.
+    """
+    if not value:
+        return None
+    text = value.strip()
+    for prefix in ("bytes=", "bytes "):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+    start, sep, end = text.partition("-")
+    try:
+        first, last = int(start), int(end)
+    except ValueError:
+        return None
+    if not sep or first != 0:
+        return None
+    if last < 0:
+        return 0
+    if last == 0:
+        return 0 if own == 0 else 1
+    return last + 1
+
+
+class _RestartSession(Exception):
+    """The upload session is unusable (gone, out of sync): start a new one."""
+
+    def __init__(self, error: RegistryError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Body:
+    """A re-creatable request body over ``[start, end)`` of the blob, hashing as it streams."""
+
+    def __init__(
+        self, transfer: _Transfer, start: int, end: int, hasher: Any, verify_at_end: bool
+    ) -> None:
+        self._transfer = transfer
+        self._start = start
+        self._end = end
+        self._base = hasher
+        self._verify = verify_at_end
+        self.hasher = hasher.copy()
+
+    def __call__(self) -> Iterator[bytes]:
+        self.hasher = self._base.copy()
+        return self._stream()
+
+    def _stream(self) -> Iterator[bytes]:
+        t = self._transfer
+        pos = self._start
+        while pos < self._end:
+            data = t.read(pos, min(READ_SIZE, self._end - pos))
+            self.hasher.update(data)
+            pos += len(data)
+            if self._verify and pos == self._end:
+                t.verify(self.hasher)
+            t.sent += len(data)
+            t.report(pos)
+            yield data
+
+
+class _Transfer:
+    """State of one blob upload: the open file, counters, and the verification rule."""
+
+    def __init__(self, source: BlobSource, fd: int, progress: Callable[[int], None] | None) -> None:
+        self.source = source
+        self.descriptor = source.descriptor
+        self.size = source.descriptor.size
+        self.algorithm, _, self.expected = source.descriptor.digest.partition(":")
+        self._fd = fd
+        self._progress = progress
+        self.sent = 0
+
+    def new_hasher(self) -> Any:
+        return hashlib.new(self.algorithm)
+
+    def read(self, pos: int, length: int) -> bytes:
+        try:
+            data = os.pread(self._fd, length, self.source.offset + pos)
+        except OSError as exc:
+            raise ContainerdError(f"{self.source.path}: {exc.strerror}") from exc
+        if not data:
+            raise BlobCorruptError(
+                f"blob {self.descriptor.digest} is truncated: {pos} of {self.size} bytes"
+            )
+        return data
+
+    def hasher_at(self, target: int, base_offset: int, base: Any) -> Any:
+        """The hash state after ``target`` bytes, from a snapshot at ``base_offset`` if usable."""
+        if target >= base_offset:
+            hasher, pos = base.copy(), base_offset
+        else:
+            hasher, pos = self.new_hasher(), 0
+        while pos < target:
+            data = self.read(pos, min(READ_SIZE, target - pos))
+            hasher.update(data)
+            pos += len(data)
+        return hasher
+
+    def verify(self, hasher: Any) -> None:
+        actual = hasher.hexdigest()
+        if actual != self.expected:
+            raise BlobCorruptError(
+                f"blob {self.descriptor.digest} is corrupt: its content hashes to "
+                f"{self.algorithm}:{actual}; nothing was pushed under its digest"
+            )
+
+    def report(self, position: int) -> None:
+        if self._progress is not None:
+            self._progress(position)
+
+
+class BlobUploader:
+    """Uploads blobs to one registry with bounded memory; safe to share between threads."""
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        *,
+        chunk_size: int = 16 * MiB,
+        monolithic_max: int | None = None,
+        limits: ChunkLimits | None = None,
+    ) -> None:
+        self.client = client
+        self._client = client
+        self._limits = limits or registry_limits(client.host)
+        self._chunk_size = chunk_size
+        self._monolithic_max = chunk_size if monolithic_max is None else monolithic_max
+
+    def upload(
+        self,
+        repository: str,
+        source: BlobSource,
+        mount_from: Sequence[str] = (),
+        progress: Callable[[int], None] | None = None,
+    ) -> UploadResult:
+        """Make the blob exist in ``repository``: skip, mount, or upload it."""
+        client = self._client
+        desc = source.descriptor
+        if client.blob_exists(repository, desc):
+            return UploadResult(desc.digest, Outcome.EXISTS, 0)
+        started: httpx.Response | None = None
+        for origin in [r for r in mount_from if r != repository][:MAX_MOUNT_SOURCES]:
+            try:
+                response = client.upload_start(repository, mount=desc.digest, source=origin)
+            except RegistryError as exc:
+                log.info(
+                    "%s: mount of %s from %s failed (%s)", client.host, desc.digest, origin, exc
+                )
+                continue
+            if response.status_code == 201:
+                return UploadResult(desc.digest, Outcome.MOUNTED, 0)
+            started = response
+            break
+        try:
+            fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ContainerdError(f"blob {desc.digest}: {source.path} is missing") from None
+        except OSError as exc:
+            raise ContainerdError(f"{source.path}: {exc.strerror}") from exc
+        try:
+            transfer = _Transfer(source, fd, progress)
+            return self._upload(repository, transfer, started)
+        finally:
+            os.close(fd)
+
+    def _upload(
+        self, repository: str, transfer: _Transfer, started: httpx.Response | None
+    ) -> UploadResult:
+        client = self._client
+        desc = transfer.descriptor
+        streamed = not self._limits.chunked
+        last: RegistryError | None = None
+        for _ in range(SESSION_ATTEMPTS):
+            response = started or client.upload_start(repository)
+            started = None
+            location = client.session_url(response)
+            try:
+                if transfer.size <= self._monolithic_max:
+                    self._monolithic(repository, transfer, location)
+                elif streamed:
+                    self._streamed(repository, transfer, location)
+                else:
+                    try:
+                        self._chunked(repository, transfer, location, response)
+                    except _FallBackToStreamed as fallback:
+                        log.info(
+                            "%s: chunked upload refused (%s); streaming instead",
+                            client.host,
+                            fallback.error,
+                        )
+                        streamed = True
+                        last = fallback.error
+                        continue
+                return UploadResult(desc.digest, Outcome.UPLOADED, transfer.sent)
+            except _RestartSession as restart:
+                last = restart.error
+                log.warning("%s: upload of %s restarts: %s", client.host, desc.digest, last)
+                if client.blob_exists(repository, desc):
+                    return UploadResult(desc.digest, Outcome.EXISTS, transfer.sent)
+            except BlobCorruptError:
+                client.upload_cancel(repository, location)
+                raise
+        assert last is not None
+        raise RegistryError(
+            f"{client.host}: giving up on {desc.digest} after {SESSION_ATTEMPTS} upload "
+            f"sessions: {last}",
+            status=last.status,
+            codes=last.codes,
+        )
+
+    def _scopes(self, repository: str) -> tuple[str, ...]:
+        return (repository_scope(repository, "pull", "push"),)
+
+    def _close(self, repository: str, transfer: _Transfer, location: httpx.URL) -> None:
+        url = location.copy_merge_params({"digest": transfer.descriptor.digest})
+        try:
+            self._client.call(
+                "PUT",
+                url,
+                scopes=self._scopes(repository),
+                ok={201, 204},
+                headers={"Content-Length": "0", "Content-Type": OCTET_STREAM},
+                body=b"",
+                what=f"PUT upload of {transfer.descriptor.digest}",
+            )
+        except RegistryError as exc:
+            if exc.status in (400, 404, 416):
+                raise _RestartSession(exc) from None
+            raise
+
+    def _monolithic(self, repository: str, transfer: _Transfer, location: httpx.URL) -> None:
+        """One PUT with the whole body; corruption aborts the body before its last byte."""
+        body = _Body(transfer, 0, transfer.size, transfer.new_hasher(), verify_at_end=True)
+        if transfer.size == 0:
+            transfer.verify(body.hasher)
+        url = location.copy_merge_params({"digest": transfer.descriptor.digest})
+        try:
+            self._client.send(
+                "PUT",
+                url,
+                scopes=self._scopes(repository),
+                ok={201, 204},
+                headers={"Content-Length": str(transfer.size), "Content-Type": OCTET_STREAM},
+                body=body,
+                what=f"PUT {transfer.descriptor.digest}",
+            )
+        except RegistryError as exc:
+            if exc.is_temporary() or exc.status in (400, 404, 416):
+                raise _RestartSession(exc) from None
+            raise
+
+    def _streamed(self, repository: str, transfer: _Transfer, location: httpx.URL) -> None:
+        """One PATCH without Content-Range (for registries that do not chunk), then PUT."""
+        body = _Body(transfer, 0, transfer.size, transfer.new_hasher(), verify_at_end=False)
+        try:
+            response = self._client.send(
+                "PATCH",
+                location,
+                scopes=self._scopes(repository),
+                ok={201, 202, 204},
+                headers={"Content-Length": str(transfer.size), "Content-Type": OCTET_STREAM},
+                body=body,
+                what=f"PATCH {transfer.descriptor.digest}",
+            )
+        except RegistryError as exc:
+            if exc.is_temporary() or exc.status in (400, 404, 416):
+                raise _RestartSession(exc) from None
+            raise
+        transfer.verify(body.hasher)
+        if response.headers.get("location"):
+            location = self._client.session_url(response)
+        self._close(repository, transfer, location)
+
+    def _chunk_for(self, transfer: _Transfer, response: httpx.Response) -> int:
+        chunk = self._chunk_size
+        announced = response.headers.get("oci-chunk-min-length", "")
+        minimum = max(self._limits.minimum, int(announced) if announced.isdigit() else 0)
+        chunk = max(chunk, minimum, -(-transfer.size // MAX_PARTS))
+        if self._limits.maximum is not None:
+            chunk = min(chunk, self._limits.maximum)
+        return max(chunk, 1)
+
+    def _chunked(
+        self, repository: str, transfer: _Transfer, location: httpx.URL, start: httpx.Response
+    ) -> None:
+        client = self._client
+        session = _ChunkSession(
+            self, repository, transfer, location, self._chunk_for(transfer, start)
+        )
+        floor = max(self._limits.minimum, 256 << 10)
+        range_errors = 0
+        first = True
+        while session.acked < transfer.size:
+            try:
+                client.retrier.call(
+                    f"{client.host}: upload {transfer.descriptor.digest}", session.next_chunk
+                )
+            except RegistryError as exc:
+                if exc.status == 413 and session.chunk > floor:
+                    session.chunk = max(floor, session.chunk // 2)
+                    log.info("%s: chunk too large, now %d bytes", client.host, session.chunk)
+                    continue
+                if exc.status == 416:
+                    range_errors += 1
+                    if range_errors <= 2:
+                        continue
+                    raise _RestartSession(exc) from None
+                if exc.status == 404:
+                    raise _RestartSession(exc) from None
+                if first and not exc.is_temporary() and exc.status not in (401, 403):
+                    raise _FallBackToStreamed(exc) from None
+                raise
+            first = False
+            transfer.report(session.acked)
+        transfer.verify(session.snapshot)
+        self._close(repository, transfer, session.location)
+
+    def status(self, repository: str, location: httpx.URL, own: int) -> tuple[httpx.URL, int]:
+        """Where the registry says the session stands (GET status), or our own count."""
+        try:
+            response = self._client.send(
+                "GET",
+                location,
+                scopes=self._scopes(repository),
+                ok={200, 204},
+                what="GET upload status",
+            )
+        except RegistryError as exc:
+            if exc.status == 404:
+                raise _RestartSession(exc) from None
+            if exc.is_temporary():
+                raise
+            log.info(
+                "%s: upload status unavailable (%s); resuming at %d", self._client.host, exc, own
+            )
+            return location, own
+        here = self._client.session_url(response) if response.headers.get("location") else location
+        offset = parse_range(response.headers.get("range"), own)
+        return here, own if offset is None else offset
+
+
+class _FallBackToStreamed(Exception):
+    """The registry refused the first chunk in a way that says it does not take chunks."""
+
+    def __init__(self, error: RegistryError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _ChunkSession:
+    """One chunked upload session: newest Location, acknowledged offset, hash state there.
+
+    :meth:`next_chunk` is the unit of work the retry policy repeats.
+    """
+
+    def __init__(
+        self,
+        uploader: BlobUploader,
+        repository: str,
+        transfer: _Transfer,
+        location: httpx.URL,
+        chunk: int,
+    ) -> None:
+        self._uploader = uploader
+        self._client = uploader.client
+        self._repository = repository
+        self._transfer = transfer
+        self.location = location
+        self.chunk = chunk
+        self.acked = 0
+        self.snapshot = transfer.new_hasher()
+        self._resync = False
+
+    def next_chunk(self) -> None:
+        """Send the next chunk, first asking the registry where it stands after a failure."""
+        transfer = self._transfer
+        offset, hasher = self.acked, self.snapshot
+        if self._resync:
+            self.location, offset = self._uploader.status(self._repository, self.location, offset)
+            hasher = transfer.hasher_at(offset, self.acked, self.snapshot)
+            self.acked, self.snapshot = offset, hasher
+            self._resync = False
+        end = min(offset + self.chunk, transfer.size)
+        body = _Body(transfer, offset, end, hasher, verify_at_end=False)
+        try:
+            response = self._client.send(
+                "PATCH",
+                self.location,
+                scopes=(repository_scope(self._repository, "pull", "push"),),
+                ok={201, 202, 204},
+                headers={
+                    "Content-Type": OCTET_STREAM,
+                    "Content-Range": f"{offset}-{end - 1}",
+                    "Content-Length": str(end - offset),
+                },
+                body=body,
+                what=f"PATCH {transfer.descriptor.digest} [{offset}-{end - 1}]",
+            )
+        except RegistryError:
+            self._resync = True
+            raise
+        if response.headers.get("location"):
+            self.location = self._client.session_url(response)
+        reported = parse_range(response.headers.get("range"), end)
+        if reported is None or reported == end or reported < offset or reported > transfer.size:
+            # Missing, or going backwards: trust our own acknowledged count.
+            self.acked, self.snapshot = end, body.hasher
+        else:
+            self.acked = reported
+            self.snapshot = transfer.hasher_at(reported, offset, hasher)
