@@ -35,9 +35,11 @@ $(BIN)/imagepushd: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+LINT_PATHS := $(wildcard daemon tests bench demo)
+
 lint: venv
-	$(BIN)/ruff check daemon tests bench demo
-	$(BIN)/ruff format --check daemon tests bench demo
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: venv
 	$(BIN)/mypy

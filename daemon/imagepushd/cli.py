@@ -185,7 +185,7 @@ def _credentials(args: argparse.Namespace, ctx: Context, host: str) -> Credentia
     if args.password_stdin:
         if not args.username:
             raise UsageError("--password-stdin needs --username")
-        password = ctx.stdin.readline().rstrip("\n")
+        password = ctx.stdin.readline().removesuffix("\n").removesuffix("\r")
         return Credentials(username=args.username, password=password)
     if args.username:
         raise UsageError("--username needs --password-stdin (passwords never go in argv)")
@@ -194,13 +194,13 @@ def _credentials(args: argparse.Namespace, ctx: Context, host: str) -> Credentia
 
 def cmd_push(args: argparse.Namespace, ctx: Context) -> int:
     """Push one image from containerd's content store to a registry."""
+    policy = PlatformPolicy.parse(args.platform)
     store = _Store(args, ctx)
     namespace = _namespace(args, ctx)
     assert namespace is not None
     snap = store.snapshot(namespace)
     record = _find_image(snap, namespace, args.image)
     target = parse_reference(args.target or record.name)
-    policy = PlatformPolicy.parse(args.platform)
     graph = store.content.walk(record.target, snap.blobs.get(namespace, {}))
     blobs = snap.blobs.get(namespace, {})
     # containerd's distribution.source labels name the host without its port.

@@ -97,6 +97,9 @@ class MissingContentError(ContainerdError):
 
     def __init__(self, what: str, missing: Sequence[str]) -> None:
         self.missing = tuple(missing)
+        if not self.missing:
+            super().__init__(what)
+            return
         shown = ", ".join(self.missing[:5])
         more = f" and {len(self.missing) - 5} more" if len(self.missing) > 5 else ""
         super().__init__(f"{what}: {len(self.missing)} blob(s) missing: {shown}{more}")

@@ -25,7 +25,7 @@ from imagepushd.containerd.content import (
     IndexNode,
     ManifestNode,
 )
-from imagepushd.errors import ManifestError, MissingContentError
+from imagepushd.errors import ManifestError, MissingContentError, UsageError
 from imagepushd.oci import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_SIZE, Descriptor, Platform
 from imagepushd.reference import Reference
 from imagepushd.registry.client import RegistryClient
@@ -63,12 +63,14 @@ class PlatformPolicy:
         """From the config value or ``--platform``: a keyword or comma-separated platforms."""
         items = [value] if isinstance(value, str) else list(value)
         words = [w.strip() for item in items for w in item.split(",") if w.strip()]
+        if not words:
+            raise UsageError("platforms: empty; use all, available, host or os/arch[,...]")
         if len(words) == 1 and words[0] in ("all", "available", "host"):
             return cls(words[0])
         try:
             return cls("list", tuple(Platform.parse(w) for w in words))
         except ValueError as exc:
-            raise ManifestError(f"platforms: {exc}; or use all, available, host") from None
+            raise UsageError(f"platforms: {exc}; or use all, available, host") from None
 
     def __str__(self) -> str:
         return self.mode if self.mode != "list" else ",".join(map(str, self.platforms))
@@ -219,8 +221,9 @@ class Pusher:
                 raise MissingContentError(
                     f"image {root.descriptor.digest}", [d.digest for d in graph.missing]
                 )
-            if policy.mode == "list" and not any(
-                _matches(p, root.platform) for p in policy.platforms
+            wanted = policy.platforms if policy.mode == "list" else (self._host,)
+            if policy.mode in ("list", "host") and not any(
+                _matches(p, root.platform) for p in wanted
             ):
                 raise MissingContentError(
                     f"image is {root.platform or 'of unknown platform'}, not {policy}", []
@@ -406,8 +409,10 @@ class Pusher:
 
 
 def _rewrite_index(data: bytes, children: list[Descriptor]) -> bytes:
+    """The index with only ``children``; kept entries stay verbatim (os.version, urls, ...)."""
     doc = json.loads(data)
-    doc["manifests"] = [c.to_json() for c in children]
+    original = {e.get("digest"): e for e in doc.get("manifests", []) if isinstance(e, dict)}
+    doc["manifests"] = [original.get(c.digest, c.to_json()) for c in children]
     return json.dumps(doc, separators=(",", ":")).encode()
 
 

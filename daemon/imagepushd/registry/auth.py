@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -114,6 +115,8 @@ class Authenticator:
         self._clock = clock
         self._challenge: Challenge | None = None
         self._tokens: dict[tuple[str, str, tuple[str, ...]], _Token] = {}
+        # Concurrent blob uploads share tokens: fetch each one once.
+        self._lock = threading.Lock()
 
     @property
     def challenge(self) -> Challenge | None:
@@ -168,8 +171,9 @@ class Authenticator:
                 raise self.denied()
             return scopes
         wanted = merge_scopes(scopes, challenge.scopes)
-        self._tokens.pop(self._key(challenge, wanted), None)
-        self._tokens.pop(self._key(challenge, scopes), None)
+        with self._lock:
+            self._tokens.pop(self._key(challenge, wanted), None)
+            self._tokens.pop(self._key(challenge, scopes), None)
         return wanted
 
     def denied(self) -> RegistryAuthError:
@@ -195,12 +199,13 @@ class Authenticator:
 
     def _token(self, challenge: Challenge, scopes: tuple[str, ...]) -> _Token:
         key = self._key(challenge, scopes)
-        cached = self._tokens.get(key)
-        if cached is not None and cached.expires_at - REFRESH_MARGIN > self._clock():
-            return cached
-        token = self._fetch(challenge, scopes)
-        self._tokens[key] = token
-        return token
+        with self._lock:
+            cached = self._tokens.get(key)
+            if cached is not None and cached.expires_at - REFRESH_MARGIN > self._clock():
+                return cached
+            token = self._fetch(challenge, scopes)
+            self._tokens[key] = token
+            return token
 
     def _fetch(self, challenge: Challenge, scopes: tuple[str, ...]) -> _Token:
         realm = challenge.params.get("realm")

@@ -229,7 +229,8 @@ class RegistryClient:
         what = what or f"{method} {url.path}"
         for attempt in range(2):
             request_headers = dict(headers or {})
-            if url.host == self._url("/").host:
+            own = self._url("/")
+            if (url.scheme, url.host, url.port) == (own.scheme, own.host, own.port):
                 authorization = self.auth.authorization(scopes, url)
                 if authorization is not None:
                     request_headers["Authorization"] = authorization
