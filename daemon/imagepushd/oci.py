@@ -33,7 +33,7 @@ _DIGEST_RE = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
 
 def is_digest(value: str) -> bool:
     """Whether ``value`` is a digest this tool can verify (sha256 or sha512, lower-case hex)."""
-    return _DIGEST_RE.match(value) is not None
+    return _DIGEST_RE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, order=True)

@@ -198,9 +198,9 @@ class Tx:
         end = PAGE_HEADER_SIZE + ELEMENT_SIZE * count
         if end > len(buf):
             raise self.error(f"{where}: {count} elements overflow the page")
-        if flags & FLAG_BRANCH:
+        if flags == FLAG_BRANCH:
             return self._parse_branch(buf, count, where)
-        if flags & FLAG_LEAF:
+        if flags == FLAG_LEAF:
             return self._parse_leaf(buf, count, where)
         raise self.error(f"{where}: unexpected page flags {flags:#x}")
 
@@ -213,6 +213,7 @@ class Tx:
             buf[PAGE_HEADER_SIZE : PAGE_HEADER_SIZE + ELEMENT_SIZE * count]
         )
         base = PAGE_HEADER_SIZE
+        floor = PAGE_HEADER_SIZE + ELEMENT_SIZE * count  # data starts after the elements
         prev = b""
         for eflags, pos, ksize, vsize in elements:
             start = base + pos
@@ -220,6 +221,9 @@ class Tx:
             stop = mid + vsize
             if ksize == 0 or stop > size:
                 raise self.error(f"{where}: element at {base} out of bounds")
+            if start < floor:
+                raise self.error(f"{where}: element at {base} overlaps earlier data")
+            floor = stop
             key = buf[start:mid]
             if key <= prev:
                 raise self.error(f"{where}: keys not in ascending order")
@@ -240,12 +244,16 @@ class Tx:
             buf[PAGE_HEADER_SIZE : PAGE_HEADER_SIZE + ELEMENT_SIZE * count]
         )
         base = PAGE_HEADER_SIZE
+        floor = PAGE_HEADER_SIZE + ELEMENT_SIZE * count
         prev = b""
         for pos, ksize, child in elements:
             start = base + pos
             stop = start + ksize
             if ksize == 0 or stop > size:
                 raise self.error(f"{where}: element at {base} out of bounds")
+            if start < floor:
+                raise self.error(f"{where}: element at {base} overlaps earlier data")
+            floor = stop
             key = buf[start:stop]
             if key <= prev:
                 raise self.error(f"{where}: keys not in ascending order")
@@ -268,10 +276,11 @@ class Tx:
         if len(page) < PAGE_HEADER_SIZE:
             raise self.error(f"{where}: inline bucket without a page header")
         _id, flags, count, _overflow = self._layout.page_header.unpack_from(page, 0)
-        if not flags & FLAG_LEAF:
-            raise self.error(f"{where}: inline bucket is not a leaf")
+        if flags != FLAG_LEAF:
+            raise self.error(f"{where}: inline bucket is not a leaf (flags {flags:#x})")
         node = self.parse_page(page, flags, count, f"{where} (inline)")
-        assert isinstance(node, _Leaf)
+        if not isinstance(node, _Leaf):
+            raise self.error(f"{where}: inline bucket is not a leaf")
         return Bucket(self, 0, node)
 
 
@@ -458,7 +467,11 @@ class BoltFile:
             except OSError as exc:
                 raise ContainerdError(f"{self.path}: {exc.strerror}") from exc
             candidate = Meta.parse(raw)
-            if candidate is not None and candidate.page_size == offset:
+            if (
+                candidate is not None
+                and candidate.page_size == offset
+                and MIN_PAGE_SIZE <= offset <= MAX_PAGE_SIZE
+            ):
                 meta1 = candidate
                 break
         valid = [m for m in (meta0, meta1) if m is not None]
@@ -481,14 +494,17 @@ class BoltFile:
             before = self._read_metas(fd)
             try:
                 result = fn(Tx(fd, before, os.fstat(fd).st_size, str(self.path)))
-            except BoltFormatError:
+            except ContainerdError:
+                # A walk of a moving tree can fail in any way the data allows (a torn read can
+                # even lose the schema bucket): only a stable txid makes the error real.
                 if self._read_metas(fd).raw == before.raw:
                     raise
             else:
                 if self._read_metas(fd).raw == before.raw:
                     return result
-            delay = min(high, low * (2**attempt))
-            self._sleep(delay * (0.5 + self._rand() / 2))
+            if attempt + 1 < self._attempts:
+                delay = min(high, low * (2**attempt))
+                self._sleep(delay * (0.5 + self._rand() / 2))
         raise SnapshotBusyError(
             f"{self.path}: changed during each of {self._attempts} snapshot attempts"
         )
