@@ -11,16 +11,21 @@ snapshots of the same txid are identical. The only error allowed is :class:`Snap
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import statistics
+import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
-from imagepushd.containerd.bbolt import BoltFile
+from imagepushd.containerd.bbolt import BoltFile, Meta, Tx, fnv1a64
 from imagepushd.containerd.metadata import MetadataSnapshot, MetadataStore
 from imagepushd.errors import ImagepushdError, SnapshotBusyError
 from imagepushd.oci import Descriptor
@@ -275,3 +280,64 @@ def test_snapshots_stay_consistent_under_a_busy_writer(
         assert got == containerd.images(ns), ns
         model = {n: sources[s].digest for n, s in writer.model[ns].items()}
         assert got == {**{n: b.digest for n, b in sources.items()}, **model}, ns
+
+
+T = TypeVar("T")
+
+
+def _commit_reusing_root(path: Path, meta: Meta) -> None:
+    """Play containerd on a copied meta.db: tx N+1 rewrites the root page to a new page (as every
+    commit does), and the old root page, now free, is reused (here: an empty leaf, no ``v1``)."""
+    order, ps, old, new = meta.layout.order, meta.page_size, meta.root, meta.pgid
+    fd = os.open(path, os.O_RDWR)
+    try:
+        page = bytearray(os.pread(fd, ps, old * ps))
+        struct.pack_into(order + "Q", page, 0, new)
+        os.pwrite(fd, bytes(page), new * ps)
+        raw = bytearray(meta.raw)
+        struct.pack_into(order + "QQ", raw, 16, new, 0)  # root bucket {root pgid, sequence}
+        struct.pack_into(order + "QQ", raw, 40, new + 1, meta.txid + 1)  # pgid, txid
+        struct.pack_into(order + "Q", raw, 56, fnv1a64(bytes(raw[:56])))
+        os.pwrite(fd, bytes(raw), ((meta.txid + 1) % 2) * ps + 16)
+        os.pwrite(fd, struct.pack(order + "QHHI", old, 0x02, 0, 0), old * ps)
+    finally:
+        os.close(fd)
+
+
+class _RacingBolt(BoltFile):
+    """A BoltFile whose first walk starts just before containerd commits and reuses the root."""
+
+    def view(self, fn: Callable[[Tx], T]) -> T:
+        pending = [True]
+
+        def racing(tx: Tx) -> T:
+            if pending:
+                pending.clear()
+                _commit_reusing_root(self.path, tx.meta)
+            return fn(tx)
+
+        return super().view(racing)
+
+
+@pytest.mark.e2e
+def test_commit_reusing_the_root_page_during_a_walk_is_retried(
+    tmp_path: Path, containerd: Containerd, image_builder: ImageBuilder
+) -> None:
+    """Deterministic form of the race the busy-writer test hits now and then: the walk of tree N
+    finds no ``v1`` bucket because the root page was reused, so the snapshot must be retried on
+    N+1, not reported as an unsupported schema."""
+    sources = _sources(image_builder)
+    archive = tmp_path / "sources.tar"
+    image_builder.write_oci_archive(archive, sources)
+    containerd.import_archive(archive)
+    containerd.tag("example.com/src/index:1", *[f"example.com/race/r:{i}" for i in range(60)])
+    containerd.stop()
+    db = tmp_path / "meta.db"
+    shutil.copyfile(containerd.meta_db, db)
+    expected = MetadataStore(BoltFile(db)).read()
+    assert len(expected.images) == len(sources) + 60
+
+    snap = MetadataStore(_RacingBolt(db)).read()
+
+    assert snap.txid == expected.txid + 1
+    assert snap.images == expected.images
