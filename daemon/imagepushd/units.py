@@ -37,3 +37,23 @@ def human_size(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``1s``, ``500ms``, ``5m``, ``1h30m`` → seconds; a bare number is seconds."""
+    stripped = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", stripped):
+        return float(stripped)
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(stripped):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(stripped) or not stripped:
+        raise ValueError(f"invalid duration {text!r} (examples: 500ms, 1s, 5m, 1h30m)")
+    return total

@@ -1,0 +1,122 @@
+"""The planner: digests, settle, baseline, already pushed, cancellation, incomplete content."""
+
+from __future__ import annotations
+
+from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide
+from imagepushd.rules import Glob, Rule
+
+D1 = "sha256:" + "1" * 64
+D2 = "sha256:" + "2" * 64
+RULES = (
+    Rule(0, (Glob.compile("example.com/**"),), targets=("{image}", "mirror.io/{repository}:{tag}")),
+)
+
+
+def run(
+    images,
+    seen=None,
+    pushed=frozenset(),
+    open_jobs=(),
+    *,
+    now=100.0,
+    settle=1.0,
+    baseline=False,
+    rules=RULES,
+) -> Decision:
+    return decide(
+        images,
+        seen or {},
+        pushed,
+        list(open_jobs),
+        rules,
+        now=now,
+        settle=settle,
+        baseline=baseline,
+    )
+
+
+def img(name="example.com/app:1", digest=D1, ns="default", complete=True):
+    return ImageView(ns, name, digest, complete, "" if complete else "2 blobs missing")
+
+
+def test_new_image_waits_for_settle_then_gets_one_job_per_target():
+    first = run([img()])
+    assert first.enqueue == []
+    assert first.seen_changed[("default", "example.com/app:1")] == SeenImage(D1, 100.0, False)
+    assert first.wake_at == 101.0
+    assert "settling" in first.waiting[0].reason
+    later = run([img()], seen=first.seen_changed, now=101.0)
+    assert later.seen_changed == {}
+    assert later.enqueue == [
+        Job("default", "example.com/app:1", D1, "example.com/app:1", 0),
+        Job("default", "example.com/app:1", D1, "mirror.io/app:1", 0),
+    ]
+
+
+def test_zero_settle_pushes_immediately():
+    assert len(run([img()], settle=0).enqueue) == 2
+
+
+def test_baseline_images_are_never_pushed_but_later_moves_are():
+    first = run([img()], baseline=True)
+    seen = first.seen_changed
+    assert first.enqueue == [] and seen[("default", "example.com/app:1")].baseline
+    assert "first start" in first.skipped[0].reason
+    assert run([img()], seen=seen, now=1000).enqueue == []
+    moved = run([img(digest=D2)], seen=seen, now=1000, settle=0)
+    assert {j.digest for j in moved.enqueue} == {D2}
+
+
+def test_already_pushed_targets_are_skipped():
+    pushed = {("example.com/app:1", D1)}
+    out = run([img()], settle=0, pushed=pushed)
+    assert [j.target for j in out.enqueue] == ["mirror.io/app:1"]
+    assert out.skipped[0].reason == "already pushed with this digest"
+
+
+def test_open_jobs_are_not_duplicated():
+    job = Job("default", "example.com/app:1", D1, "example.com/app:1", 0)
+    out = run([img()], settle=0, open_jobs=[OpenJob(7, job)])
+    assert out.queued == [job]
+    assert [j.target for j in out.enqueue] == ["mirror.io/app:1"]
+    assert out.cancel == []
+
+
+def test_moved_and_deleted_sources_cancel_open_jobs():
+    job = Job("default", "example.com/app:1", D1, "example.com/app:1", 0)
+    moved = run([img(digest=D2)], settle=0, open_jobs=[OpenJob(7, job)])
+    assert moved.cancel == [(7, f"default/example.com/app:1 moved to {D2}")]
+    gone = run(
+        [], open_jobs=[OpenJob(7, job)], seen={("default", "example.com/app:1"): SeenImage(D1, 0)}
+    )
+    assert gone.cancel == [(7, "default/example.com/app:1 was deleted")]
+    assert gone.seen_removed == [("default", "example.com/app:1")]
+
+
+def test_rule_removed_cancels_its_jobs():
+    job = Job("default", "example.com/app:1", D1, "elsewhere.io/app:1", 3)
+    out = run([img()], settle=0, open_jobs=[OpenJob(9, job)])
+    assert out.cancel == [(9, "no rule asks for this target any more")]
+
+
+def test_incomplete_content_waits_with_reason():
+    out = run([img(complete=False)], settle=0)
+    assert out.enqueue == []
+    assert out.waiting[0].reason == "content incomplete: 2 blobs missing"
+
+
+def test_unmatched_and_untagged_images_are_skipped():
+    out = run([img(name="other.io/app:1"), img(name="sha256:" + "a" * 64)], settle=0)
+    assert out.enqueue == []
+    assert [n.reason for n in out.skipped] == ["no rule matches", "no rule matches"]
+
+
+def test_namespaces_are_distinct_sources():
+    out = run([img(ns="default"), img(ns="k8s.io")], settle=0)
+    assert sorted({j.namespace for j in out.enqueue}) == ["default", "k8s.io"]
+
+
+def test_bad_rendered_target_is_a_skip_not_a_crash():
+    rules = (Rule(0, (Glob.compile("**"),), targets=("mirror.io/{namespace}/{repository}",)),)
+    out = run([img(ns="UPPER")], settle=0, rules=rules)
+    assert out.enqueue == [] and out.skipped[0].reason.startswith("bad target")
