@@ -16,9 +16,11 @@
     │   ├── MissingContentError     blobs an operation needs are absent (lists them)
     │   └── BlobCorruptError        a blob's bytes do not match its digest or size
     ├── ManifestError               a manifest or index is malformed or unsupported
+    ├── PushInterrupted             the daemon is stopping; the upload checkpointed
     ├── RegistryError               a registry refused or failed a request (status, OCI codes)
     │   ├── RegistryAuthError       credentials missing, rejected, or insufficient
     │   └── RegistryConnectionError no HTTP answer: refused, reset, timed out, TLS failure
+    ├── StateError                  the state file is corrupt, unreadable, or from a newer version
     └── OutputError                 writing an export or other output failed
 
 The CLI turns any ``ImagepushdError`` into one line on stderr and its ``exit_code``.
@@ -113,6 +115,10 @@ class ManifestError(ImagepushdError):
     """A manifest or index is malformed, too large, or of an unsupported type."""
 
 
+class PushInterrupted(ImagepushdError):
+    """A push stopped between chunks because the daemon is stopping (resumable later)."""
+
+
 class RegistryError(ImagepushdError):
     """A registry answered with an error, classified once for the retry policy.
 
@@ -163,6 +169,14 @@ class RegistryConnectionError(RegistryError):
     def is_temporary(self) -> bool:
         """Connection failures are worth retrying, except TLS verification failures."""
         return self._temporary
+
+
+class StateError(ImagepushdError):
+    """The state file cannot be used: corrupt, unreadable, locked, or written by a newer version.
+
+    The message names the file, the problem and the recovery command; the file itself is never
+    reset or deleted to get past the problem, since it may be the only record of what was pushed.
+    """
 
 
 class OutputError(ImagepushdError):

@@ -18,11 +18,11 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
-from imagepushd.errors import BlobCorruptError, ContainerdError, RegistryError
+from imagepushd.errors import BlobCorruptError, ContainerdError, PushInterrupted, RegistryError
 from imagepushd.oci import Descriptor
 from imagepushd.registry.auth import repository_scope
 from imagepushd.registry.client import RegistryClient
@@ -199,8 +199,25 @@ class _Transfer:
             self._progress(position)
 
 
+class SessionStore(Protocol):
+    """Where chunked upload sessions are remembered, so a restarted daemon can resume them."""
+
+    def load(self, repository: str, digest: str) -> tuple[str, int] | None:
+        """The saved (Location, acknowledged offset) for this blob, if any."""
+
+    def save(self, repository: str, digest: str, location: str, offset: int) -> None:
+        """Remember the newest Location and acknowledged offset."""
+
+    def drop(self, repository: str, digest: str) -> None:
+        """Forget the session (finished or unusable)."""
+
+
 class BlobUploader:
-    """Uploads blobs to one registry with bounded memory; safe to share between threads."""
+    """Uploads blobs to one registry with bounded memory; safe to share between threads.
+
+    ``sessions`` persists chunked sessions across restarts; ``should_stop`` is polled between
+    chunks so a stopping daemon leaves a resumable session instead of a half-sent chunk.
+    """
 
     def __init__(
         self,
@@ -209,8 +226,12 @@ class BlobUploader:
         chunk_size: int = 16 * MiB,
         monolithic_max: int | None = None,
         limits: ChunkLimits | None = None,
+        sessions: SessionStore | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.client = client
+        self.sessions = sessions
+        self._should_stop = should_stop or (lambda: False)
         self._client = client
         self._limits = limits or registry_limits(client.host)
         self._chunk_size = chunk_size
@@ -247,23 +268,45 @@ class BlobUploader:
             raise ContainerdError(f"blob {desc.digest}: {source.path} is missing") from None
         except OSError as exc:
             raise ContainerdError(f"{source.path}: {exc.strerror}") from exc
+        resume = None
+        if started is None and self.sessions is not None and desc.size > self._monolithic_max:
+            saved = self.sessions.load(repository, desc.digest)
+            if saved is not None:
+                resume = client.url("/").join(saved[0])
+                log.info(
+                    "%s: resuming upload of %s (saved at %d bytes)",
+                    client.host,
+                    desc.digest,
+                    saved[1],
+                )
         try:
             transfer = _Transfer(source, fd, progress)
-            return self._upload(repository, transfer, started)
+            result = self._upload(repository, transfer, started, resume)
         finally:
             os.close(fd)
+        if self.sessions is not None and desc.size > self._monolithic_max:
+            self.sessions.drop(repository, desc.digest)
+        return result
 
     def _upload(
-        self, repository: str, transfer: _Transfer, started: httpx.Response | None
+        self,
+        repository: str,
+        transfer: _Transfer,
+        started: httpx.Response | None,
+        resume: httpx.URL | None,
     ) -> UploadResult:
         client = self._client
         desc = transfer.descriptor
         streamed = not self._limits.chunked
         last: RegistryError | None = None
         for _ in range(SESSION_ATTEMPTS):
-            response = started or client.upload_start(repository)
+            if resume is not None:
+                response, location, resuming = None, resume, True
+                resume = None
+            else:
+                response = started or client.upload_start(repository)
+                location, resuming = client.session_url(response), False
             started = None
-            location = client.session_url(response)
             try:
                 if transfer.size <= self._monolithic_max:
                     self._monolithic(repository, transfer, location)
@@ -271,7 +314,7 @@ class BlobUploader:
                     self._streamed(repository, transfer, location)
                 else:
                     try:
-                        self._chunked(repository, transfer, location, response)
+                        self._chunked(repository, transfer, location, response, resuming)
                     except _FallBackToStreamed as fallback:
                         log.info(
                             "%s: chunked upload refused (%s); streaming instead",
@@ -284,6 +327,8 @@ class BlobUploader:
                 return UploadResult(desc.digest, Outcome.UPLOADED, transfer.sent)
             except _RestartSession as restart:
                 last = restart.error
+                if self.sessions is not None:
+                    self.sessions.drop(repository, desc.digest)
                 log.warning("%s: upload of %s restarts: %s", client.host, desc.digest, last)
                 if client.blob_exists(repository, desc):
                     return UploadResult(desc.digest, Outcome.EXISTS, transfer.sent)
@@ -361,9 +406,10 @@ class BlobUploader:
             location = self._client.session_url(response)
         self._close(repository, transfer, location)
 
-    def _chunk_for(self, transfer: _Transfer, response: httpx.Response) -> int:
+    def _chunk_for(self, transfer: _Transfer, response: httpx.Response | None) -> int:
         chunk = self._chunk_size
-        announced = response.headers.get("oci-chunk-min-length", "")
+        headers = response.headers if response is not None else {}
+        announced = headers.get("oci-chunk-min-length", "")
         minimum = max(self._limits.minimum, int(announced) if announced.isdigit() else 0)
         chunk = max(chunk, minimum, -(-transfer.size // MAX_PARTS))
         if self._limits.maximum is not None:
@@ -371,16 +417,27 @@ class BlobUploader:
         return max(chunk, 1)
 
     def _chunked(
-        self, repository: str, transfer: _Transfer, location: httpx.URL, start: httpx.Response
+        self,
+        repository: str,
+        transfer: _Transfer,
+        location: httpx.URL,
+        start: httpx.Response | None,
+        resuming: bool = False,
     ) -> None:
         client = self._client
         session = _ChunkSession(
             self, repository, transfer, location, self._chunk_for(transfer, start)
         )
+        # A saved session starts by asking the registry where it stands.
+        session.resync = resuming
         floor = max(self._limits.minimum, 256 << 10)
         range_errors = 0
-        first = True
+        first = not resuming
         while session.acked < transfer.size:
+            if self._should_stop():
+                raise PushInterrupted(
+                    f"upload of {transfer.descriptor.digest} paused at {session.acked} bytes"
+                )
             try:
                 client.retrier.call(
                     f"{client.host}: upload {transfer.descriptor.digest}", session.next_chunk
@@ -402,6 +459,10 @@ class BlobUploader:
                 raise
             first = False
             transfer.report(session.acked)
+            if self.sessions is not None:
+                self.sessions.save(
+                    repository, transfer.descriptor.digest, str(session.location), session.acked
+                )
         transfer.verify(session.snapshot)
         self._close(repository, transfer, session.location)
 
@@ -459,17 +520,17 @@ class _ChunkSession:
         self.chunk = chunk
         self.acked = 0
         self.snapshot = transfer.new_hasher()
-        self._resync = False
+        self.resync = False
 
     def next_chunk(self) -> None:
         """Send the next chunk, first asking the registry where it stands after a failure."""
         transfer = self._transfer
         offset, hasher = self.acked, self.snapshot
-        if self._resync:
+        if self.resync:
             self.location, offset = self._uploader.status(self._repository, self.location, offset)
             hasher = transfer.hasher_at(offset, self.acked, self.snapshot)
             self.acked, self.snapshot = offset, hasher
-            self._resync = False
+            self.resync = False
         end = min(offset + self.chunk, transfer.size)
         body = _Body(transfer, offset, end, hasher, verify_at_end=False)
         try:
@@ -487,7 +548,7 @@ class _ChunkSession:
                 what=f"PATCH {transfer.descriptor.digest} [{offset}-{end - 1}]",
             )
         except RegistryError:
-            self._resync = True
+            self.resync = True
             raise
         if response.headers.get("location"):
             self.location = self._client.session_url(response)
