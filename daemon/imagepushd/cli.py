@@ -12,12 +12,14 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from imagepushd import __version__
+from imagepushd.config import Config, ConfigError, config_path, load_config
 from imagepushd.containerd.content import ContentStore, ImageGraph, discover_root
 from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot, MetadataStore
 from imagepushd.errors import (
@@ -28,6 +30,8 @@ from imagepushd.errors import (
     UsageError,
 )
 from imagepushd.layout import ExportImage, export_layout
+from imagepushd.logs import configure_logging
+from imagepushd.notify import Notifier
 from imagepushd.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
 from imagepushd.progress import ProgressRenderer
 from imagepushd.push import PlatformPolicy, Pusher
@@ -35,6 +39,8 @@ from imagepushd.reference import parse_reference
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import Credentials, CredentialStore
 from imagepushd.registry.upload import BlobUploader
+from imagepushd.service import Service, plan_preview
+from imagepushd.state import State
 from imagepushd.units import human_size, parse_size
 
 log = logging.getLogger("imagepushd")
@@ -62,7 +68,10 @@ class _Store:
     """containerd's metadata and content for one command, opened from the discovered root."""
 
     def __init__(self, args: argparse.Namespace, ctx: Context) -> None:
-        root = discover_root(args.root, None, ctx.env, ctx.home)
+        configured = None
+        if args.root is None:
+            configured = _config(args, ctx, missing_ok=True).containerd.root
+        root = discover_root(args.root, configured, ctx.env, ctx.home)
         self.metadata = MetadataStore.at_root(root)
         self.content = ContentStore(root)
 
@@ -256,6 +265,99 @@ def _positive(text: str) -> int:
     return value
 
 
+def _config(args: argparse.Namespace, ctx: Context, *, missing_ok: bool = False) -> Config:
+    return load_config(config_path(args.config, ctx.env), ctx.env, missing_ok=missing_ok)
+
+
+def cmd_check_config(args: argparse.Namespace, ctx: Context) -> int:
+    """Validate the configuration: every problem on its own line, exit 2 if any."""
+    path = config_path(args.config, ctx.env)
+    try:
+        config = load_config(path, ctx.env)
+    except ConfigError as exc:
+        ctx.stderr.write(f"{path}: invalid configuration\n")
+        for problem in exc.problems:
+            ctx.stderr.write(f"  {problem}\n")
+        return exc.exit_code
+    ctx.stdout.write(
+        f"{path}: ok ({len(config.rules)} rule(s), {len(config.registries)} registry "
+        f"section(s), state {config.state_path})\n"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
+    """The daemon (foreground, for systemd); ``--once``: one pass, then exit."""
+    path = config_path(args.config, ctx.env)
+    with Notifier.from_env(ctx.env) as notifier:
+        service = Service(path, env=ctx.env, home=ctx.home, notifier=notifier, once=args.once)
+        return service.run()
+
+
+def cmd_plan(args: argparse.Namespace, ctx: Context) -> int:
+    """What the rules match now and what would be pushed, with the reason for each skip."""
+    config = _config(args, ctx)
+    rows = plan_preview(config, ctx.env, ctx.home)
+    if args.json:
+        json.dump(rows, ctx.stdout, indent=2)
+        ctx.stdout.write("\n")
+        return 0
+    for row in rows:
+        target = f" → {row['target']}" if row["target"] else ""
+        ctx.stdout.write(f"{row['action']:<8} {row['namespace']}/{row['name']}{target}")
+        ctx.stdout.write(f"  ({row['reason']})\n" if row["reason"] else "\n")
+    if not rows:
+        ctx.stdout.write("no images\n")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
+    """Pushed targets, pending and failing jobs, from the state file."""
+    config = _config(args, ctx, missing_ok=True)
+    if not config.state_path.exists():
+        raise ImagepushdError(f"no state file at {config.state_path}: the daemon has not run yet")
+    with State(config.state_path) as state:
+        summary = state.summary()
+        pushed = state.pushed(limit=args.limit)
+        open_jobs = state.jobs(["queued", "running", "failed"])
+    if args.json:
+        doc = {
+            **summary,
+            "recent": [
+                {
+                    "target": p.target,
+                    "digest": p.digest,
+                    "namespace": p.namespace,
+                    "name": p.name,
+                    "pushed_at": p.pushed_at,
+                    "bytes": p.bytes,
+                }
+                for p in pushed
+            ],
+        }
+        json.dump(doc, ctx.stdout, indent=2, default=str)
+        ctx.stdout.write("\n")
+        return 0
+    counts = summary["jobs"]
+    ctx.stdout.write(
+        f"state {config.state_path}: {summary['pushed_count']} pushed, "
+        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        + "\n"
+    )
+    for job in open_jobs:
+        line = f"{job.status:<8} {job.namespace}/{job.name} → {job.target} (attempts {job.attempts}"
+        if job.status == "failed":
+            when = time.strftime("%H:%M:%S", time.localtime(job.next_attempt))
+            line += f", next {when}): {job.last_error}"
+        else:
+            line += ")"
+        ctx.stdout.write(line + "\n")
+    for p in pushed:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.pushed_at))
+        ctx.stdout.write(f"pushed   {when} {p.target} {p.digest}\n")
+    return 0
+
+
 def _add_store_options(parser: argparse.ArgumentParser, all_namespaces: bool) -> None:
     parser.add_argument("--root", type=Path, help="containerd root (default: discovered)")
     if all_namespaces:
@@ -274,10 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"imagepushd {__version__}")
     parser.add_argument(
+        "--config",
+        type=Path,
+        help="configuration file (default: $IMAGEPUSHD_CONFIG or /etc/imagepushd/config.toml)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
-        default="warning",
-        help="log verbosity (debug also shows tracebacks)",
+        help="log verbosity (default: info for run, warning otherwise; debug shows tracebacks)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -317,22 +423,31 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     push.add_argument("--json", action="store_true", help="print the result as JSON")
     push.set_defaults(func=cmd_push)
+
+    run_cmd = sub.add_parser("run", help="the daemon: watch containerd and push (for systemd)")
+    run_cmd.add_argument("--once", action="store_true", help="scan, push what is due, exit")
+    run_cmd.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="what the rules match now and what would be pushed")
+    plan.add_argument("--json", action="store_true", help="print a JSON list")
+    plan.set_defaults(func=cmd_plan)
+
+    status = sub.add_parser("status", help="pushed targets and pending or failing jobs")
+    status.add_argument("--json", action="store_true", help="print a JSON object")
+    status.add_argument("--limit", type=_positive, default=20, help="recent pushes to show")
+    status.set_defaults(func=cmd_status)
+
+    check = sub.add_parser("check-config", help="validate the configuration file")
+    check.set_defaults(func=cmd_check_config)
     return parser
-
-
-def _configure_logging(level: str, stream: TextIO) -> None:
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("imagepushd: %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def run(argv: Sequence[str], ctx: Context, stderr: TextIO) -> int:
     """Parse ``argv`` and run the command; errors become one line on ``stderr``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level, stderr)
+    level = args.log_level or ("info" if args.command == "run" else "warning")
+    configure_logging(level, ctx.env, stderr)
     try:
         return int(args.func(args, ctx))
     except ImagepushdError as exc:

@@ -1,0 +1,557 @@
+"""The daemon: watch meta.db, plan, push on a bounded worker pool, remember, report to systemd.
+
+Control flow is explicit and single-threaded in the main loop; only pushes run on worker
+threads. Signal handlers just set flags and wake the loop. READY=1 is sent after the first
+full scan, WATCHDOG=1 from the loop itself (so a stuck loop gets the service restarted), and
+STATUS= is kept current.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from imagepushd.config import Config, load_config
+from imagepushd.containerd.content import ContentStore, ImageGraph, discover_root
+from imagepushd.containerd.metadata import META_DB, ImageRecord, MetadataSnapshot, MetadataStore
+from imagepushd.errors import (
+    ContainerdError,
+    ImagepushdError,
+    PushInterrupted,
+)
+from imagepushd.logs import push_fields
+from imagepushd.notify import Notifier, watchdog_interval
+from imagepushd.oci import Descriptor
+from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide
+from imagepushd.push import Pusher, PushResult
+from imagepushd.reference import parse_reference
+from imagepushd.registry.client import HostSettings, RegistryClient
+from imagepushd.registry.credentials import (
+    Credentials,
+    CredentialStore,
+    read_secret_file,
+    systemd_credential,
+)
+from imagepushd.registry.retry import Retrier, RetryPolicy
+from imagepushd.registry.upload import BlobUploader
+from imagepushd.rules import match_image
+from imagepushd.state import JobRecord, State
+from imagepushd.units import human_size
+from imagepushd.watcher import MetaWatcher
+
+log = logging.getLogger(__name__)
+
+OPEN_STATUSES = ("queued", "running", "failed")
+STOP_GRACE = 20.0
+MAX_LOOP_SLEEP = 5.0
+
+
+def _host_without_port(registry: str) -> str:
+    """The host part of a registry name, as containerd's ``distribution.source`` labels use."""
+    return re.sub(r":\d+$", "", registry)
+
+
+def image_view(
+    record: ImageRecord, snap: MetadataSnapshot, content: ContentStore, config: Config
+) -> ImageView:
+    """The planner's view of one image; content is checked only for images a rule selects."""
+    view = ImageView(record.namespace, record.name, record.target.digest)
+    if not match_image(config.rules, record.namespace, record.name):
+        return view
+    try:
+        graph = content.walk(record.target, snap.blobs.get(record.namespace, {}))
+    except ImagepushdError as exc:
+        return ImageView(record.namespace, record.name, record.target.digest, False, str(exc))
+    if graph.complete or _partial_ok(graph, config):
+        return view
+    missing = f"{len(graph.missing)} blob(s) missing, e.g. {graph.missing[0].digest}"
+    return ImageView(record.namespace, record.name, record.target.digest, False, missing)
+
+
+def _partial_ok(graph: ImageGraph, config: Config) -> bool:
+    """Whether the platforms policy can push something from an incomplete index."""
+    if config.push.platforms.mode == "all":
+        return False
+    missing = {d.digest for d in graph.missing}
+    return any(
+        m.manifest is not None
+        and not any(d.digest in missing for d in (m.manifest.config, *m.manifest.layers))
+        for m in graph.manifests()
+    )
+
+
+def _plan_inputs(
+    state: State | None,
+) -> tuple[dict[tuple[str, str], SeenImage], set[tuple[str, str]], list[OpenJob], bool]:
+    if state is None:
+        return {}, set(), [], True
+    seen = {k: SeenImage(v.digest, v.since, v.baseline) for k, v in state.seen().items()}
+    open_jobs = [
+        OpenJob(j.id, Job(j.namespace, j.name, j.digest, j.target, j.rule))
+        for j in state.jobs(OPEN_STATUSES)
+    ]
+    return seen, state.pushed_pairs(), open_jobs, state.get_flag("baseline_done") is None
+
+
+def plan_preview(config: Config, env: Mapping[str, str], home: Path) -> list[dict[str, str]]:
+    """``imagepushd plan``: the decision for containerd's images now, without writing state."""
+    root = discover_root(None, config.containerd.root, env, home)
+    metadata = MetadataStore.at_root(root)
+    try:
+        snap = metadata.read(config.containerd.namespaces, blobs=True)
+    finally:
+        metadata.close()
+    content = ContentStore(root)
+    views = [image_view(r, snap, content, config) for r in snap.images]
+    state = State(config.state_path) if config.state_path.exists() else None
+    try:
+        seen, pushed, open_jobs, first = _plan_inputs(state)
+    finally:
+        if state is not None:
+            state.close()
+    decision = decide(
+        views,
+        seen,
+        pushed,
+        open_jobs,
+        config.rules,
+        now=time.time(),
+        settle=config.push.settle,
+        baseline=first and config.push.on_start == "new-only",
+    )
+
+    def row(action: str, ns: str, name: str, target: str | None, reason: str) -> dict[str, str]:
+        return {
+            "action": action,
+            "namespace": ns,
+            "name": name,
+            "target": target or "",
+            "reason": reason,
+        }
+
+    rows = [row("push", j.namespace, j.name, j.target, "") for j in decision.enqueue]
+    rows += [
+        row("queued", j.namespace, j.name, j.target, "already queued") for j in decision.queued
+    ]
+    rows += [row("wait", n.namespace, n.name, n.target, n.reason) for n in decision.waiting]
+    rows += [row("skip", n.namespace, n.name, n.target, n.reason) for n in decision.skipped]
+    return sorted(rows, key=lambda r: (r["namespace"], r["name"], r["target"]))
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What a worker reports back for one job."""
+
+    job: JobRecord
+    result: PushResult | None = None
+    error: ImagepushdError | None = None
+    cancelled: str | None = None
+    duration: float = 0.0
+
+
+class Service:
+    """``imagepushd run``: everything the daemon does, built from the configuration.
+
+    ``transport`` (httpx) and ``clock`` are injected for tests; ``once`` makes one pass.
+    """
+
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        env: Mapping[str, str],
+        home: Path,
+        notifier: Notifier,
+        once: bool = False,
+        clock: Callable[[], float] = time.time,
+        transport: httpx.BaseTransport | None = None,
+        install_signals: bool = True,
+    ) -> None:
+        self._config_path = config_path
+        self._env = env
+        self._home = home
+        self._notifier = notifier
+        self._once = once
+        self._clock = clock
+        self._transport = transport
+        self._install_signals = install_signals
+        self._config = load_config(config_path, env)
+        self._stop = threading.Event()
+        self._reload = False
+        self._clients: dict[str, tuple[RegistryClient, BlobUploader]] = {}
+        self._clients_lock = threading.Lock()
+        self._running: dict[int, Future[_Outcome]] = {}
+        self._images: dict[tuple[str, str], ImageRecord] = {}
+        self._snapshot: MetadataSnapshot | None = None
+        self._reasons: dict[tuple[str, str], str] = {}
+        self._wake_at: float | None = None
+        self._failures = 0
+        self._watcher: MetaWatcher | None = None
+        self._status = ""
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped (or one pass with ``once``); the process exit code."""
+        config = self._config
+        root = discover_root(None, config.containerd.root, self._env, self._home)
+        self._metadata = MetadataStore.at_root(root)
+        self._content = ContentStore(root)
+        with State(config.state_path, clock=self._clock) as state:
+            self._state = state
+            requeued = state.requeue_running()
+            if requeued:
+                log.info("%d job(s) interrupted by the last stop are queued again", requeued)
+            watcher = MetaWatcher(root / META_DB, txid=self._txid)
+            self._watcher = watcher
+            previous = self._signals()
+            watcher.start()
+            pool = ThreadPoolExecutor(config.push.parallel_images, thread_name_prefix="push")
+            try:
+                self._scan()
+                self._notifier.ready()
+                log.info("watching %s; %d rule(s); state %s", root, len(config.rules), state.path)
+                self._loop(pool, watcher)
+            finally:
+                self._notifier.stopping()
+                self._stop.set()
+                self._drain(pool)
+                watcher.stop()
+                self._restore(previous)
+                for client, _ in self._clients.values():
+                    client.close()
+                self._metadata.close()
+        return 1 if self._once and self._failures else 0
+
+    def _signals(self) -> dict[int, object]:
+        if not self._install_signals:
+            return {}
+        previous: dict[int, object] = {}
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self._stop.set()
+            if self._watcher is not None:
+                self._watcher.notify_external()
+
+        def reload(signum: int, frame: FrameType | None) -> None:
+            self._reload = True
+            if self._watcher is not None:
+                self._watcher.notify_external()
+
+        for signum, handler in (
+            (signal.SIGTERM, stop),
+            (signal.SIGINT, stop),
+            (signal.SIGHUP, reload),
+        ):
+            previous[signum] = signal.signal(signum, handler)
+        return previous
+
+    def _restore(self, previous: dict[int, object]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+
+    def _loop(self, pool: ThreadPoolExecutor, watcher: MetaWatcher) -> None:
+        interval = watchdog_interval(self._env)
+        last_ping = 0.0
+        while not self._stop.is_set():
+            if self._reload:
+                self._reload = False
+                self._do_reload()
+            self._reap()
+            self._dispatch(pool)
+            self._report()
+            now = self._clock()
+            if interval is not None and now - last_ping >= interval:
+                self._notifier.watchdog()
+                last_ping = now
+            if self._once and not self._running and not self._due_now():
+                return
+            timeout = self._sleep_budget(now, interval)
+            changed = watcher.wait(timeout)
+            if self._stop.is_set():
+                return
+            if changed or (self._wake_at is not None and self._clock() >= self._wake_at):
+                self._scan()
+
+    def _sleep_budget(self, now: float, interval: float | None) -> float:
+        budget = MAX_LOOP_SLEEP
+        if self._running:
+            budget = 0.2
+        if interval is not None:
+            budget = min(budget, interval)
+        if self._wake_at is not None:
+            budget = min(budget, max(0.0, self._wake_at - now))
+        upcoming = [j.next_attempt for j in self._state.jobs(["failed"])]
+        if upcoming:
+            budget = min(budget, max(0.0, min(upcoming) - now))
+        return max(budget, 0.01)
+
+    def _drain(self, pool: ThreadPoolExecutor) -> None:
+        """Let in-flight pushes checkpoint (they stop between chunks), within a bound."""
+        deadline = time.monotonic() + STOP_GRACE
+        for future in list(self._running.values()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                future.result(timeout=remaining)
+            except Exception:  # reported by _reap below
+                log.debug("job ended with an error during stop", exc_info=True)
+        self._reap()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def _do_reload(self) -> None:
+        self._notifier.reloading()
+        try:
+            config = load_config(self._config_path, self._env)
+        except ImagepushdError as exc:
+            log.error("reload: keeping the previous configuration: %s", exc)
+        else:
+            self._config = config
+            with self._clients_lock:
+                self._clients = {}
+            log.info("reloaded %s: %d rule(s)", self._config_path, len(config.rules))
+            self._scan()
+        self._notifier.ready()
+
+    # ---- scanning and planning -----------------------------------------------------------
+
+    def _txid(self) -> int | None:
+        try:
+            return self._metadata.txid()
+        except ContainerdError:
+            return None
+
+    def _scan(self) -> None:
+        config = self._config
+        try:
+            snap = self._metadata.read(config.containerd.namespaces, blobs=True)
+        except ContainerdError as exc:
+            log.error("cannot read containerd's metadata: %s", exc)
+            return
+        self._snapshot = snap
+        self._images = {(i.namespace, i.name): i for i in snap.images}
+        views = [image_view(r, snap, self._content, config) for r in snap.images]
+        state = self._state
+        seen, pushed, open_jobs, first = _plan_inputs(state)
+        decision = decide(
+            views,
+            seen,
+            pushed,
+            open_jobs,
+            config.rules,
+            now=self._clock(),
+            settle=0.0 if self._once else config.push.settle,
+            baseline=first and config.push.on_start == "new-only",
+        )
+        self._apply(decision)
+        if first:
+            state.set_flag("baseline_done", str(self._clock()))
+
+    def _apply(self, decision: Decision) -> None:
+        state = self._state
+        state.update_seen(decision.seen_changed, decision.seen_removed)
+        if decision.cancel:
+            for job_id, reason in decision.cancel:
+                log.info("job %d cancelled: %s", job_id, reason)
+            state.cancel([job_id for job_id, _ in decision.cancel], "cancelled")
+        for job in decision.enqueue:
+            state.enqueue(job.namespace, job.name, job.digest, job.target, job.rule, reopen=True)
+            log.info("queued %s/%s → %s (%s)", job.namespace, job.name, job.target, job.digest)
+        reasons = {(n.namespace, n.name): n.reason for n in decision.waiting}
+        for key, reason in reasons.items():
+            if self._reasons.get(key) != reason.split(" (")[0]:
+                log.info("%s/%s waits: %s", key[0], key[1], reason)
+        self._reasons = {k: v.split(" (")[0] for k, v in reasons.items()}
+        self._wake_at = decision.wake_at
+
+    # ---- jobs ----------------------------------------------------------------------------
+
+    def _due_now(self) -> bool:
+        return bool(self._state.due(self._clock(), 1))
+
+    def _dispatch(self, pool: ThreadPoolExecutor) -> None:
+        free = self._config.push.parallel_images - len(self._running)
+        if free <= 0 or self._stop.is_set():
+            return
+        for record in self._state.due(self._clock(), free + len(self._running)):
+            if record.id in self._running:
+                continue
+            started = self._state.start(record.id)
+            if started is None:
+                continue
+            self._running[record.id] = pool.submit(self._execute, started)
+            free -= 1
+            if free == 0:
+                break
+
+    def _reap(self) -> None:
+        for job_id, future in list(self._running.items()):
+            if not future.done():
+                continue
+            del self._running[job_id]
+            try:
+                outcome = future.result()
+            except Exception as exc:  # a bug in a worker must not kill the loop
+                log.exception("job %d crashed", job_id)
+                self._fail(job_id, f"internal error: {exc!r}", attempts=1)
+                continue
+            self._record(outcome)
+
+    def _record(self, outcome: _Outcome) -> None:
+        job = outcome.job
+        if outcome.cancelled is not None:
+            self._state.cancel([job.id], outcome.cancelled)
+            log.info("job %d cancelled: %s", job.id, outcome.cancelled)
+        elif outcome.result is not None:
+            self._state.finish(job.id)
+        elif isinstance(outcome.error, PushInterrupted):
+            log.info("job %d paused for shutdown: %s", job.id, outcome.error)
+        elif outcome.error is not None:
+            self._fail(job.id, str(outcome.error), job.attempts)
+
+    def _fail(self, job_id: int, error: str, attempts: int) -> None:
+        push = self._config.push
+        delay = min(push.job_backoff_max, push.job_backoff_initial * 2 ** max(0, attempts - 1))
+        delay *= 0.9 + random.random() * 0.2
+        self._state.fail(job_id, error, self._clock() + delay)
+        self._failures += 1
+        log.error(
+            "job %d failed (attempt %d), retrying in %.0fs: %s", job_id, attempts, delay, error
+        )
+
+    def _execute(self, job: JobRecord) -> _Outcome:
+        """Push one job (worker thread); never raises for expected failures."""
+        started = time.monotonic()
+        record = self._images.get((job.namespace, job.name))
+        if record is None or record.target.digest != job.digest:
+            return _Outcome(job, cancelled="source image changed before the push started")
+        try:
+            result = self._push(job, record)
+        except ImagepushdError as exc:
+            return _Outcome(job, error=exc, duration=time.monotonic() - started)
+        duration = time.monotonic() - started
+        log.info(
+            "pushed %s/%s → %s %s (%s sent, %.1fs)",
+            job.namespace,
+            job.name,
+            job.target,
+            result.digest,
+            human_size(result.bytes_sent),
+            duration,
+            extra=push_fields(
+                image=job.name,
+                target=job.target,
+                digest=result.digest,
+                namespace=job.namespace,
+                bytes=result.bytes_sent,
+                duration_ms=int(duration * 1000),
+                rule=str(job.rule),
+            ),
+        )
+        return _Outcome(job, result=result, duration=duration)
+
+    def _push(self, job: JobRecord, record: ImageRecord) -> PushResult:
+        config = self._config
+        target = parse_reference(job.target)
+        client, uploader = self._registry(target.registry)
+        snap = self._snapshot
+        blobs = snap.blobs.get(job.namespace, {}) if snap is not None else {}
+        graph = self._content.walk(record.target, blobs)
+        label_host = _host_without_port(target.registry)
+        state = self._state
+
+        def mount_sources(descriptor: Descriptor) -> list[str]:
+            found = state.blob_repositories(target.registry, descriptor.digest)
+            blob = blobs.get(descriptor.digest)
+            if blob is not None:
+                found += [r for r in blob.sources().get(label_host, []) if r not in found]
+            return found
+
+        settings = config.registry(target.registry)
+        pusher = Pusher(
+            self._content,
+            client,
+            uploader,
+            concurrency=settings.concurrency or config.push.concurrency,
+        )
+        started = time.monotonic()
+        result = pusher.push(graph, target, config.push.platforms, mount_sources)
+        state.record_push(
+            job.target,
+            job.digest,
+            job.namespace,
+            job.name,
+            bytes=result.bytes_sent,
+            duration=time.monotonic() - started,
+        )
+        state.record_blobs(
+            target.registry, target.repository, [d.digest for d in graph.descriptors()]
+        )
+        return result
+
+    def _registry(self, host: str) -> tuple[RegistryClient, BlobUploader]:
+        with self._clients_lock:
+            cached = self._clients.get(host)
+            if cached is not None:
+                return cached
+            config = self._config
+            settings = config.registry(host)
+            push = config.push
+            client = RegistryClient(
+                host,
+                settings=HostSettings(plain_http=settings.plain_http, ca_file=settings.ca_file),
+                credentials=self._credentials(host),
+                retrier=Retrier(
+                    RetryPolicy(push.retry_attempts, push.retry_initial, push.retry_max)
+                ),
+                transport=self._transport,
+            )
+            uploader = BlobUploader(
+                client,
+                chunk_size=settings.chunk_size or push.chunk_size,
+                sessions=self._state.upload_sessions(host),
+                should_stop=self._stop.is_set,
+            )
+            self._clients[host] = (client, uploader)
+            return client, uploader
+
+    def _credentials(self, host: str) -> Credentials | None:
+        settings = self._config.registry(host)
+        if settings.username:
+            if settings.password_file is not None:
+                secret = read_secret_file(settings.password_file, f'registries."{host}"')
+            elif settings.password_credential is not None:
+                secret = systemd_credential(settings.password_credential, self._env)
+            else:
+                secret = ""
+            return Credentials(username=settings.username, password=secret)
+        return CredentialStore(self._env, self._home).lookup(host)
+
+    # ---- reporting -----------------------------------------------------------------------
+
+    def _report(self) -> None:
+        counts = self._state.counts()
+        activity = f"pushing {len(self._running)}" if self._running else "idle"
+        parts = [activity, f"{self._state.pushed_count()} pushed"]
+        if counts.get("failed"):
+            parts.append(f"{counts['failed']} retrying")
+        if counts.get("queued"):
+            parts.append(f"{counts['queued']} queued")
+        if self._reasons:
+            parts.append(f"{len(self._reasons)} waiting")
+        text = " · ".join(parts)
+        if text != self._status:
+            self._status = text
+            self._notifier.status(text)
