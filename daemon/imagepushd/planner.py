@@ -95,9 +95,7 @@ def decide(
     """
     out = Decision()
     current: dict[tuple[str, str], str] = {}
-    open_by_key = {
-        (o.job.namespace, o.job.name, o.job.digest, o.job.target): o for o in open_jobs
-    }
+    open_by_key = {(o.job.namespace, o.job.name, o.job.digest, o.job.target): o for o in open_jobs}
     wanted: set[tuple[str, str, str, str]] = set()
 
     for image in images:
@@ -117,8 +115,12 @@ def decide(
             continue
         if record.baseline:
             out.skipped.append(
-                Note(image.namespace, image.name, None,
-                     "present at first start (on_start = \"new-only\")")
+                Note(
+                    image.namespace,
+                    image.name,
+                    None,
+                    'present at first start (on_start = "new-only")',
+                )
             )
             continue
         targets = [(m.rule, str(t)) for m in matches for t in m.targets]
@@ -127,8 +129,12 @@ def decide(
         ready_at = record.since + settle
         if ready_at > now:
             out.waiting.append(
-                Note(image.namespace, image.name, None,
-                     f"settling: tag must stay put {settle:g}s ({ready_at - now:.1f}s left)")
+                Note(
+                    image.namespace,
+                    image.name,
+                    None,
+                    f"settling: tag must stay put {settle:g}s ({ready_at - now:.1f}s left)",
+                )
             )
             out.wake_at = ready_at if out.wake_at is None else min(out.wake_at, ready_at)
             continue
