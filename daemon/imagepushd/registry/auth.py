@@ -30,7 +30,8 @@ CLIENT_ID = "imagepushd"
 
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _PARAM = re.compile(rf"\s*({_TOKEN})\s*=\s*(?:\"((?:[^\"\\]|\\.)*)\"|({_TOKEN}))\s*(?:,|$)")
-_SCHEME = re.compile(rf"\s*({_TOKEN})(?:\s+|$)")
+_SCHEME = re.compile(rf"\s*({_TOKEN})(?=[\s,]|$)\s*")
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*\s*(?=,|$)")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ def parse_challenges(values: Iterable[str]) -> list[Challenge]:
                 break
             pos = scheme.end()
             params: dict[str, str] = {}
+            token68 = _TOKEN68.match(value, pos)
+            if token68 is not None and _PARAM.match(value, pos) is None:
+                pos = token68.end()
             while True:
                 param = _PARAM.match(value, pos)
                 if param is None:
@@ -216,6 +220,7 @@ class Authenticator:
         creds = self._credentials
         started = self._clock()
         try:
+            response = None
             if creds is not None and creds.identity_token:
                 response = self._http.post(
                     url,
@@ -227,7 +232,7 @@ class Authenticator:
                         "scope": " ".join(scopes),
                     },
                 )
-            else:
+            if response is None or response.status_code == 404:
                 headers = {}
                 if creds is not None and creds.username:
                     if not self._basic_allowed(url):

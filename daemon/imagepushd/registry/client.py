@@ -167,9 +167,7 @@ class RegistryClient:
         for scheme in self._schemes:
             self.scheme = scheme
             try:
-                response = self.retrier.call(
-                    f"{self.host}: GET /v2/", lambda: self._transport_send("GET", self._url("/v2/"))
-                )
+                response = self.retrier.call(f"{self.host}: GET /v2/", self._ping_once)
             except RegistryConnectionError as exc:
                 last = exc
                 if scheme == "https" and "http" in self._schemes and exc.tls_handshake:
@@ -177,12 +175,16 @@ class RegistryClient:
                 raise
             if response.status_code == 401:
                 self.auth.learn(response)
-            elif response.status_code != 200:
-                raise self._error(response, "GET /v2/")
             self._pinged = True
             return
         assert last is not None
         raise last
+
+    def _ping_once(self) -> httpx.Response:
+        response = self._transport_send("GET", self._url("/v2/"))
+        if response.status_code not in (200, 401):
+            raise self._error(response, "GET /v2/")
+        return response
 
     def _transport_send(
         self,
@@ -269,7 +271,8 @@ class RegistryClient:
         messages: list[str] = []
         try:
             doc = response.json()
-            for item in doc.get("errors", []) if isinstance(doc, dict) else []:
+            items = doc.get("errors") if isinstance(doc, dict) else None
+            for item in items if isinstance(items, list) else []:
                 if isinstance(item, dict):
                     codes.append(str(item.get("code", "")))
                     messages.append(str(item.get("message", "")))

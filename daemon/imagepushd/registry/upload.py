@@ -262,12 +262,6 @@ class BlobUploader:
                 return UploadResult(desc.digest, Outcome.MOUNTED, 0)
             started = response
             break
-        try:
-            fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ContainerdError(f"blob {desc.digest}: {source.path} is missing") from None
-        except OSError as exc:
-            raise ContainerdError(f"{source.path}: {exc.strerror}") from exc
         resume = None
         if started is None and self.sessions is not None and desc.size > self._monolithic_max:
             saved = self.sessions.load(repository, desc.digest)
@@ -279,6 +273,12 @@ class BlobUploader:
                     desc.digest,
                     saved[1],
                 )
+        try:
+            fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ContainerdError(f"blob {desc.digest}: {source.path} is missing") from None
+        except OSError as exc:
+            raise ContainerdError(f"{source.path}: {exc.strerror}") from exc
         try:
             transfer = _Transfer(source, fd, progress)
             result = self._upload(repository, transfer, started, resume)
@@ -531,6 +531,8 @@ class _ChunkSession:
             hasher = transfer.hasher_at(offset, self.acked, self.snapshot)
             self.acked, self.snapshot = offset, hasher
             self.resync = False
+            if offset >= transfer.size:
+                return  # the registry kept everything: only the closing PUT is left
         end = min(offset + self.chunk, transfer.size)
         body = _Body(transfer, offset, end, hasher, verify_at_end=False)
         try:
@@ -552,8 +554,8 @@ class _ChunkSession:
             raise
         if response.headers.get("location"):
             self.location = self._client.session_url(response)
-        reported = parse_range(response.headers.get("range"), end)
-        if reported is None or reported == end or reported < offset or reported > transfer.size:
+        reported = parse_range(response.headers.get("range"), offset)
+        if reported is None or reported == end or reported <= offset or reported > transfer.size:
             # Missing, or going backwards: trust our own acknowledged count.
             self.acked, self.snapshot = end, body.hasher
         else:

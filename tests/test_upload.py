@@ -1,0 +1,857 @@
+"""Blob upload against an in-memory registry: the protocol edge cases a real one won't produce.
+
+Every upload here ends at the fake's closing PUT, which checks the digest of everything the
+session received, so a test that passes also proves the bytes arrived whole and in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import random
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from imagepushd.errors import (
+    BlobCorruptError,
+    PushInterrupted,
+    RegistryAuthError,
+    RegistryError,
+    StateError,
+)
+from imagepushd.oci import Descriptor
+from imagepushd.registry.client import RegistryClient
+from imagepushd.registry.credentials import Credentials
+from imagepushd.registry.upload import BlobSource, BlobUploader, MiB, Outcome
+from tests.support.fakeregistry import (
+    OCTET_STREAM,
+    FakeRegistry,
+    FakeTokenServer,
+    Network,
+    Session,
+    error,
+    make_client,
+    sha256,
+)
+
+HOST = "registry.test"
+REPO = "team/app"
+LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def data_of(size: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def source_for(tmp_path: Path, data: bytes, digest: str | None = None) -> BlobSource:
+    path = tmp_path / f"blob-{len(data)}-{hashlib.sha256(data).hexdigest()[:8]}"
+    path.write_bytes(data)
+    return BlobSource(path, Descriptor(LAYER, digest or sha256(data), len(data)))
+
+
+class Rig:
+    """A fake registry on a network, a client for it, and the sleeps its retrier asked for."""
+
+    def __init__(
+        self,
+        host: str = HOST,
+        *,
+        auth: FakeTokenServer | None = None,
+        credentials: Credentials | None = None,
+    ) -> None:
+        self.fake = FakeRegistry(host, auth=auth)
+        self.network = Network(self.fake, *([auth] if auth else []))
+        self.sleeps: list[float] = []
+        self.client: RegistryClient = make_client(
+            self.network, host, sleeps=self.sleeps, credentials=credentials
+        )
+
+    def uploader(self, **kwargs: object) -> BlobUploader:
+        return BlobUploader(self.client, **kwargs)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture
+def rigs() -> Iterator[Callable[..., Rig]]:
+    made: list[Rig] = []
+
+    def make(host: str = HOST, **kwargs: object) -> Rig:
+        rig = Rig(host, **kwargs)  # type: ignore[arg-type]
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+@pytest.fixture
+def rig(rigs: Callable[..., Rig]) -> Rig:
+    return rigs()
+
+
+def assert_streamed_with_length(rec_headers: httpx.Headers) -> None:
+    assert "content-length" in rec_headers
+    assert "transfer-encoding" not in rec_headers
+
+
+def content_ranges(fake: FakeRegistry) -> list[str]:
+    return [p.headers["content-range"] for p in fake.patches() if "content-range" in p.headers]
+
+
+# ---- monolithic -------------------------------------------------------------------------
+
+
+def test_monolithic_small_blob_is_one_post_and_one_put(rig: Rig, tmp_path: Path) -> None:
+    data = data_of(1000)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader().upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert result.bytes_sent == len(data)
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    assert [r.method for r in rig.fake.calls()] == ["HEAD", "POST", "PUT"]
+    post, put = rig.fake.calls()[1:]
+    # The digest is merged into the session URL's own query, which is kept as it was.
+    assert post.location is not None
+    assert put.url.path == post.location.path
+    assert put.url.params.get("_state") == post.location.params.get("_state")
+    assert put.url.params.get("digest") == source.descriptor.digest
+    assert put.url.query.decode().startswith(post.location.query.decode() + "&digest=")
+    assert put.headers["content-length"] == "1000"
+    assert put.headers["content-type"] == OCTET_STREAM
+    assert_streamed_with_length(put.headers)
+    assert put.received == len(data)
+
+
+def test_zero_byte_blob(rig: Rig, tmp_path: Path) -> None:
+    source = source_for(tmp_path, b"")
+
+    result = rig.uploader().upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert source.descriptor.digest == (
+        "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    )
+    assert rig.fake.repos[REPO] == {source.descriptor.digest: 0}
+    (put,) = rig.fake.calls("PUT")
+    assert put.headers["content-length"] == "0"
+    assert not rig.fake.patches()
+
+
+def test_monolithic_put_broken_midway_starts_a_new_session(rig: Rig, tmp_path: Path) -> None:
+    data = data_of(600_000)
+    source = source_for(tmp_path, data)
+    rig.fake.breaks = [300_000]
+
+    result = rig.uploader().upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    assert len(rig.fake.calls("POST")) == 2
+
+
+def test_closing_put_digest_invalid_restarts_the_session(rig: Rig, tmp_path: Path) -> None:
+    data = data_of(3 * MiB)
+    source = source_for(tmp_path, data)
+    refused: list[str] = []
+
+    def once(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "PUT" and not refused:
+            refused.append(str(request.url))
+            return error(400, "DIGEST_INVALID")
+        return None
+
+    rig.fake.hooks.append(once)
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    assert len(rig.fake.calls("POST")) == 2
+    # Between the sessions it asked whether someone else finished the blob meanwhile.
+    methods = [r.method for r in rig.fake.calls()]
+    assert methods.count("HEAD") == 2
+
+
+# ---- chunked ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["path", "relative", "absolute"])
+def test_chunked_large_blob(rig: Rig, tmp_path: Path, style: str) -> None:
+    rig.fake.location_style = style
+    data = data_of(3 * MiB + 12345)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert result.bytes_sent == len(data)
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    assert content_ranges(rig.fake) == [
+        f"0-{MiB - 1}",
+        f"{MiB}-{2 * MiB - 1}",
+        f"{2 * MiB}-{3 * MiB - 1}",
+        f"{3 * MiB}-{3 * MiB + 12344}",
+    ]
+    for patch in rig.fake.patches():
+        assert patch.status == 202
+        assert patch.headers["content-type"] == OCTET_STREAM
+        assert_streamed_with_length(patch.headers)
+        first, last = map(int, patch.headers["content-range"].split("-"))
+        assert int(patch.headers["content-length"]) == last - first + 1 == patch.received
+    # Each request goes to the Location of the answer before it, resolved against its URL.
+    session_calls = rig.fake.calls()[1:]  # after the HEAD
+    assert [r.method for r in session_calls] == ["POST", "PATCH", "PATCH", "PATCH", "PATCH", "PUT"]
+    for before, after in itertools.pairwise(session_calls):
+        assert before.location is not None
+        assert after.url.copy_remove_param("digest") == before.location
+    put = session_calls[-1]
+    assert put.headers["content-length"] == "0"
+    assert put.url.params.get("digest") == source.descriptor.digest
+
+
+def test_newest_location_is_used_even_when_it_moves_host(
+    rigs: Callable[..., Rig], tmp_path: Path
+) -> None:
+    # A session on another upload host: follow it, never sending the registry's credentials.
+    tokens = FakeTokenServer(users={"alice": "pw"})
+    rig = rigs(auth=tokens, credentials=Credentials("alice", "pw"))
+    upload_host = FakeRegistry("uploads.registry.test")
+    upload_host.sessions = rig.fake.sessions
+    upload_host.repos = rig.fake.repos
+    rig.network.route(upload_host.host, upload_host)
+
+    def hop(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "POST":
+            response = rig.fake.post(request, REPO)
+            loc = response.headers["location"]
+            response.headers["location"] = f"https://{upload_host.host}{loc}"
+            return response
+        return None
+
+    rig.fake.hooks.append(hop)
+    data = data_of(2 * MiB + 1)
+    source = source_for(tmp_path, data)
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert [r.method for r in upload_host.requests] == ["PATCH", "PATCH", "PATCH", "PUT"]
+    assert all("authorization" not in r.headers for r in upload_host.requests)
+
+
+def _stale_range(session: Session) -> str:
+    # ECR-like: the answer shows where the session stood before this PATCH.
+    return f"0-{session.before - 1}" if session.before else "0-0"
+
+
+def _backwards_after_first(session: Session) -> str:
+    return f"0-{session.size - 1}" if session.size <= MiB else "0-99"
+
+
+@pytest.mark.parametrize(
+    "patch_range",
+    [
+        pytest.param(lambda s: f"0-{s.size - 1}", id="plain"),
+        pytest.param(lambda s: f"bytes=0-{s.size - 1}", id="bytes=-prefix"),
+        pytest.param(lambda s: f"bytes 0-{s.size - 1}", id="bytes-space-prefix"),
+        pytest.param(lambda s: None, id="missing: assume accepted"),
+        pytest.param(_backwards_after_first, id="backwards: trust own count"),
+        pytest.param(_stale_range, id="stale (not advancing): trust own count"),
+    ],
+)
+def test_range_dialects_on_patch_answers(
+    rig: Rig, tmp_path: Path, patch_range: Callable[[Session], str | None]
+) -> None:
+    rig.fake.patch_range = patch_range
+    data = data_of(4 * MiB + 7)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    assert [p.status for p in rig.fake.patches()] == [202] * 5
+    assert result.bytes_sent == len(data)
+    assert len(rig.fake.calls("POST")) == 1
+
+
+def test_zero_zero_after_one_byte_means_one_byte(rig: Rig, tmp_path: Path) -> None:
+    # 1-byte chunks: the first answer is "0-0", which here means one byte received.
+    data = b"abc"
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=1, monolithic_max=0).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert content_ranges(rig.fake) == ["0-0", "1-1", "2-2"]
+    assert [p.response_headers["range"] for p in rig.fake.patches()] == ["0-0", "0-1", "0-2"]
+
+
+@pytest.mark.parametrize("broken", [httpx.RemoteProtocolError, httpx.ReadError])
+@pytest.mark.parametrize(
+    ("breaks", "resume_at"),
+    [
+        pytest.param([None, 300_000], MiB + 300_000, id="second chunk, part kept"),
+        pytest.param([0], 0, id="first chunk, nothing kept (status 0-0)"),
+        pytest.param([MiB], MiB, id="whole chunk kept, answer lost"),
+        pytest.param([None, None, 1], 2 * MiB + 1, id="third chunk, one byte kept"),
+    ],
+)
+def test_broken_patch_resumes_where_the_registry_stands(
+    rig: Rig,
+    tmp_path: Path,
+    broken: type[httpx.TransportError],
+    breaks: list[int | None],
+    resume_at: int,
+) -> None:
+    rig.fake.break_error = broken
+    rig.fake.breaks = list(breaks)
+    data = data_of(4 * MiB + 3)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    # The fake checked the digest of what it kept plus what came after: the hash state was
+    # rebuilt for the bytes the registry kept, which were not sent again.
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    assert len(rig.fake.calls("POST")) == 1
+    broken_at = next(i for i, r in enumerate(rig.fake.calls()) if not r.completed)
+    status, resumed = rig.fake.calls()[broken_at + 1 : broken_at + 3]
+    assert status.method == "GET"
+    assert resumed.method == "PATCH"
+    assert resumed.headers["content-range"].startswith(f"{resume_at}-")
+    assert result.bytes_sent < 1.25 * len(data)
+    assert sum(r.received for r in rig.fake.calls()) == len(data)
+    assert len(rig.sleeps) == 1
+
+
+def test_416_asks_status_and_resumes(rig: Rig, tmp_path: Path) -> None:
+    answered: list[int] = []
+
+    def second_patch_416(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "PATCH":
+            answered.append(1)
+            if len(answered) == 2:
+                return error(416, "RANGE_INVALID")
+        return None
+
+    rig.fake.hooks.append(second_patch_416)
+    data = data_of(3 * MiB)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    methods = [r.method for r in rig.fake.calls()]
+    assert methods == ["HEAD", "POST", "PATCH", "PATCH", "GET", "PATCH", "PATCH", "PUT"]
+    assert content_ranges(rig.fake)[2] == f"{MiB}-{2 * MiB - 1}"
+
+
+def test_repeated_416_starts_a_new_session(rig: Rig, tmp_path: Path) -> None:
+    def first_session_416(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "PATCH" and request.url.path.endswith("/" + rig.fake.session_ids[0]):
+            return error(416, "RANGE_INVALID")
+        return None
+
+    rig.fake.hooks.append(first_session_416)
+    data = data_of(2 * MiB)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    assert len(rig.fake.calls("POST")) == 2
+    first = rig.fake.session_ids[0]
+    assert sum(1 for p in rig.fake.patches() if p.url.path.endswith("/" + first)) == 3
+
+
+def test_blob_upload_unknown_starts_a_new_session(rig: Rig, tmp_path: Path) -> None:
+    def forget_first_session(request: httpx.Request) -> httpx.Response | None:
+        if request.method != "PATCH":
+            return None
+        first = rig.fake.session_ids[0]
+        if first in rig.fake.sessions and rig.fake.sessions[first].size > 0:
+            del rig.fake.sessions[first]
+        return None
+
+    rig.fake.hooks.append(forget_first_session)
+    data = data_of(3 * MiB)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    statuses = [(r.method, r.status) for r in rig.fake.calls()]
+    assert ("PATCH", 404) in statuses
+    after = statuses[statuses.index(("PATCH", 404)) + 1 :]
+    assert after[:2] == [("HEAD", 404), ("POST", 202)]
+
+
+def test_413_halves_the_chunk(rig: Rig, tmp_path: Path) -> None:
+    rig.fake.max_body = MiB
+    data = data_of(6 * MiB + 5)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=4 * MiB, monolithic_max=0).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    sizes = [(int(p.headers["content-length"]), p.status) for p in rig.fake.patches()]
+    assert sizes[:3] == [(4 * MiB, 413), (2 * MiB, 413), (MiB, 202)]
+    assert all(size <= MiB for size, status in sizes if status == 202)
+    assert len(rig.fake.calls("POST")) == 1
+
+
+def test_ecr_201_on_patch_and_5_mib_minimum(rigs: Callable[..., Rig], tmp_path: Path) -> None:
+    rig = rigs("123456789012.dkr.ecr.us-east-1.amazonaws.com")
+    rig.fake.patch_status = 201
+    data = data_of(12 * MiB)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB, monolithic_max=0).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    assert [int(p.headers["content-length"]) for p in rig.fake.patches()] == [
+        5 * MiB,
+        5 * MiB,
+        2 * MiB,
+    ]
+    assert {p.status for p in rig.fake.patches()} == {201}
+
+
+def test_ghcr_patches_stay_within_4_mib(rigs: Callable[..., Rig], tmp_path: Path) -> None:
+    rig = rigs("ghcr.io")
+    rig.fake.max_chunk = 4 * MiB  # GHCR answers 416 "too large" above that
+    data = data_of(9 * MiB)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=8 * MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    assert len(rig.fake.patches()) == 3
+    assert all(int(p.headers["content-length"]) <= 4 * MiB for p in rig.fake.patches())
+    assert all(p.status == 202 for p in rig.fake.patches())
+
+
+def test_oci_chunk_min_length_raises_the_chunk(rig: Rig, tmp_path: Path) -> None:
+    rig.fake.chunk_min_length = 2 * MiB
+    data = data_of(5 * MiB)
+    source = source_for(tmp_path, data)
+
+    rig.uploader(chunk_size=512 << 10, monolithic_max=0).upload(REPO, source)
+
+    assert [int(p.headers["content-length"]) for p in rig.fake.patches()] == [
+        2 * MiB,
+        2 * MiB,
+        MiB,
+    ]
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+
+
+@pytest.mark.parametrize("status", [400, 405])
+def test_first_patch_refused_falls_back_to_streamed(rig: Rig, tmp_path: Path, status: int) -> None:
+    rig.fake.chunked = False
+    rig.fake.refuse_chunked_status = status
+    data = data_of(3 * MiB)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    methods = [(r.method, r.status) for r in rig.fake.calls()]
+    assert methods == [
+        ("HEAD", 404),
+        ("POST", 202),
+        ("PATCH", status),
+        ("POST", 202),
+        ("PATCH", 202),
+        ("PUT", 201),
+    ]
+    streamed = rig.fake.patches()[1]
+    assert "content-range" not in streamed.headers
+    assert streamed.headers["content-length"] == str(len(data))
+    assert_streamed_with_length(streamed.headers)
+    assert rig.fake.calls("PUT")[0].headers["content-length"] == "0"
+
+
+def test_artifact_registry_gets_no_chunked_patch(rigs: Callable[..., Rig], tmp_path: Path) -> None:
+    rig = rigs("europe-west1-docker.pkg.dev")
+    rig.fake.chunked = False
+    data = data_of(3 * MiB)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    (patch,) = rig.fake.patches()
+    assert "content-range" not in patch.headers
+    assert patch.received == len(data)
+    assert len(rig.fake.calls("POST")) == 1
+
+
+# ---- existence and mounts ---------------------------------------------------------------
+
+
+def test_existing_blob_is_not_uploaded(rig: Rig, tmp_path: Path) -> None:
+    data = data_of(1000)
+    rig.fake.add_blob(REPO, data)
+
+    result = rig.uploader().upload(REPO, source_for(tmp_path, data))
+
+    assert result.outcome is Outcome.EXISTS
+    assert result.bytes_sent == 0
+    assert [r.method for r in rig.fake.calls()] == ["HEAD"]
+
+
+def test_mount_201_is_mounted_without_upload(rig: Rig, tmp_path: Path) -> None:
+    data = data_of(1000)
+    rig.fake.add_blob("team/base", data)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader().upload(REPO, source, mount_from=["team/base"])
+
+    assert result.outcome is Outcome.MOUNTED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    (post,) = rig.fake.calls("POST")
+    assert post.url.params.get("mount") == source.descriptor.digest
+    assert post.url.params.get("from") == "team/base"
+    assert [r.method for r in rig.fake.calls()] == ["HEAD", "POST"]
+
+
+def test_mount_202_continues_in_that_session(rig: Rig, tmp_path: Path) -> None:
+    data = data_of(2 * MiB + 10)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source, mount_from=["team/base"])
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    (post,) = rig.fake.calls("POST")
+    assert post.url.params.get("mount") == source.descriptor.digest
+    (session,) = rig.fake.session_ids
+    assert all(r.url.path.endswith("/" + session) for r in rig.fake.calls()[2:])
+
+
+@pytest.mark.parametrize("status", [401, 403, 500])
+def test_mount_error_falls_back_to_a_plain_post(rig: Rig, tmp_path: Path, status: int) -> None:
+    rig.fake.mount_status = status
+    data = data_of(1000)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader().upload(REPO, source, mount_from=["team/base"])
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    posts = rig.fake.calls("POST")
+    assert posts[-1].url.params.get("mount") is None
+    assert posts[-1].status == 202
+    assert all(p.url.params.get("mount") for p in posts[:-1])
+
+
+def test_mount_refused_by_the_token_server_falls_back(
+    rigs: Callable[..., Rig], tmp_path: Path
+) -> None:
+    # Docker Hub: the token request fails when the mount source repository does not exist.
+    tokens = FakeTokenServer(users={"alice": "pw"})
+    tokens.deny_repos.add("gone/base")
+    rig = rigs(auth=tokens, credentials=Credentials("alice", "pw"))
+    data = data_of(1000)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader().upload(REPO, source, mount_from=["gone/base"])
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    posts = rig.fake.calls("POST")
+    assert [p.url.params.get("mount") for p in posts] == [None]
+
+
+# ---- local corruption -------------------------------------------------------------------
+
+
+def test_corrupt_blob_monolithic_is_aborted_before_the_last_byte(rig: Rig, tmp_path: Path) -> None:
+    good, bad = data_of(700_000, seed=1), data_of(700_000, seed=2)
+    source = source_for(tmp_path, bad, digest=sha256(good))
+
+    with pytest.raises(BlobCorruptError, match="corrupt"):
+        rig.uploader().upload(REPO, source)
+
+    digest = source.descriptor.digest
+    assert rig.fake.closing_puts(digest) == []
+    assert not rig.fake.has_blob(REPO, digest)
+    (put,) = rig.fake.calls("PUT")
+    assert put.received < len(bad)
+    assert rig.fake.calls("DELETE")  # the session was cancelled
+
+
+def test_corrupt_blob_chunked_gets_no_closing_put(rig: Rig, tmp_path: Path) -> None:
+    good, bad = data_of(3 * MiB, seed=1), data_of(3 * MiB, seed=2)
+    source = source_for(tmp_path, bad, digest=sha256(good))
+
+    with pytest.raises(BlobCorruptError, match="corrupt"):
+        rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert rig.fake.calls("PUT") == []
+    assert not rig.fake.has_blob(REPO, source.descriptor.digest)
+    assert len(rig.fake.patches()) == 3
+
+
+def test_truncated_blob_is_corrupt(rig: Rig, tmp_path: Path) -> None:
+    data = data_of(3 * MiB)
+    source = source_for(tmp_path, data)
+    source.path.write_bytes(data[: 2 * MiB])
+
+    with pytest.raises(BlobCorruptError, match="truncated"):
+        rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert rig.fake.calls("PUT") == []
+
+
+# ---- auth in the middle of an upload ----------------------------------------------------
+
+
+def test_401_mid_upload_refetches_once_and_resends(
+    rigs: Callable[..., Rig], tmp_path: Path
+) -> None:
+    tokens = FakeTokenServer(users={"alice": "pw"})
+    rig = rigs(auth=tokens, credentials=Credentials("alice", "pw"))
+    patches: list[int] = []
+
+    def expire_after_first_patch(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "PATCH":
+            patches.append(1)
+            if len(patches) == 2:
+                tokens.revoke()
+        return None
+
+    rig.fake.hooks.append(expire_after_first_patch)
+    data = data_of(3 * MiB)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    statuses = [(p.headers["content-range"], p.status) for p in rig.fake.patches()]
+    assert statuses == [
+        (f"0-{MiB - 1}", 202),
+        (f"{MiB}-{2 * MiB - 1}", 401),
+        (f"{MiB}-{2 * MiB - 1}", 202),
+        (f"{2 * MiB}-{3 * MiB - 1}", 202),
+    ]
+    assert len(tokens.requests) == 2
+    # The resent chunk went out whole (its body was rebuilt from the file).
+    assert rig.fake.patches()[2].received == MiB
+
+
+def test_second_401_is_final(rigs: Callable[..., Rig], tmp_path: Path) -> None:
+    tokens = FakeTokenServer(users={"alice": "pw"})
+    rig = rigs(auth=tokens, credentials=Credentials("alice", "pw"))
+
+    def always_401(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "PATCH":
+            return error(401, "UNAUTHORIZED", headers={"WWW-Authenticate": tokens.challenge()})
+        return None
+
+    rig.fake.hooks.append(always_401)
+    source = source_for(tmp_path, data_of(2 * MiB))
+
+    with pytest.raises(RegistryAuthError):
+        rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert len(rig.fake.patches()) == 2
+    assert rig.sleeps == []
+
+
+# ---- progress and memory ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "chunk"), [(700_000, 16 * MiB), (3 * MiB + 1, MiB)])
+def test_progress_is_monotonic_and_ends_at_size(
+    rig: Rig, tmp_path: Path, size: int, chunk: int
+) -> None:
+    positions: list[int] = []
+    source = source_for(tmp_path, data_of(size))
+
+    rig.uploader(chunk_size=chunk).upload(REPO, source, progress=positions.append)
+
+    assert positions
+    assert positions == sorted(positions)
+    assert positions[-1] == size
+
+
+def test_memory_stays_bounded_for_a_64_mib_blob(rig: Rig, tmp_path: Path) -> None:
+    size = 64 * MiB
+    path = tmp_path / "sparse"
+    with path.open("wb") as f:
+        f.truncate(size)
+    hasher = hashlib.sha256()
+    zeros = bytes(MiB)
+    for _ in range(size // MiB):
+        hasher.update(zeros)
+    del zeros
+    source = BlobSource(path, Descriptor(LAYER, "sha256:" + hasher.hexdigest(), size))
+    uploader = rig.uploader()
+    rig.client.ping()
+
+    tracemalloc.start()
+    try:
+        result = uploader.upload(REPO, source)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    assert sum(p.received for p in rig.fake.patches()) == size
+    assert peak < 4 * MiB, f"peak {peak / MiB:.1f} MiB"
+
+
+def test_registry_error_after_the_first_chunk_is_not_a_fallback(rig: Rig, tmp_path: Path) -> None:
+    count: list[int] = []
+
+    def second_patch_400(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "PATCH":
+            count.append(1)
+            if len(count) == 2:
+                return error(400, "BLOB_UPLOAD_INVALID")
+        return None
+
+    rig.fake.hooks.append(second_patch_400)
+    source = source_for(tmp_path, data_of(3 * MiB))
+
+    with pytest.raises(RegistryError) as caught:
+        rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert caught.value.codes == ("BLOB_UPLOAD_INVALID",)
+    assert len(rig.fake.calls("POST")) == 1
+
+
+def test_last_chunk_kept_but_answer_lost_completes(rig: Rig, tmp_path: Path) -> None:
+    rig.fake.breaks = [None, None, MiB]  # the registry keeps the whole last chunk
+    data = data_of(3 * MiB)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    assert len(rig.fake.calls("POST")) == 1
+    assert result.bytes_sent == len(data)
+
+
+def test_last_chunk_kept_registry_rejects_inverted_range(rig: Rig, tmp_path: Path) -> None:
+    def inverted_is_400(request: httpx.Request) -> httpx.Response | None:
+        first, _, last = request.headers.get("content-range", "").partition("-")
+        if request.method == "PATCH" and last and int(last) < int(first):
+            return error(400, "BLOB_UPLOAD_INVALID", "bad range")
+        return None
+
+    rig.fake.hooks.append(inverted_is_400)
+    rig.fake.breaks = [None, None, MiB]
+    source = source_for(tmp_path, data_of(3 * MiB))
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert [r.method for r in rig.fake.calls()][-2:] == ["GET", "PUT"]
+
+
+# ---- sessions saved across restarts, and stopping between chunks --------------------------
+
+
+class MemorySessions:
+    """An in-memory SessionStore that records what it was told."""
+
+    def __init__(self) -> None:
+        self.saved: dict[tuple[str, str], tuple[str, int]] = {}
+        self.log: list[tuple[str, int]] = []
+
+    def load(self, repository: str, digest: str) -> tuple[str, int] | None:
+        return self.saved.get((repository, digest))
+
+    def save(self, repository: str, digest: str, location: str, offset: int) -> None:
+        self.saved[(repository, digest)] = (location, offset)
+        self.log.append(("save", offset))
+
+    def drop(self, repository: str, digest: str) -> None:
+        self.saved.pop((repository, digest), None)
+        self.log.append(("drop", -1))
+
+
+def test_stop_between_chunks_then_resume_the_saved_session(rig: Rig, tmp_path: Path) -> None:
+    sessions = MemorySessions()
+    data = data_of(4 * MiB + 9)
+    source = source_for(tmp_path, data)
+    digest = source.descriptor.digest
+    acked: list[int] = []
+    stopping = rig.uploader(
+        chunk_size=MiB, sessions=sessions, should_stop=lambda: len(rig.fake.patches()) == 2
+    )
+
+    with pytest.raises(PushInterrupted, match="paused at 2097152"):
+        stopping.upload(REPO, source, progress=acked.append)
+
+    location, offset = sessions.saved[(REPO, digest)]
+    assert offset == 2 * MiB
+    assert httpx.URL(location) == rig.fake.patches()[-1].location
+    assert rig.fake.calls("PUT") == []
+    before = len(rig.fake.calls())
+
+    result = rig.uploader(chunk_size=MiB, sessions=sessions).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert result.bytes_sent == len(data) - 2 * MiB
+    assert rig.fake.has_blob(REPO, digest)
+    assert len(rig.fake.calls("POST")) == 1
+    resumed = rig.fake.calls()[before:]
+    assert [r.method for r in resumed] == ["HEAD", "GET", "PATCH", "PATCH", "PATCH", "PUT"]
+    assert resumed[2].headers["content-range"].startswith(f"{2 * MiB}-")
+    assert (REPO, digest) not in sessions.saved
+
+
+def test_saved_session_gone_starts_a_new_one(rig: Rig, tmp_path: Path) -> None:
+    sessions = MemorySessions()
+    data = data_of(2 * MiB + 1)
+    source = source_for(tmp_path, data)
+    gone = f"https://{HOST}/v2/{REPO}/blobs/uploads/expired?_state=expired.5"
+    sessions.saved[(REPO, source.descriptor.digest)] = (gone, MiB)
+
+    result = rig.uploader(chunk_size=MiB, sessions=sessions).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    methods = [(r.method, r.status) for r in rig.fake.calls()]
+    assert methods[:4] == [("HEAD", 404), ("GET", 404), ("HEAD", 404), ("POST", 202)]
+    assert sessions.saved == {}
+
+
+def test_session_store_failure_does_not_leak_the_blob_fd(rig: Rig, tmp_path: Path) -> None:
+    class BrokenSessions(MemorySessions):
+        def load(self, repository: str, digest: str) -> tuple[str, int] | None:
+            raise StateError("state.db is locked")
+
+    source = source_for(tmp_path, data_of(2 * MiB))
+    uploader = rig.uploader(chunk_size=MiB, sessions=BrokenSessions())
+    open_before = len(os.listdir("/proc/self/fd"))
+
+    with pytest.raises(StateError):
+        uploader.upload(REPO, source)
+
+    assert len(os.listdir("/proc/self/fd")) == open_before
