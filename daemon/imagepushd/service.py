@@ -23,6 +23,7 @@ from types import FrameType
 import httpx
 
 from imagepushd.config import Config, load_config
+from imagepushd.containerd.bbolt import BoltFile
 from imagepushd.containerd.content import ContentStore, ImageGraph, discover_root
 from imagepushd.containerd.metadata import META_DB, ImageRecord, MetadataSnapshot, MetadataStore
 from imagepushd.errors import (
@@ -60,6 +61,14 @@ MAX_LOOP_SLEEP = 5.0
 def _host_without_port(registry: str) -> str:
     """The host part of a registry name, as containerd's ``distribution.source`` labels use."""
     return re.sub(r":\d+$", "", registry)
+
+
+def _txid(bolt: BoltFile) -> int | None:
+    """meta.db's newest txid, or None while it is missing or unreadable."""
+    try:
+        return bolt.meta().txid
+    except ContainerdError:
+        return None
 
 
 def image_view(
@@ -213,7 +222,9 @@ class Service:
             requeued = state.requeue_running()
             if requeued:
                 log.info("%d job(s) interrupted by the last stop are queued again", requeued)
-            watcher = MetaWatcher(root / META_DB, txid=self._txid)
+            # The watcher polls from its own thread: give it its own file descriptor.
+            watch_bolt = BoltFile(root / META_DB)
+            watcher = MetaWatcher(root / META_DB, txid=lambda: _txid(watch_bolt))
             self._watcher = watcher
             previous = self._signals()
             watcher.start()
@@ -232,6 +243,7 @@ class Service:
                 for client, _ in self._clients.values():
                     client.close()
                 self._metadata.close()
+                watch_bolt.close()
         return 1 if self._once and self._failures else 0
 
     def _signals(self) -> dict[int, object]:
@@ -326,12 +338,6 @@ class Service:
         self._notifier.ready()
 
     # ---- scanning and planning -----------------------------------------------------------
-
-    def _txid(self) -> int | None:
-        try:
-            return self._metadata.txid()
-        except ContainerdError:
-            return None
 
     def _scan(self) -> None:
         config = self._config

@@ -142,7 +142,8 @@ class MetaWatcher:
         self._clock = clock
         self._handler = _Handler(self._on_event)
 
-        self._txid_lock = threading.Lock()  # serialises calls of txid
+        # Serialises txid calls and orders poll against hand-over; taken before _lock.
+        self._txid_lock = threading.Lock()
         self._lock = threading.Lock()
         self._changes = threading.Condition(self._lock)  # waiters of wait()
         self._work = threading.Condition(self._lock)  # the watcher's own thread
@@ -184,9 +185,10 @@ class MetaWatcher:
             if self._started:
                 raise RuntimeError("MetaWatcher.start() called twice")
             self._started = True
-        seen = self._observe()
-        with self._lock:
-            self._seen = seen
+        with self._txid_lock:
+            seen = self._observe()
+            with self._lock:
+                self._seen = seen
         self._observer = self._observer_factory()
         self._observer.start()
         self._arm()
@@ -217,13 +219,28 @@ class MetaWatcher:
         after :meth:`notify_external` (the caller checks why it was woken) and once stopped.
         """
         deadline = self._clock() + timeout
+        while self._wait_ready(deadline):
+            # The caller scans after this returns, so it sees at least the state observed here:
+            # that becomes the poll's baseline, or the poll would ask for the same scan again.
+            # Holding the txid lock keeps a poll from interleaving with the hand-over.
+            with self._txid_lock:
+                seen = self._observe()
+                with self._lock:
+                    if self._changed or self._burst_first is not None:
+                        self._seen = seen
+                        self._changed = False
+                        self._burst_first = self._burst_last = None
+                        return True
+            # Another waiter took this change; wait for the next one.
+        return False
+
+    def _wait_ready(self, deadline: float) -> bool:
+        """Block until a change is due (True) or a wake-up, stop or the deadline (False)."""
         with self._lock:
             while True:
                 now = self._clock()
                 if self._changed or self._burst_settled(now):
-                    self._changed = False
-                    self._burst_first = self._burst_last = None
-                    break
+                    return True
                 if self._external:
                     self._external = False
                     return False
@@ -237,12 +254,6 @@ class MetaWatcher:
                         self._burst_first + self._max_delay,
                     )
                 self._changes.wait(max(0.0, wake - now))
-        # The caller scans after this returns, so it sees at least this state: the poll need
-        # not report it again (that would be a redundant scan every poll_interval when busy).
-        seen = self._observe()
-        with self._lock:
-            self._seen = seen
-        return True
 
     def notify_external(self) -> None:
         """Wake :meth:`wait` now (or make the next call return at once), e.g. for a signal."""
@@ -300,26 +311,27 @@ class MetaWatcher:
                 next_poll = self._clock() + self._poll_interval
 
     def _observe(self) -> _Observation:
+        """meta.db's identity and txid now (the caller holds ``_txid_lock``)."""
         try:
             st = os.stat(self.meta_db)
             identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
         except OSError:
             identity = None
         try:
-            with self._txid_lock:
-                txid = self._txid()
+            txid = self._txid()
         except Exception as exc:
             log.debug("meta.db txid unreadable: %s", exc)
             txid = None
         return identity, txid
 
     def _poll(self) -> None:
-        seen = self._observe()
-        with self._lock:
-            if seen != self._seen:
-                self._seen = seen
-                self._changed = True
-                self._changes.notify_all()
+        with self._txid_lock:
+            seen = self._observe()
+            with self._lock:
+                if seen != self._seen:
+                    self._seen = seen
+                    self._changed = True
+                    self._changes.notify_all()
 
     def _arm(self) -> bool:
         """Watch the deepest existing directory on the way to meta.db; True if the watch moved."""
@@ -339,6 +351,8 @@ class MetaWatcher:
             try:
                 self._watch = self._observer.schedule(self._handler, where[0], recursive=False)
             except OSError as exc:
+                if not os.path.isdir(where[0]):
+                    continue  # removed while the watch was being placed: look again
                 # Out of inotify watches, permission denied, ...: the poll still works.
                 if not self._schedule_failed_logged:
                     log.warning(
