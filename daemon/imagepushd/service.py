@@ -24,12 +24,13 @@ import httpx
 
 from imagepushd.config import Config, load_config
 from imagepushd.containerd.bbolt import BoltFile
-from imagepushd.containerd.content import ContentStore, ImageGraph, discover_root
+from imagepushd.containerd.content import DEFAULT_ROOT, ContentStore, ImageGraph, discover_root
 from imagepushd.containerd.metadata import META_DB, ImageRecord, MetadataSnapshot, MetadataStore
 from imagepushd.errors import (
     ContainerdError,
     ImagepushdError,
     PushInterrupted,
+    RootNotFoundError,
 )
 from imagepushd.logs import push_fields
 from imagepushd.notify import Notifier, watchdog_interval
@@ -208,13 +209,19 @@ class Service:
         self._failures = 0
         self._watcher: MetaWatcher | None = None
         self._status = ""
+        self._scan_error = ""
 
     # ---- lifecycle ---------------------------------------------------------------------
 
     def run(self) -> int:
         """Run until stopped (or one pass with ``once``); the process exit code."""
         config = self._config
-        root = discover_root(None, config.containerd.root, self._env, self._home)
+        try:
+            root = discover_root(None, config.containerd.root, self._env, self._home)
+        except RootNotFoundError as exc:
+            # containerd may simply not have started yet: watch where its root will be.
+            root = config.containerd.root or DEFAULT_ROOT
+            log.warning("%s; waiting for containerd at %s", exc, root)
         self._metadata = MetadataStore.at_root(root)
         self._content = ContentStore(root)
         with State(config.state_path, clock=self._clock) as state:
@@ -344,8 +351,13 @@ class Service:
         try:
             snap = self._metadata.read(config.containerd.namespaces, blobs=True)
         except ContainerdError as exc:
-            log.error("cannot read containerd's metadata: %s", exc)
+            if str(exc) != self._scan_error:
+                log.error("cannot read containerd's metadata: %s", exc)
+                self._scan_error = str(exc)
             return
+        if self._scan_error:
+            log.info("containerd's metadata is readable again")
+            self._scan_error = ""
         self._snapshot = snap
         self._images = {(i.namespace, i.name): i for i in snap.images}
         views = [image_view(r, snap, self._content, config) for r in snap.images]
@@ -550,6 +562,8 @@ class Service:
     def _report(self) -> None:
         counts = self._state.counts()
         activity = f"pushing {len(self._running)}" if self._running else "idle"
+        if self._scan_error:
+            activity = "waiting for containerd"
         parts = [activity, f"{self._state.pushed_count()} pushed"]
         if counts.get("failed"):
             parts.append(f"{counts['failed']} retrying")
