@@ -331,7 +331,8 @@ class BlobUploader:
                     self.sessions.drop(repository, desc.digest)
                 log.warning("%s: upload of %s restarts: %s", client.host, desc.digest, last)
                 if client.blob_exists(repository, desc):
-                    return UploadResult(desc.digest, Outcome.EXISTS, transfer.sent)
+                    outcome = Outcome.UPLOADED if transfer.sent else Outcome.EXISTS
+                    return UploadResult(desc.digest, outcome, transfer.sent)
             except BlobCorruptError:
                 client.upload_cancel(repository, location)
                 raise
@@ -370,7 +371,7 @@ class BlobUploader:
             transfer.verify(body.hasher)
         url = location.copy_merge_params({"digest": transfer.descriptor.digest})
         try:
-            self._client.send(
+            self._client.call(
                 "PUT",
                 url,
                 scopes=self._scopes(repository),
@@ -388,7 +389,7 @@ class BlobUploader:
         """One PATCH without Content-Range (for registries that do not chunk), then PUT."""
         body = _Body(transfer, 0, transfer.size, transfer.new_hasher(), verify_at_end=False)
         try:
-            response = self._client.send(
+            response = self._client.call(
                 "PATCH",
                 location,
                 scopes=self._scopes(repository),
