@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -38,7 +39,7 @@ from imagepushd.push import PlatformPolicy, Pusher
 from imagepushd.reference import parse_reference
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import Credentials, CredentialStore
-from imagepushd.registry.upload import BlobUploader
+from imagepushd.registry.upload import DEFAULT_CHUNK_SIZE, BlobUploader
 from imagepushd.service import Service, plan_preview
 from imagepushd.state import State
 from imagepushd.units import human_size, parse_size
@@ -91,22 +92,88 @@ def _namespace(args: argparse.Namespace, ctx: Context) -> str | None:
     return str(args.namespace or ctx.env.get("CONTAINERD_NAMESPACE") or "default")
 
 
-def _image_row(record: ImageRecord, graph: ImageGraph | None, error: str | None) -> dict[str, Any]:
+class _TargetRow:
+    """The listing fields every image with one target in one namespace shares (computed once).
+
+    ``json_head`` and ``json`` hold them already encoded (``{"namespace": ..., "name": `` and
+    ``"digest": ..., "missing": [...]``), ``json_error`` the ``, "error": ...`` of a failed walk:
+    a row's JSON only adds its name and times.
+    """
+
+    __slots__ = (
+        "complete",
+        "digest",
+        "error",
+        "json",
+        "json_error",
+        "json_head",
+        "media_type",
+        "missing",
+        "platforms",
+        "size",
+    )
+
+    def __init__(
+        self, namespace: str, target: Descriptor, graph: ImageGraph | None, error: str | None
+    ) -> None:
+        self.digest = target.digest
+        self.media_type = target.media_type
+        self.size = graph.size if graph else target.size
+        self.platforms = [str(p) for p in graph.platforms()] if graph else []
+        self.complete = bool(graph and graph.complete)
+        self.missing = [d.digest for d in graph.missing] if graph else []
+        self.error = error
+        shared = {
+            "digest": self.digest,
+            "media_type": self.media_type,
+            "size": self.size,
+            "platforms": self.platforms,
+            "complete": self.complete,
+            "missing": self.missing,
+        }
+        self.json_head = f'{{"namespace": {json.dumps(namespace)}, "name": '
+        self.json = json.dumps(shared)[1:-1]
+        self.json_error = "" if error is None else ", " + json.dumps({"error": error})[1:-1]
+
+
+def _image_row(record: ImageRecord, shared: _TargetRow) -> dict[str, Any]:
+    """One listing row as a dict (the JSON output is :func:`_image_json` of the same row)."""
     row: dict[str, Any] = {
         "namespace": record.namespace,
         "name": record.name,
-        "digest": record.target.digest,
-        "media_type": record.target.media_type,
-        "size": graph.size if graph else record.target.size,
-        "platforms": [str(p) for p in graph.platforms()] if graph else [],
-        "complete": bool(graph and graph.complete),
-        "missing": [d.digest for d in graph.missing] if graph else [],
+        "digest": shared.digest,
+        "media_type": shared.media_type,
+        "size": shared.size,
+        "platforms": list(shared.platforms),
+        "complete": shared.complete,
+        "missing": list(shared.missing),
         "created": record.created_at.isoformat() if record.created_at else None,
         "updated": record.updated_at.isoformat() if record.updated_at else None,
     }
-    if error is not None:
-        row["error"] = error
+    if shared.error is not None:
+        row["error"] = shared.error
     return row
+
+
+_encode_str = json.encoder.encode_basestring_ascii  # what json.dumps uses for str (C)
+
+
+def _image_json(record: ImageRecord, shared: _TargetRow) -> str:
+    """``json.dumps(_image_row(record, shared))``, without building the dict.
+
+    ``shared`` must be the row of ``record``'s namespace and target. ``isoformat()`` is plain
+    ASCII without quotes or backslashes: it needs no escaping.
+    """
+    created, updated = record.created_at, record.updated_at
+    created_json = f'"{created.isoformat()}"' if created else "null"
+    if updated is created:
+        updated_json = created_json  # containerd sets both at once: one datetime
+    else:
+        updated_json = f'"{updated.isoformat()}"' if updated else "null"
+    return (
+        f"{shared.json_head}{_encode_str(record.name)}, {shared.json}, "
+        f'"created": {created_json}, "updated": {updated_json}{shared.json_error}}}'
+    )
 
 
 def cmd_images(args: argparse.Namespace, ctx: Context) -> int:
@@ -115,34 +182,45 @@ def cmd_images(args: argparse.Namespace, ctx: Context) -> int:
     namespace = _namespace(args, ctx)
     snap = store.snapshot(namespace)
     graphs: dict[tuple[str, str], tuple[ImageGraph | None, str | None]] = {}
-    rows = []
+    # Thousands of tags share a few targets: their graph and derived fields are computed once.
+    shared: dict[tuple[str, str, str, int], _TargetRow] = {}
+    listing: list[tuple[ImageRecord, _TargetRow]] = []
     for record in snap.images:
-        key = (record.namespace, record.target.digest)
-        if key not in graphs:
-            try:
-                known = snap.blobs.get(record.namespace, {})
-                graphs[key] = (store.content.walk(record.target, known), None)
-            except ImagepushdError as exc:
-                log.warning("%s/%s: %s", record.namespace, record.name, exc)
-                graphs[key] = (None, str(exc))
-        rows.append(_image_row(record, *graphs[key]))
+        target = record.target
+        key = (record.namespace, target.digest, target.media_type, target.size)
+        row = shared.get(key)
+        if row is None:
+            graph_key = (record.namespace, target.digest)
+            if graph_key not in graphs:
+                try:
+                    known = snap.blobs.get(record.namespace, {})
+                    graphs[graph_key] = (store.content.walk(target, known), None)
+                except ImagepushdError as exc:
+                    log.warning("%s/%s: %s", record.namespace, record.name, exc)
+                    graphs[graph_key] = (None, str(exc))
+            row = shared[key] = _TargetRow(record.namespace, target, *graphs[graph_key])
+        listing.append((record, row))
     if args.json:
-        json.dump(rows, ctx.stdout, indent=2)
-        ctx.stdout.write("\n")
+        # One object per line, encoded by the C encoder (indent=2 uses the pure-Python one).
+        if listing:
+            lines = ",\n  ".join([_image_json(record, row) for record, row in listing])
+            ctx.stdout.write(f"[\n  {lines}\n]\n")
+        else:
+            ctx.stdout.write("[]\n")
         return 0
     table = [("NAMESPACE", "NAME", "DIGEST", "TYPE", "SIZE", "PLATFORMS", "CONTENT")]
-    for row in rows:
-        content = "error" if "error" in row else "complete"
-        if row["missing"]:
-            content = f"missing {len(row['missing'])}"
+    for record, row in listing:
+        content = "error" if row.error is not None else "complete"
+        if row.missing:
+            content = f"missing {len(row.missing)}"
         table.append(
             (
-                row["namespace"],
-                row["name"],
-                row["digest"],
-                _SHORT_TYPES.get(row["media_type"], row["media_type"]),
-                human_size(row["size"]),
-                ",".join(row["platforms"]) or "-",
+                record.namespace,
+                record.name,
+                row.digest,
+                _SHORT_TYPES.get(row.media_type, row.media_type),
+                human_size(row.size),
+                ",".join(row.platforms) or "-",
                 content,
             )
         )
@@ -291,7 +369,12 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
     path = config_path(args.config, ctx.env)
     with Notifier.from_env(ctx.env) as notifier:
         service = Service(path, env=ctx.env, home=ctx.home, notifier=notifier, once=args.once)
-        return service.run()
+        code = service.run()
+    if service.stuck:
+        # A push thread hung in a registry request: don't let interpreter exit join it.
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def cmd_plan(args: argparse.Namespace, ctx: Context) -> int:
@@ -358,6 +441,29 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+_PACKAGED_EXEC = "/usr/bin/imagepushd"
+
+
+def _packaged(name: str) -> str:
+    """A file shipped in the package's ``data/`` directory (the unit, the example config)."""
+    return resources.files("imagepushd").joinpath("data", name).read_text(encoding="utf-8")
+
+
+def cmd_print_unit(args: argparse.Namespace, ctx: Context) -> int:
+    """Print the systemd unit shipped with the package (``--exec``: another ExecStart path)."""
+    unit = _packaged("imagepushd.service")
+    if args.exec != _PACKAGED_EXEC:
+        unit = unit.replace(f"ExecStart={_PACKAGED_EXEC} ", f"ExecStart={args.exec} ")
+    ctx.stdout.write(unit)
+    return 0
+
+
+def cmd_print_config(args: argparse.Namespace, ctx: Context) -> int:
+    """Print the example configuration shipped with the package."""
+    ctx.stdout.write(_packaged("config.example.toml"))
+    return 0
+
+
 def _add_store_options(parser: argparse.ArgumentParser, all_namespaces: bool) -> None:
     parser.add_argument("--root", type=Path, help="containerd root (default: discovered)")
     if all_namespaces:
@@ -414,7 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS")
     push.add_argument("--ca-file", type=Path, help="extra CA certificates (PEM) to trust")
     push.add_argument(
-        "--chunk-size", type=_size, default=16 << 20, help="upload chunk size (default 16MiB)"
+        "--chunk-size",
+        type=_size,
+        default=DEFAULT_CHUNK_SIZE,
+        help="upload chunk size (default 64MiB)",
     )
     push.add_argument(
         "--concurrency", type=_positive, default=3, help="blobs in flight (default 3)"
@@ -439,6 +548,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate the configuration file")
     check.set_defaults(func=cmd_check_config)
+
+    unit = sub.add_parser("print-unit", help="print the packaged systemd unit")
+    unit.add_argument(
+        "--exec",
+        default=_PACKAGED_EXEC,
+        metavar="PATH",
+        help=f"imagepushd executable for ExecStart= (default: {_PACKAGED_EXEC})",
+    )
+    unit.set_defaults(func=cmd_print_unit)
+
+    example = sub.add_parser("print-config", help="print the example configuration")
+    example.set_defaults(func=cmd_print_config)
     return parser
 
 

@@ -111,7 +111,12 @@ def _plan_inputs(
         OpenJob(j.id, Job(j.namespace, j.name, j.digest, j.target, j.rule))
         for j in state.jobs(OPEN_STATUSES)
     ]
-    return seen, state.pushed_pairs(), open_jobs, state.get_flag("baseline_done") is None
+    # A target holds the digest it was last pushed with: a tag moved back (A → B → A) is due.
+    holds: dict[str, str] = {}
+    for pushed in state.pushed():  # newest first
+        holds.setdefault(pushed.target, pushed.digest)
+    first = state.get_flag("baseline_done") is None
+    return seen, set(holds.items()), open_jobs, first
 
 
 def plan_preview(config: Config, env: Mapping[str, str], home: Path) -> list[dict[str, str]]:
@@ -137,7 +142,7 @@ def plan_preview(config: Config, env: Mapping[str, str], home: Path) -> list[dic
         open_jobs,
         config.rules,
         now=time.time(),
-        settle=config.push.settle,
+        settle=0.0,
         baseline=first and config.push.on_start == "new-only",
     )
 
@@ -210,6 +215,7 @@ class Service:
         self._watcher: MetaWatcher | None = None
         self._status = ""
         self._scan_error = ""
+        self.stuck = 0
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -245,6 +251,7 @@ class Service:
                 self._notifier.stopping()
                 self._stop.set()
                 self._drain(pool)
+                state.requeue_running()
                 watcher.stop()
                 self._restore(previous)
                 for client, _ in self._clients.values():
@@ -328,6 +335,11 @@ class Service:
             except Exception:  # reported by _reap below
                 log.debug("job ended with an error during stop", exc_info=True)
         self._reap()
+        self.stuck = sum(not f.done() for f in self._running.values())
+        if self.stuck:
+            log.warning(
+                "%d push(es) did not stop within %.0fs; exiting anyway", self.stuck, STOP_GRACE
+            )
         pool.shutdown(wait=False, cancel_futures=True)
 
     def _do_reload(self) -> None:
@@ -532,7 +544,8 @@ class Service:
                 settings=HostSettings(plain_http=settings.plain_http, ca_file=settings.ca_file),
                 credentials=self._credentials(host),
                 retrier=Retrier(
-                    RetryPolicy(push.retry_attempts, push.retry_initial, push.retry_max)
+                    RetryPolicy(push.retry_attempts, push.retry_initial, push.retry_max),
+                    sleep=self._retry_sleep,
                 ),
                 transport=self._transport,
             )
@@ -544,6 +557,11 @@ class Service:
             )
             self._clients[host] = (client, uploader)
             return client, uploader
+
+    def _retry_sleep(self, seconds: float) -> None:
+        """The retry policy's sleep, cut short (abandoning the push) when the daemon stops."""
+        if self._stop.wait(seconds):
+            raise PushInterrupted("stopping: retry abandoned")
 
     def _credentials(self, host: str) -> Credentials | None:
         settings = self._config.registry(host)

@@ -34,6 +34,10 @@ READ_SIZE = 256 << 10
 SESSION_ATTEMPTS = 3
 MAX_MOUNT_SOURCES = 3
 MAX_PARTS = 4000
+# Each PATCH costs a registry round trip; distribution fsyncs every chunk before answering
+# (~80 ms here), so 16 MiB chunks made 1 GiB pushes slower than ctr's single PUT. 64 MiB keeps
+# the round trips few while a stop or failure still loses at most one chunk.
+DEFAULT_CHUNK_SIZE = 64 * MiB
 OCTET_STREAM = "application/octet-stream"
 
 
@@ -223,7 +227,7 @@ class BlobUploader:
         self,
         client: RegistryClient,
         *,
-        chunk_size: int = 16 * MiB,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         monolithic_max: int | None = None,
         limits: ChunkLimits | None = None,
         sessions: SessionStore | None = None,
