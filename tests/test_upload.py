@@ -707,7 +707,7 @@ def test_memory_stays_bounded_for_a_64_mib_blob(rig: Rig, tmp_path: Path) -> Non
         hasher.update(zeros)
     del zeros
     source = BlobSource(path, Descriptor(LAYER, "sha256:" + hasher.hexdigest(), size))
-    uploader = rig.uploader()
+    uploader = rig.uploader(chunk_size=16 * MiB)
     rig.client.ping()
 
     tracemalloc.start()
