@@ -417,6 +417,20 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
                 }
                 for p in pushed
             ],
+            "pending": [
+                {
+                    "id": j.id,
+                    "status": j.status,
+                    "namespace": j.namespace,
+                    "name": j.name,
+                    "digest": j.digest,
+                    "target": j.target,
+                    "attempts": j.attempts,
+                    "next_attempt": j.next_attempt,
+                    "last_error": j.last_error,
+                }
+                for j in open_jobs
+            ],
         }
         json.dump(doc, ctx.stdout, indent=2, default=str)
         ctx.stdout.write("\n")

@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 OPEN_STATUSES = ("queued", "running", "failed")
 STOP_GRACE = 20.0
 MAX_LOOP_SLEEP = 5.0
+STALE_UPLOAD_AGE = 6 * 86400.0
+FINISHED_JOB_AGE = 30 * 86400.0
 
 
 def _host_without_port(registry: str) -> str:
@@ -216,6 +218,7 @@ class Service:
         self._status = ""
         self._scan_error = ""
         self.stuck = 0
+        self._last_scan = 0.0
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -235,6 +238,9 @@ class Service:
             requeued = state.requeue_running()
             if requeued:
                 log.info("%d job(s) interrupted by the last stop are queued again", requeued)
+            # Registries expire abandoned upload sessions (distribution: after 7 days).
+            state.drop_stale_uploads(STALE_UPLOAD_AGE)
+            state.prune_jobs(FINISHED_JOB_AGE)
             # The watcher polls from its own thread: give it its own file descriptor.
             watch_bolt = BoltFile(root / META_DB)
             watcher = MetaWatcher(root / META_DB, txid=lambda: _txid(watch_bolt))
@@ -307,13 +313,14 @@ class Service:
             changed = watcher.wait(timeout)
             if self._stop.is_set():
                 return
-            if changed or (self._wake_at is not None and self._clock() >= self._wake_at):
+            now = self._clock()
+            resync = now - self._last_scan >= self._config.push.resync_interval
+            if changed or resync or (self._wake_at is not None and now >= self._wake_at):
                 self._scan()
 
     def _sleep_budget(self, now: float, interval: float | None) -> float:
+        # Finished pushes wake the loop themselves (see _dispatch).
         budget = MAX_LOOP_SLEEP
-        if self._running:
-            budget = 0.2
         if interval is not None:
             budget = min(budget, interval)
         if self._wake_at is not None:
@@ -360,6 +367,7 @@ class Service:
 
     def _scan(self) -> None:
         config = self._config
+        self._last_scan = self._clock()
         try:
             snap = self._metadata.read(config.containerd.namespaces, blobs=True)
         except ContainerdError as exc:
@@ -421,10 +429,16 @@ class Service:
             started = self._state.start(record.id)
             if started is None:
                 continue
-            self._running[record.id] = pool.submit(self._execute, started)
+            future = pool.submit(self._execute, started)
+            future.add_done_callback(self._wake)
+            self._running[record.id] = future
             free -= 1
             if free == 0:
                 break
+
+    def _wake(self, _future: Future[_Outcome]) -> None:
+        if self._watcher is not None:
+            self._watcher.notify_external()
 
     def _reap(self) -> None:
         for job_id, future in list(self._running.items()):
