@@ -616,3 +616,45 @@ def test_synthetic_file_sanity(tmp_path: Path) -> None:
         assert bolt.view(items) == {k: k.upper() * 2 for k in keys}
     with pytest.raises(UnsupportedSchemaError):
         MetadataStore(BoltFile(path)).read()
+
+
+def _leaf_image(pairs: list[tuple[bytes, bytes]], *, pgid: int = 2) -> bytes:
+    """A leaf page image (header, elements, data back to back) holding ``pairs``."""
+    count = len(pairs)
+    elements, blob = b"", b""
+    offset = 16 + 16 * count
+    for i, (key, value) in enumerate(pairs):
+        elements += struct.pack("<IIII", 0, offset - (16 + 16 * i), len(key), len(value))
+        blob += key + value
+        offset += len(key) + len(value)
+    return struct.pack("<QHHI", pgid, FLAG_LEAF, count, 0) + elements + blob
+
+
+def test_a_remembered_leaf_shape_still_checks_keys_and_bounds(tmp_path: Path) -> None:
+    """Leaves sharing an element array reuse its checked layout, never its keys or bounds."""
+    path = _write(tmp_path, _synthetic_bbolt(_leaf_image([(b"k", b"v")]), 3))
+    good = _leaf_image([(b"ab", b"11"), (b"cd", b"22")])
+    same_shape = _leaf_image([(b"ef", b"33"), (b"gh", b"44")])
+    swapped = _leaf_image([(b"cd", b"11"), (b"ab", b"22")])
+    repeated = _leaf_image([(b"ab", b"11"), (b"ab", b"22")])
+    assert good[:48] == same_shape[:48] == swapped[:48] == repeated[:48]
+
+    def parse(tx: Tx) -> None:
+        first = tx.parse_leaf(good, 0, 2, "good")
+        assert (first.keys, first.values, first.end) == ([b"ab", b"cd"], [b"11", b"22"], 56)
+        again = tx.parse_leaf(same_shape, 0, 2, "same shape")
+        assert (again.keys, again.values, again.flags) == ([b"ef", b"gh"], [b"33", b"44"], [0, 0])
+        # A shape stands for equal keys too: new keys, new shape; the same leaf again, same one.
+        assert again.shape is not first.shape
+        assert tx.parse_leaf(same_shape, 0, 2, "again").shape is again.shape is not None
+        with pytest.raises(BoltFormatError, match="swapped: keys not in ascending order"):
+            tx.parse_leaf(swapped, 0, 2, "swapped")
+        with pytest.raises(BoltFormatError, match="repeated: keys not in ascending order"):
+            tx.parse_leaf(repeated, 0, 2, "repeated")
+        with pytest.raises(BoltFormatError, match="short: element at 32 out of bounds"):
+            tx.parse_leaf(good[:-1], 0, 2, "short")
+        inline = tx.parse_leaf(b"\0" * 16 + good, 16, 2, "inline")  # as in a bucket value
+        assert (inline.keys, inline.values, inline.end) == ([b"ab", b"cd"], [b"11", b"22"], 72)
+
+    with BoltFile(path) as bolt:
+        bolt.view(parse)

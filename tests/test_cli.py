@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -182,3 +183,30 @@ def check_permissions(copied_root: Path) -> None:
     proc = as_nobody(copied_root)
     assert proc.returncode == 1
     assert_one_line(proc.stderr, "permission denied", "meta.db")
+
+
+def test_images_json_rows_are_json_dumps_of_the_rows():
+    """``images --json`` writes one ``json.dumps(row)`` per line, built without the dict."""
+    from datetime import UTC, datetime
+
+    from imagepushd.cli import _image_json, _image_row, _TargetRow
+    from imagepushd.containerd.content import ImageGraph, ManifestNode
+    from imagepushd.containerd.metadata import ImageRecord
+    from imagepushd.oci import Descriptor, Platform
+
+    layer = Descriptor("application/vnd.oci.image.layer.v1.tar", "sha256:" + "b" * 64, 5)
+    target = Descriptor("application/vnd.oci.image.manifest.v1+json", "sha256:" + "a" * 64, 9)
+    graph = ImageGraph(ManifestNode(target, Platform("linux", "arm64", "v8"), None), (layer,))
+    when = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    records = [
+        ImageRecord("default", "example.com/a:1", target, when, when),
+        ImageRecord('n\u00e9 "x"', "example.com/\u2603:\u00e9", target, None, when),
+        ImageRecord("default", "b", target, when.replace(microsecond=0), None),
+    ]
+    for record in records:
+        rows = [
+            _TargetRow(record.namespace, target, graph, None),
+            _TargetRow(record.namespace, target, None, 'blob "x" is corrupt: \u00e9\n'),
+        ]
+        for row in rows:
+            assert _image_json(record, row) == json.dumps(_image_row(record, row))

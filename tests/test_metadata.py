@@ -1,14 +1,44 @@
-"""Decoding of containerd's value encodings (varints, Go binary times, labels)."""
+"""Decoding of containerd's value encodings (varints, Go binary times, labels), and the
+page-level record path: the same records and errors as the general path, and ``reuse_records``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import struct
+from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from imagepushd.containerd.metadata import BlobRecord, decode_time, decode_varint
-from imagepushd.errors import BoltFormatError, MetadataFormatError
+from imagepushd.containerd import metadata
+from imagepushd.containerd.bbolt import BoltFile, Bucket, Leaf, Tx
+from imagepushd.containerd.metadata import (
+    BlobRecord,
+    ImageRecord,
+    MetadataSnapshot,
+    MetadataStore,
+    StringMap,
+    decode_time,
+    decode_varint,
+)
+from imagepushd.errors import BoltFormatError, MetadataFormatError, UnsupportedSchemaError
+from imagepushd.oci import Descriptor
+from tests.metadb import (
+    BIG_LABELS,
+    INDEX,
+    NAMESPACE,
+    PAGE_SIZE,
+    SINGLE,
+    TAG_COUNT,
+    Corpus,
+    corpus_once,
+    reachable_pages,
+)
 
 
 def go_varint(value: int) -> bytes:
@@ -76,3 +106,247 @@ def test_blob_sources_from_distribution_labels():
         "docker.io": ["library/alpine", "library/busybox"],
         "ghcr.io": ["org/app"],
     }
+
+
+# ---------------------------------------------------------------------- record objects
+
+
+def test_string_map_is_a_read_only_dict_view():
+    labels = StringMap([b"a", b"b\xff"], [b"1", b"2"])
+    assert labels == {"a": "1", "b\ufffd": "2"}
+    assert {"a": "1", "b\ufffd": "2"} == labels  # noqa: SIM300 (dict on the left)
+    assert dict(labels) == {"a": "1", "b\ufffd": "2"}
+    assert len(labels) == 2 and "a" in labels and "c" not in labels
+    assert labels["a"] == "1" and labels.get("c") is None
+    assert list(labels.items()) == [("a", "1"), ("b\ufffd", "2")]
+    assert repr(labels) == repr({"a": "1", "b\ufffd": "2"})
+    assert pickle.loads(pickle.dumps(labels)) == labels
+    assert not hasattr(labels, "__setitem__")
+    assert StringMap() == {}
+
+
+def test_fast_image_constructor_builds_the_dataclass_record():
+    target = Descriptor("application/vnd.oci.image.manifest.v1+json", "sha256:" + "a" * 64, 7)
+    when = datetime(2024, 5, 6, tzinfo=UTC)
+    args = ("ns", "example.com/a:1", target, when, None, {"l": "1"}, {"a": "2"})
+    fast, slow = metadata._new_image(*args), ImageRecord(*args)
+    assert [f.name for f in dataclasses.fields(ImageRecord)] == list(vars(fast))
+    assert vars(fast) == vars(slow)
+    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+    assert dataclasses.replace(fast, name="b") == dataclasses.replace(slow, name="b")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.name = "c"  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------- page path = general path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    return corpus_once(tmp_path_factory)
+
+
+def general_snapshot(tx: Tx) -> MetadataSnapshot:
+    """The snapshot as the general path reads it: every record through Bucket objects."""
+    v1 = tx.root.bucket(b"v1")
+    if v1 is None:
+        raise UnsupportedSchemaError("no v1 bucket")
+    version, namespaces, images, blobs = 0, [], [], {}
+    for key, value in v1.items():
+        if key == b"version" and isinstance(value, bytes):
+            version = decode_varint(value, "v1/version")
+            continue
+        if not isinstance(value, Bucket):
+            continue
+        namespace = metadata._text(key)
+        namespaces.append(namespace)
+        images_bucket = value.bucket(b"images")
+        if images_bucket is not None:
+            for name, image in images_bucket.buckets():
+                images.append(metadata._read_image(namespace, metadata._text(name), image))
+        content = value.bucket(b"content")
+        blob_bucket = content.bucket(b"blob") if content is not None else None
+        blobs[namespace] = {
+            metadata._text(d): metadata._read_blob(namespace, metadata._text(d), b)
+            for d, b in (blob_bucket.buckets() if blob_bucket is not None else ())
+        }
+    return MetadataSnapshot(tx.txid, version, tuple(namespaces), tuple(images), blobs)
+
+
+def outcome(path: Path, read: Callable[[Tx], MetadataSnapshot]) -> object:
+    """A comparable summary of reading ``path``: the error family, or every field read."""
+    try:
+        with BoltFile(path, attempts=1) as bolt:
+            snap = bolt.view(read)
+    except BoltFormatError:
+        return BoltFormatError
+    except UnsupportedSchemaError:
+        return UnsupportedSchemaError
+    images = [(r, dict(r.labels), dict(r.annotations)) for r in snap.images]
+    blobs = {
+        ns: {d: (b, dict(b.labels)) for d, b in records.items()}
+        for ns, records in snap.blobs.items()
+    }
+    return snap.txid, snap.db_version, snap.namespaces, images, blobs
+
+
+def page_path(tx: Tx) -> MetadataSnapshot:
+    return metadata._Reader(tx, None).snapshot(None, blobs=True)
+
+
+def test_page_path_reads_what_the_general_path_reads(corpus: Corpus, tmp_path: Path):
+    for data in (corpus.pristine, corpus.before_last):
+        path = tmp_path / "meta.db"
+        path.write_bytes(data)
+        fast = outcome(path, page_path)
+        assert isinstance(fast, tuple)
+        assert fast == outcome(path, general_snapshot)
+        images = fast[3]
+        assert len(images) == TAG_COUNT + 2
+        assert {name: labels for (r, labels, _a) in images for name in [r.name]}[INDEX] == (
+            BIG_LABELS
+        )
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_page_path_agrees_with_the_general_path_on_corrupted_files(
+    corpus: Corpus, tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+):
+    """No check is lost on the page path: same records, or an error on both paths."""
+    pristine = corpus.pristine
+    pages = sorted(reachable_pages(pristine))
+    offsets = st.tuples(
+        st.sampled_from(pages), st.one_of(st.integers(0, 255), st.integers(0, PAGE_SIZE - 1))
+    )
+    flips = data.draw(
+        st.lists(st.tuples(offsets, st.integers(1, 255)), min_size=1, max_size=8), label="flips"
+    )
+    mutated = bytearray(pristine)
+    for (pgid, within), mask in flips:
+        mutated[pgid * PAGE_SIZE + within] ^= mask
+    path = tmp_path_factory.mktemp("agree") / "meta.db"
+    path.write_bytes(bytes(mutated))
+    assert outcome(path, page_path) == outcome(path, general_snapshot)
+
+
+# ---------------------------------------------------------------------- reuse_records
+
+
+def image_page(path: Path, name: str) -> tuple[int, int]:
+    """(page id, used bytes) of the leaf page holding image ``name``'s bucket."""
+
+    def find(tx: Tx) -> tuple[int, int]:
+        v1 = tx.root.bucket(b"v1")
+        assert v1 is not None
+        ns = v1.bucket(NAMESPACE.encode())
+        assert ns is not None
+        images = ns.bucket(b"images")
+        assert images is not None
+        image = images.bucket(name.encode())
+        assert image is not None
+        pgid = image._root
+        leaf = tx.node(pgid)
+        assert isinstance(leaf, Leaf)
+        return pgid, leaf.end
+
+    with BoltFile(path) as bolt:
+        return bolt.view(find)
+
+
+def patch(path: Path, offset: int, new: bytes) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(new)
+
+
+def test_reuse_records_reuses_unchanged_pages(corpus: Corpus, tmp_path: Path):
+    path = tmp_path / "meta.db"
+    path.write_bytes(corpus.pristine)
+    store = MetadataStore(BoltFile(path), reuse_records=True)
+    first = store.read(blobs=True)
+    second = store.read(blobs=True)
+    assert second == first
+    # Every image but the one with page-backed labels comes back as the very same object.
+    same = [a is b for a, b in zip(first.images, second.images, strict=True)]
+    assert same.count(False) == 1
+    assert not same[[r.name for r in first.images].index(INDEX)]
+    assert any(
+        a is b
+        for a, b in zip(
+            first.blobs[NAMESPACE].values(), second.blobs[NAMESPACE].values(), strict=True
+        )
+    )
+    # Bounded by the last snapshot's records (one entry per page-backed, self-contained one).
+    cached = len(store._cache.pages)  # type: ignore[union-attr]
+    assert TAG_COUNT + 1 <= cached <= len(first.images) + len(first.blobs[NAMESPACE])
+    store.read(["no-such-namespace"])
+    assert len(store._cache.pages) == 0  # type: ignore[union-attr]
+    store.close()
+
+
+def test_reuse_records_decodes_a_changed_page_again(corpus: Corpus, tmp_path: Path):
+    path = tmp_path / "meta.db"
+    path.write_bytes(corpus.pristine)
+    store = MetadataStore(BoltFile(path), reuse_records=True)
+    first = store.read()
+    old = first.image(NAMESPACE, SINGLE)
+    assert old is not None and old.created_at is not None
+    pgid, used = image_page(path, SINGLE)
+    page = corpus.pristine[pgid * PAGE_SIZE : (pgid + 1) * PAGE_SIZE]
+    # Bytes past the leaf's last element are not part of the record: still reused.
+    patch(path, pgid * PAGE_SIZE + PAGE_SIZE - 1, bytes([page[-1] ^ 0xFF]))
+    assert used < PAGE_SIZE - 1
+    assert store.read().image(NAMESPACE, SINGLE) is old
+    # A new createdat in the same page: that record, and only it, is decoded again.
+    created = go_time(int(datetime(2020, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp()), 6000)
+    at = page.index(b"createdat") + len(b"createdat")
+    assert decode_time(page[at : at + 15], "createdat") == old.created_at
+    patch(path, pgid * PAGE_SIZE + at, created)
+    second = store.read()
+    new = second.image(NAMESPACE, SINGLE)
+    assert new is not None and new is not old
+    assert new.created_at == datetime(2020, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    assert new.updated_at == old.updated_at
+    assert dict(new.labels) == dict(old.labels)
+    unchanged = [
+        (a, b) for a, b in zip(first.images, second.images, strict=True) if a.name != SINGLE
+    ]
+    assert all(a is b for a, b in unchanged if a.name != INDEX)
+    assert store.read().image(NAMESPACE, SINGLE) is new  # the new bytes are cached now
+    # A corrupted element array in a cached page is checked (and rejected), not reused.
+    patch(path, pgid * PAGE_SIZE + 16 + 8, struct.pack("<I", 0))  # first key size 0
+    with pytest.raises(BoltFormatError, match="out of bounds"):
+        MetadataStore(BoltFile(path, attempts=1)).read()
+    with pytest.raises(BoltFormatError, match="out of bounds"):
+        store.read()
+    store.close()
+
+
+def test_reuse_records_never_reuses_records_read_from_other_pages(corpus: Corpus, tmp_path: Path):
+    """The index image's labels live on overflow pages: a change there is always seen."""
+    path = tmp_path / "meta.db"
+    path.write_bytes(corpus.pristine)
+    store = MetadataStore(BoltFile(path), reuse_records=True)
+    before = store.read().image(NAMESPACE, INDEX)
+    assert before is not None and before.labels == BIG_LABELS
+
+    def labels_page(tx: Tx) -> int:
+        v1 = tx.root.bucket(b"v1")
+        ns = v1.bucket(NAMESPACE.encode()) if v1 is not None else None
+        images = ns.bucket(b"images") if ns is not None else None
+        image = images.bucket(INDEX.encode()) if images is not None else None
+        labels = image.bucket(b"labels") if image is not None else None
+        assert labels is not None and labels._inline is None
+        return labels._root
+
+    with BoltFile(path) as bolt:
+        pgid = bolt.view(labels_page)
+    at = corpus.pristine.index(b"b" * 4000, pgid * PAGE_SIZE)
+    assert at < (pgid + 4) * PAGE_SIZE  # in the labels leaf or its overflow pages
+    patch(path, at + 100, b"B")
+    after = store.read().image(NAMESPACE, INDEX)
+    assert after is not None and after is not before
+    label = "test.example.com/big.1"
+    assert after.labels[label] == "b" * 100 + "B" + "b" * 3899
+    store.close()

@@ -231,7 +231,7 @@ class Service:
             # containerd may simply not have started yet: watch where its root will be.
             root = config.containerd.root or DEFAULT_ROOT
             log.warning("%s; waiting for containerd at %s", exc, root)
-        self._metadata = MetadataStore.at_root(root)
+        self._metadata = MetadataStore.at_root(root, reuse_records=True)
         self._content = ContentStore(root)
         with State(config.state_path, clock=self._clock) as state:
             self._state = state

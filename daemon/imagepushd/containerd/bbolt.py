@@ -45,10 +45,29 @@ LEAF_BUCKET = 0x01
 MIN_PAGE_SIZE = 512
 MAX_PAGE_SIZE = 1 << 20
 NODE_CACHE_SIZE = 64
+#: Element arrays of up to this many elements are unpacked with one precompiled struct each.
+_ELEMENT_STRUCTS = 256
+#: Leaves of up to this many elements (record-sized: one image, one target) have their checked
+#: layout remembered per transaction, at most this many layouts (see ``Tx.parse_leaf``).
+_SHAPE_MAX_COUNT = 16
+_SHAPES_PER_TX = 1024
 
 _FNV_OFFSET = 0xCBF29CE484222325
 _FNV_PRIME = 0x100000001B3
 _U64 = (1 << 64) - 1
+
+#: Where an error is, for its message: a string, a page id (``page N``), or a callable building
+#: one. The callable is only called when an error is raised: hot paths never format locations.
+Where = str | int | Callable[[], str]
+
+
+def where_text(where: Where) -> str:
+    """The text of a :data:`Where`."""
+    if isinstance(where, str):
+        return where
+    if isinstance(where, int):
+        return f"page {where}"
+    return where()
 
 
 def fnv1a64(data: bytes) -> int:
@@ -69,6 +88,14 @@ class _Layout:
         self.bucket_header = struct.Struct(order + "QQ")
         self.element = struct.Struct(order + "IIII")
         self.branch_element = struct.Struct(order + "IIQ")
+        self._elements: dict[int, struct.Struct] = {}
+
+    def elements(self, count: int) -> struct.Struct:
+        """The struct of a leaf element array of ``count`` elements, flattened (cached)."""
+        found = self._elements.get(count)
+        if found is None:
+            found = self._elements[count] = struct.Struct(f"{self.order}{4 * count}I")
+        return found
 
 
 _LAYOUTS = {b"\xed\xda\x0c\xed": _Layout("<"), b"\xed\x0c\xda\xed": _Layout(">")}
@@ -105,15 +132,34 @@ class Meta:
         return cls(page_size, root, seq, freelist, pgid, txid, bytes(raw[:META_SIZE]), layout)
 
 
-class _Leaf:
-    """A parsed leaf page: parallel lists of keys, element flags and values."""
+class Leaf:
+    """A parsed leaf page: parallel lists of keys, element flags and values.
 
-    __slots__ = ("flags", "keys", "values")
+    ``end`` is the offset in the parsed buffer just past the last element's data: the leaf is a
+    function of the buffer's bytes up to ``end`` (and of the byte order) alone. ``shape`` is an
+    opaque token or None: leaves parsed in one transaction with the same token have the same
+    keys, element flags and value positions (so a reader may cache per shape what it derives
+    from keys and flags alone).
+    """
 
-    def __init__(self, keys: list[bytes], flags: list[int], values: list[bytes]) -> None:
+    __slots__ = ("end", "flags", "keys", "shape", "values")
+
+    def __init__(
+        self,
+        keys: list[bytes],
+        flags: list[int],
+        values: list[bytes],
+        end: int = 0,
+        shape: object = None,
+    ) -> None:
         self.keys = keys
         self.flags = flags
         self.values = values
+        self.end = end
+        self.shape = shape
+
+
+_Leaf = Leaf
 
 
 class _Branch:
@@ -126,7 +172,21 @@ class _Branch:
         self.children = children
 
 
-_Node = _Leaf | _Branch
+_Node = Leaf | _Branch
+
+
+class _Shape:
+    """A checked leaf layout: one struct extracting every key and value, and the keys seen."""
+
+    __slots__ = ("end", "extract", "flags", "keys")
+
+    def __init__(
+        self, extract: struct.Struct, keys: tuple[bytes, ...], flags: list[int], end: int
+    ) -> None:
+        self.extract = extract
+        self.keys = keys
+        self.flags = flags
+        self.end = end
 
 
 class Tx:
@@ -140,6 +200,7 @@ class Tx:
         self._page_size = meta.page_size
         self._pgid = meta.pgid
         self._cache: dict[int, _Node] = {}
+        self._shapes: dict[bytes, _Shape] = {}
         if meta.root < 2 or meta.root >= meta.pgid:
             raise self.error(f"root page {meta.root} outside [2, {meta.pgid})")
         if meta.pgid * meta.page_size > file_size:
@@ -152,6 +213,11 @@ class Tx:
     def txid(self) -> int:
         """The transaction id this view reads."""
         return self.meta.txid
+
+    @property
+    def byte_order(self) -> str:
+        """The file's byte order as a struct prefix (``<`` or ``>``)."""
+        return self._layout.order
 
     def error(self, what: str) -> BoltFormatError:
         """A format error naming the file and transaction."""
@@ -167,10 +233,28 @@ class Tx:
         cached = self._cache.get(pgid)
         if cached is not None:
             return cached
+        buf, flags, count = self.read_page(pgid)
+        node = self.parse_page(buf, flags, count, pgid)
+        if len(self._cache) >= NODE_CACHE_SIZE:
+            del self._cache[next(iter(self._cache))]
+        self._cache[pgid] = node
+        return node
+
+    def read_page(self, pgid: int) -> tuple[bytes, int, int]:
+        """Page ``pgid`` and its overflow pages, unparsed and uncached: (bytes, flags, count).
+
+        The page id is bounds-checked, the header must name ``pgid`` and the overflow must stay
+        below the high-water mark; the element array is not looked at (see :meth:`parse_page`).
+        """
         if pgid < 2 or pgid >= self._pgid:
             raise self.error(f"page {pgid} outside [2, {self._pgid})")
         ps = self._page_size
-        buf = self._pread(ps, pgid * ps, pgid)
+        try:
+            buf = os.pread(self._fd, ps, pgid * ps)
+        except OSError as exc:
+            raise ContainerdError(f"{self._name}: reading page {pgid}: {exc.strerror}") from exc
+        if len(buf) != ps:
+            raise self.error(f"short read of page {pgid} ({len(buf)} of {ps} bytes)")
         page_id, flags, count, overflow = self._layout.page_header.unpack_from(buf, 0)
         if page_id != pgid:
             raise self.error(f"page {pgid} has header id {page_id}")
@@ -178,11 +262,7 @@ class Tx:
             if pgid + overflow >= self._pgid:
                 raise self.error(f"page {pgid} overflow {overflow} runs past {self._pgid}")
             buf = self._pread((overflow + 1) * ps, pgid * ps, pgid)
-        node = self.parse_page(buf, flags, count, f"page {pgid}")
-        if len(self._cache) >= NODE_CACHE_SIZE:
-            del self._cache[next(iter(self._cache))]
-        self._cache[pgid] = node
-        return node
+        return buf, flags, count
 
     def _pread(self, size: int, offset: int, pgid: int) -> bytes:
         try:
@@ -193,50 +273,97 @@ class Tx:
             raise self.error(f"short read of page {pgid} ({len(buf)} of {size} bytes)")
         return buf
 
-    def parse_page(self, buf: bytes, flags: int, count: int, where: str) -> _Node:
+    def parse_page(self, buf: bytes, flags: int, count: int, where: Where) -> _Node:
         """Decode the element array of a branch or leaf page image held in ``buf``."""
+        if flags == FLAG_LEAF:
+            return self.parse_leaf(buf, 0, count, where)
         end = PAGE_HEADER_SIZE + ELEMENT_SIZE * count
         if end > len(buf):
-            raise self.error(f"{where}: {count} elements overflow the page")
+            raise self.error(f"{where_text(where)}: {count} elements overflow the page")
         if flags == FLAG_BRANCH:
             return self._parse_branch(buf, count, where)
-        if flags == FLAG_LEAF:
-            return self._parse_leaf(buf, count, where)
-        raise self.error(f"{where}: unexpected page flags {flags:#x}")
+        raise self.error(f"{where_text(where)}: unexpected page flags {flags:#x}")
 
-    def _parse_leaf(self, buf: bytes, count: int, where: str) -> _Leaf:
-        keys: list[bytes] = []
-        flags_out: list[int] = []
-        values: list[bytes] = []
+    def parse_leaf(self, buf: bytes, offset: int, count: int, where: Where) -> Leaf:
+        """Decode the ``count`` elements of the leaf page image at ``buf[offset:]``.
+
+        Every element must lie inside ``buf``, after the element array and after the previous
+        element's data (no overlap, so the copies never exceed the page), with a non-empty key
+        greater than the previous one.
+
+        Those checks depend on the element array, the keys and the length of ``buf`` only. A
+        small leaf whose element array was checked before in this transaction (10,000 image
+        buckets share a few) is therefore only checked for fitting in ``buf`` and for having
+        the same keys; everything else is fully checked again.
+        """
         size = len(buf)
-        elements = self._layout.element.iter_unpack(
-            buf[PAGE_HEADER_SIZE : PAGE_HEADER_SIZE + ELEMENT_SIZE * count]
-        )
-        base = PAGE_HEADER_SIZE
-        floor = PAGE_HEADER_SIZE + ELEMENT_SIZE * count  # data starts after the elements
+        base = offset + PAGE_HEADER_SIZE
+        floor = base + ELEMENT_SIZE * count  # data starts after the elements
+        if floor > size:
+            raise self.error(f"{where_text(where)}: {count} elements overflow the page")
+        elements = b""
+        if 0 < count <= _SHAPE_MAX_COUNT:
+            elements = buf[base:floor]
+            shape = self._shapes.get(elements)
+            if shape is not None and offset + shape.end <= size:
+                parts = shape.extract.unpack_from(buf, offset)
+                keys_seen = parts[0::2]
+                if keys_seen == shape.keys:
+                    return Leaf(
+                        list(keys_seen),
+                        list(shape.flags),
+                        list(parts[1::2]),
+                        offset + shape.end,
+                        shape,
+                    )
+        layout = self._layout
+        if count <= _ELEMENT_STRUCTS:
+            flat = layout.elements(count).unpack_from(buf, base)
+        else:
+            flat = struct.unpack_from(f"{layout.order}{4 * count}I", buf, base)
+        keys: list[bytes] = []
+        values: list[bytes] = []
         prev = b""
-        for eflags, pos, ksize, vsize in elements:
-            start = base + pos
-            mid = start + ksize
-            stop = mid + vsize
-            if ksize == 0 or stop > size:
-                raise self.error(f"{where}: element at {base} out of bounds")
+        for i in range(1, 4 * count, 4):
+            start = base + flat[i]
+            mid = start + flat[i + 1]
+            stop = mid + flat[i + 2]
+            if mid == start or stop > size:
+                raise self.error(f"{where_text(where)}: element at {base - offset} out of bounds")
             if start < floor:
-                raise self.error(f"{where}: element at {base} overlaps earlier data")
+                raise self.error(
+                    f"{where_text(where)}: element at {base - offset} overlaps earlier data"
+                )
             floor = stop
             key = buf[start:mid]
             if key <= prev:
-                raise self.error(f"{where}: keys not in ascending order")
+                raise self.error(f"{where_text(where)}: keys not in ascending order")
             prev = key
             keys.append(key)
-            flags_out.append(eflags)
             values.append(buf[mid:stop])
             base += ELEMENT_SIZE
-        return _Leaf(keys, flags_out, values)
+        leaf = Leaf(keys, list(flat[0::4]), values, floor)
+        if elements and len(self._shapes) < _SHAPES_PER_TX:
+            leaf.shape = self._shapes[elements] = self._shape(flat, leaf, offset)
+        return leaf
 
-    def _parse_branch(self, buf: bytes, count: int, where: str) -> _Branch:
+    @staticmethod
+    def _shape(flat: tuple[int, ...], leaf: Leaf, offset: int) -> _Shape:
+        """The layout of a leaf that passed every check, relative to its page start."""
+        fmt = ["<"]
+        cursor = 0
+        element = PAGE_HEADER_SIZE
+        for i in range(1, len(flat), 4):
+            start = element + flat[i]
+            fmt.append(f"{start - cursor}x{flat[i + 1]}s{flat[i + 2]}s")
+            cursor = start + flat[i + 1] + flat[i + 2]
+            element += ELEMENT_SIZE
+        assert cursor == leaf.end - offset
+        return _Shape(struct.Struct("".join(fmt)), tuple(leaf.keys), leaf.flags[:], cursor)
+
+    def _parse_branch(self, buf: bytes, count: int, where: Where) -> _Branch:
         if count == 0:
-            raise self.error(f"{where}: empty branch page")
+            raise self.error(f"{where_text(where)}: empty branch page")
         keys: list[bytes] = []
         children: list[int] = []
         size = len(buf)
@@ -250,38 +377,51 @@ class Tx:
             start = base + pos
             stop = start + ksize
             if ksize == 0 or stop > size:
-                raise self.error(f"{where}: element at {base} out of bounds")
+                raise self.error(f"{where_text(where)}: element at {base} out of bounds")
             if start < floor:
-                raise self.error(f"{where}: element at {base} overlaps earlier data")
+                raise self.error(f"{where_text(where)}: element at {base} overlaps earlier data")
             floor = stop
             key = buf[start:stop]
             if key <= prev:
-                raise self.error(f"{where}: keys not in ascending order")
+                raise self.error(f"{where_text(where)}: keys not in ascending order")
             prev = key
             keys.append(key)
             children.append(child)
             base += ELEMENT_SIZE
         return _Branch(keys, children)
 
-    def open_bucket(self, value: bytes, where: str) -> Bucket:
-        """Interpret a sub-bucket value: a page-backed root or an inline page image."""
+    def bucket_value(self, value: bytes, where: Where) -> int | Leaf:
+        """Interpret a sub-bucket value: a page-backed root's page id, or an inline leaf.
+
+        An inline bucket's leaf is parsed and checked here; it is a function of ``value`` and
+        the byte order alone, so callers may memoise it by ``value``.
+        """
         if len(value) < BUCKET_HEADER_SIZE:
-            raise self.error(f"{where}: bucket value of {len(value)} bytes")
+            raise self.error(f"{where_text(where)}: bucket value of {len(value)} bytes")
         root, _seq = self._layout.bucket_header.unpack_from(value, 0)
         if root != 0:
             if len(value) != BUCKET_HEADER_SIZE:
-                raise self.error(f"{where}: page-backed bucket value of {len(value)} bytes")
-            return Bucket(self, root, None)
-        page = value[BUCKET_HEADER_SIZE:]
-        if len(page) < PAGE_HEADER_SIZE:
-            raise self.error(f"{where}: inline bucket without a page header")
-        _id, flags, count, _overflow = self._layout.page_header.unpack_from(page, 0)
+                raise self.error(
+                    f"{where_text(where)}: page-backed bucket value of {len(value)} bytes"
+                )
+            return int(root)
+        if len(value) < BUCKET_HEADER_SIZE + PAGE_HEADER_SIZE:
+            raise self.error(f"{where_text(where)}: inline bucket without a page header")
+        _id, flags, count, _overflow = self._layout.page_header.unpack_from(
+            value, BUCKET_HEADER_SIZE
+        )
         if flags != FLAG_LEAF:
-            raise self.error(f"{where}: inline bucket is not a leaf (flags {flags:#x})")
-        node = self.parse_page(page, flags, count, f"{where} (inline)")
-        if not isinstance(node, _Leaf):
-            raise self.error(f"{where}: inline bucket is not a leaf")
-        return Bucket(self, 0, node)
+            raise self.error(f"{where_text(where)}: inline bucket is not a leaf (flags {flags:#x})")
+        return self.parse_leaf(
+            value, BUCKET_HEADER_SIZE, count, lambda: f"{where_text(where)} (inline)"
+        )
+
+    def open_bucket(self, value: bytes, where: Where) -> Bucket:
+        """Interpret a sub-bucket value: a page-backed root or an inline page image."""
+        found = self.bucket_value(value, where)
+        if isinstance(found, Leaf):
+            return Bucket(self, 0, found)
+        return Bucket(self, found, None)
 
 
 class Bucket:
@@ -289,7 +429,7 @@ class Bucket:
 
     __slots__ = ("_inline", "_root", "_tx")
 
-    def __init__(self, tx: Tx, root: int, inline: _Leaf | None) -> None:
+    def __init__(self, tx: Tx, root: int, inline: Leaf | None) -> None:
         self._tx = tx
         self._root = root
         self._inline = inline
@@ -297,7 +437,10 @@ class Bucket:
     def _where(self) -> str:
         return "inline bucket" if self._inline is not None else f"bucket at page {self._root}"
 
-    def _leaves(self) -> Iterator[_Leaf]:
+    def _key_where(self, key: bytes) -> Callable[[], str]:
+        return lambda: f"{self._where()} key {key!r}"
+
+    def _leaves(self) -> Iterator[Leaf]:
         """Yield the leaves in key order, checking for cycles and key ordering across pages."""
         if self._inline is not None:
             yield self._inline
@@ -314,7 +457,7 @@ class Bucket:
             node = tx.node(pgid)
             if node.keys and (node.keys[0] < low or (high is not None and node.keys[-1] >= high)):
                 raise tx.error(f"page {pgid}: keys outside the range its parent gives")
-            if isinstance(node, _Leaf):
+            if isinstance(node, Leaf):
                 yield node
                 continue
             keys = node.keys
@@ -335,7 +478,7 @@ class Bucket:
                     raise tx.error(f"page {pgid} is its own ancestor (cycle)")
                 path.add(pgid)
                 node = tx.node(pgid)
-                if isinstance(node, _Leaf):
+                if isinstance(node, Leaf):
                     leaf = node
                     break
                 i = bisect.bisect_right(node.keys, key) - 1
@@ -357,21 +500,31 @@ class Bucket:
         entry = self._entry(key)
         if entry is None or not entry[0] & LEAF_BUCKET:
             return None
-        return self._tx.open_bucket(entry[1], f"{self._where()} key {key!r}")
+        return self._tx.open_bucket(entry[1], self._key_where(key))
+
+    def raw_items(self) -> Iterator[tuple[bytes, int, bytes]]:
+        """Every (key, element flags, raw value) in ascending key order, sub-buckets unopened.
+
+        For readers that interpret sub-bucket values themselves (:meth:`Tx.bucket_value`);
+        the key order across pages is checked as in :meth:`items`.
+        """
+        prev = b""
+        for leaf in self._leaves():
+            keys = leaf.keys
+            if keys:
+                if keys[0] <= prev:
+                    raise self._tx.error(f"{self._where()}: keys repeat across pages")
+                prev = keys[-1]
+            yield from zip(keys, leaf.flags, leaf.values, strict=True)
 
     def items(self) -> Iterator[tuple[bytes, bytes | Bucket]]:
         """Every (key, value-or-bucket) in ascending key order."""
-        prev = b""
-        for leaf in self._leaves():
-            if leaf.keys and leaf.keys[0] <= prev:
-                raise self._tx.error(f"{self._where()}: keys repeat across pages")
-            for key, flags, value in zip(leaf.keys, leaf.flags, leaf.values, strict=True):
-                if flags & LEAF_BUCKET:
-                    yield key, self._tx.open_bucket(value, f"{self._where()} key {key!r}")
-                else:
-                    yield key, value
-            if leaf.keys:
-                prev = leaf.keys[-1]
+        open_bucket = self._tx.open_bucket
+        for key, flags, value in self.raw_items():
+            if flags & LEAF_BUCKET:
+                yield key, open_bucket(value, self._key_where(key))
+            else:
+                yield key, value
 
     def keys(self) -> Iterator[bytes]:
         """Every key in ascending order, without opening sub-buckets."""

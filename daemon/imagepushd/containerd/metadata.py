@@ -4,22 +4,42 @@ Only the subtrees a pusher needs are walked: ``v1/<namespace>/images`` and, on r
 ``v1/<namespace>/content/blob``. Values are decoded strictly; a value that does not decode is a
 :class:`MetadataFormatError`, which the bbolt snapshot treats like any structural error (retried
 while meta.db is moving, reported when it is not).
+
+Speed (10,000 images take one page each): an image or blob record is read straight from its
+bucket's leaf page (one ``pread``, one leaf parse, no :class:`Bucket` per field), inline
+sub-buckets (``target``, ``labels``, ``annotations``) are decoded once per distinct value per
+snapshot (thousands of tags share a handful of targets), and labels are decoded to text on first
+use. Every check of the general path still runs on every byte the result depends on: a memo or
+cache is only consulted with the exact bytes that were checked before. With
+``MetadataStore(reuse_records=True)`` a record also survives to the next snapshot while its page
+holds the same bytes (for a daemon that snapshots after every commit).
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
-from imagepushd.containerd.bbolt import BoltFile, Bucket, Tx
+from imagepushd.containerd.bbolt import (
+    FLAG_LEAF,
+    LEAF_BUCKET,
+    BoltFile,
+    Bucket,
+    Leaf,
+    Tx,
+    Where,
+    where_text,
+)
 from imagepushd.errors import MetadataFormatError, UnsupportedSchemaError
 from imagepushd.oci import Descriptor, is_digest
 
 log = logging.getLogger(__name__)
+
 
 META_DB = Path("io.containerd.metadata.v1.bolt") / "meta.db"
 NEWEST_KNOWN_DB_VERSION = 4
@@ -48,25 +68,84 @@ def decode_varint(data: bytes, what: str) -> int:
 
 def decode_time(data: bytes, what: str) -> datetime:
     """Decode Go's ``time.Time.MarshalBinary`` (versions 1 and 2) to an aware UTC datetime."""
-    if not data or data[0] not in (1, 2) or len(data) != (15 if data[0] == 1 else 16):
-        raise MetadataFormatError(f"{what}: invalid time encoding {data[:16].hex()}")
+    try:
+        return _time(data)
+    except MetadataFormatError as exc:
+        raise MetadataFormatError(f"{what}: {exc}") from None
+
+
+def _time(data: bytes) -> datetime:
+    """:func:`decode_time` without the value's name in errors (the caller adds it)."""
+    size = len(data)
+    if not ((size == 15 and data[0] == 1) or (size == 16 and data[0] == 2)):
+        raise MetadataFormatError(f"invalid time encoding {data[:16].hex()}")
     _version, seconds, nanos, _zone = _TIME_V1.unpack_from(data, 0)
     if not 0 <= nanos < 1_000_000_000:
-        raise MetadataFormatError(f"{what}: invalid nanoseconds {nanos}")
+        raise MetadataFormatError(f"invalid nanoseconds {nanos}")
     try:
-        return _EPOCH + timedelta(seconds=seconds - _GO_UNIX_OFFSET, microseconds=nanos // 1000)
+        return _EPOCH + timedelta(0, seconds - _GO_UNIX_OFFSET, nanos // 1000)
     except OverflowError:
-        raise MetadataFormatError(f"{what}: time out of range") from None
+        raise MetadataFormatError("time out of range") from None
 
 
 def _text(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
 
-def _string_map(bucket: Bucket | bytes | None) -> dict[str, str]:
+class StringMap(Mapping[str, str]):
+    """Read-only labels or annotations, decoded from their bucket's bytes on first access.
+
+    The bucket's structure was checked when the record was read; decoding UTF-8 with
+    replacement cannot fail, so nothing about it is deferred but the work. Equal to any mapping
+    with the same items (a ``dict`` included); ``dict(m)`` gives a plain copy.
+    """
+
+    __slots__ = ("_decoded", "_keys", "_values")
+
+    def __init__(self, keys: Sequence[bytes] = (), values: Sequence[bytes] = ()) -> None:
+        self._keys: Sequence[bytes] | None = keys
+        self._values: Sequence[bytes] = values
+        self._decoded: dict[str, str] | None = None
+
+    def _dict(self) -> dict[str, str]:
+        decoded = self._decoded
+        if decoded is None:
+            keys = self._keys
+            assert keys is not None
+            decoded = {_text(k): _text(v) for k, v in zip(keys, self._values, strict=True)}
+            self._decoded = decoded
+            self._keys, self._values = None, ()
+        return decoded
+
+    def __getitem__(self, key: str) -> str:
+        return self._dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._dict()
+
+    def __repr__(self) -> str:
+        return repr(self._dict())
+
+
+_NO_STRINGS: Mapping[str, str] = StringMap()
+
+
+def _string_map(bucket: Bucket | bytes | None) -> Mapping[str, str]:
     if not isinstance(bucket, Bucket):
-        return {}
-    return {_text(k): _text(v) for k, v in bucket.items() if isinstance(v, bytes)}
+        return _NO_STRINGS
+    keys: list[bytes] = []
+    values: list[bytes] = []
+    for k, v in bucket.items():
+        if isinstance(v, bytes):
+            keys.append(k)
+            values.append(v)
+    return StringMap(keys, values)
 
 
 @dataclass(frozen=True)
@@ -120,16 +199,32 @@ class MetadataSnapshot:
         return None
 
 
+# ---------------------------------------------------------------------- general path
+# Through Bucket objects: used for anything the page-level path below does not take (an image
+# bucket spanning several pages, a page-backed target or labels bucket).
+
+
 def _decode_target(bucket: Bucket | bytes | None, what: str) -> Descriptor:
     if not isinstance(bucket, Bucket):
         raise MetadataFormatError(f"{what}: no target bucket")
     fields = bucket.to_dict()
     digest, media_type, size = fields.get(b"digest"), fields.get(b"mediatype"), fields.get(b"size")
-    if not isinstance(digest, bytes) or not is_digest(_text(digest)):
+    return _descriptor(
+        digest if isinstance(digest, bytes) else None,
+        media_type if isinstance(media_type, bytes) else None,
+        size if isinstance(size, bytes) else None,
+        what,
+    )
+
+
+def _descriptor(
+    digest: bytes | None, media_type: bytes | None, size: bytes | None, what: str
+) -> Descriptor:
+    if digest is None or not is_digest(_text(digest)):
         raise MetadataFormatError(f"{what}: invalid target digest {digest!r:.80}")
-    if not isinstance(media_type, bytes):
+    if media_type is None:
         raise MetadataFormatError(f"{what}: target has no media type")
-    size_value = decode_varint(size, f"{what} target size") if isinstance(size, bytes) else -1
+    size_value = decode_varint(size, f"{what} target size") if size is not None else -1
     if size_value < 0:
         raise MetadataFormatError(f"{what}: invalid target size")
     return Descriptor(_text(media_type), _text(digest), size_value)
@@ -166,53 +261,362 @@ def _read_blob(namespace: str, digest: str, bucket: Bucket) -> BlobRecord:
     )
 
 
-def _read_snapshot(tx: Tx, wanted: Collection[str] | None, blobs: bool) -> MetadataSnapshot:
-    v1 = tx.root.bucket(b"v1")
-    if v1 is None:
-        raise UnsupportedSchemaError(
-            "meta.db has no v1 bucket: not containerd metadata, or a schema this tool predates"
+# ---------------------------------------------------------------------- page-level path
+
+
+class _Cached:
+    """A record and the page bytes it was decoded from (up to the leaf's last element)."""
+
+    __slots__ = ("key", "namespace", "page", "record")
+
+    def __init__(self, page: bytes, namespace: str, key: bytes, record: object) -> None:
+        self.page = page
+        self.namespace = namespace
+        self.key = key
+        self.record = record
+
+
+class _RecordCache:
+    """Records of the last snapshot by the page id of their bucket (see ``reuse_records``).
+
+    Holds only the records of the newest snapshot, each with its page's used bytes (a few
+    hundred bytes per image): bounded by the number of records, not by the file.
+    """
+
+    def __init__(self) -> None:
+        self.order = ""
+        self.pages: dict[int, _Cached] = {}
+
+
+def _key_where(where: Where, key: bytes) -> Callable[[], str]:
+    return lambda: f"{where_text(where)} key {key!r}"
+
+
+_new = object.__new__
+
+
+def _new_image(  # noqa: PLR0917 (the dataclass's own signature)
+    namespace: str,
+    name: str,
+    target: Descriptor,
+    created_at: datetime | None,
+    updated_at: datetime | None,
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+) -> ImageRecord:
+    """``ImageRecord(...)``, without the frozen dataclass ``__init__``.
+
+    That ``__init__`` calls ``object.__setattr__`` once per field: a third of the cost of
+    decoding an image. tests/test_metadata.py checks that both build the same record.
+    """
+    record = _new(ImageRecord)
+    record.__dict__.update(
+        namespace=namespace,
+        name=name,
+        target=target,
+        created_at=created_at,
+        updated_at=updated_at,
+        labels=labels,
+        annotations=annotations,
+    )
+    return record
+
+
+class _Plan:
+    """Which element of a record bucket's leaf holds which field (-1: none).
+
+    Derived from the keys and element flags alone. ``others`` are the sub-buckets the record
+    does not read; they are still opened (checked), as ``to_dict`` does on the general path.
+    A ``target`` that is a plain value is no target (an error for an image).
+    """
+
+    __slots__ = ("annotations", "created", "labels", "others", "size", "target", "updated")
+
+    def __init__(self, leaf: Leaf, *, image: bool) -> None:
+        self.target = self.labels = self.annotations = -1
+        self.created = self.updated = self.size = -1
+        self.others: list[int] = []
+        for i, (key, flags) in enumerate(zip(leaf.keys, leaf.flags, strict=True)):
+            if not flags & LEAF_BUCKET:
+                if key == b"createdat":
+                    self.created = i
+                elif key == b"updatedat":
+                    self.updated = i
+                elif key == b"size" and not image:
+                    self.size = i
+            elif key == b"target" and image:
+                self.target = i
+            elif key == b"labels":
+                self.labels = i
+            elif key == b"annotations" and image:
+                self.annotations = i
+            else:
+                self.others.append(i)
+
+
+class _Kind:
+    """How to read one kind of record: from its leaf page, or through the general path."""
+
+    __slots__ = ("decode", "general", "type")
+
+    def __init__(
+        self,
+        record_type: type,
+        decode: Callable[[str, bytes, Leaf, Where], tuple[object, bool]],
+        general: Callable[[str, str, Bucket], object],
+    ) -> None:
+        self.type = record_type
+        self.decode = decode
+        self.general = general
+
+
+class _Reader:
+    """One snapshot attempt: the page-level record path, its memos and the record cache.
+
+    Inline sub-buckets (``target``, ``labels``, ``annotations``) are memoised by their value
+    bytes: parsing, checking and decoding an inline bucket depends on nothing else (the byte
+    order is fixed within a transaction), and thousands of tags share a handful of values.
+    """
+
+    def __init__(self, tx: Tx, cache: _RecordCache | None) -> None:
+        self.tx = tx
+        self.page_size = tx.meta.page_size
+        self.targets: dict[bytes, Descriptor] = {}
+        self.maps: dict[bytes, Mapping[str, str]] = {}
+        self.image_plans: dict[object, _Plan] = {}
+        self.blob_plans: dict[object, _Plan] = {}
+        self.old: dict[int, _Cached] = {}
+        self.new: dict[int, _Cached] | None = None
+        if cache is not None:
+            self.new = {}
+            if cache.order == tx.byte_order:
+                self.old = cache.pages
+        self.image_kind = _Kind(ImageRecord, self._image, _read_image)
+        self.blob_kind = _Kind(BlobRecord, self._blob, _read_blob)
+
+    def snapshot(self, wanted: Collection[str] | None, blobs: bool) -> MetadataSnapshot:
+        tx = self.tx
+        v1 = tx.root.bucket(b"v1")
+        if v1 is None:
+            raise UnsupportedSchemaError(
+                "meta.db has no v1 bucket: not containerd metadata, or a schema this tool predates"
+            )
+        version = 0
+        namespaces: list[str] = []
+        images: list[ImageRecord] = []
+        blob_records: dict[str, dict[str, BlobRecord]] = {}
+        for key, value in v1.items():
+            if key == b"version" and isinstance(value, bytes):
+                version = decode_varint(value, "v1/version")
+                continue
+            if not isinstance(value, Bucket):
+                continue
+            namespace = _text(key)
+            namespaces.append(namespace)
+            if wanted is not None and namespace not in wanted:
+                continue
+            images_bucket = value.bucket(b"images")
+            if images_bucket is not None:
+                record, kind = self._record, self.image_kind
+                for name, flags, raw in images_bucket.raw_items():
+                    if flags & LEAF_BUCKET:
+                        images.append(cast(ImageRecord, record(kind, namespace, name, raw)))
+            if blobs:
+                content = value.bucket(b"content")
+                blob_bucket = content.bucket(b"blob") if content is not None else None
+                records: dict[str, BlobRecord] = {}
+                if blob_bucket is not None:
+                    record, kind = self._record, self.blob_kind
+                    for digest, flags, raw in blob_bucket.raw_items():
+                        if flags & LEAF_BUCKET:
+                            records[_text(digest)] = cast(
+                                BlobRecord, record(kind, namespace, digest, raw)
+                            )
+                blob_records[namespace] = records
+        return MetadataSnapshot(tx.txid, version, tuple(namespaces), tuple(images), blob_records)
+
+    def _record(self, kind: _Kind, namespace: str, key: bytes, value: bytes) -> object:
+        """The record in the sub-bucket ``value`` at ``key``, from its leaf page if it has one.
+
+        What the general path checks is checked here too: the bucket value, the page (bounds,
+        header id, overflow, flags, every element), every sub-bucket of the record and every
+        value the record holds.
+        """
+        tx = self.tx
+        where = lambda: f"namespace {namespace!r} key {key!r}"  # noqa: E731
+        found = tx.bucket_value(value, where)
+        if isinstance(found, Leaf):  # an inline record bucket (no sub-buckets, small)
+            return kind.decode(namespace, key, found, where)[0]
+        pgid = found
+        buf, page_flags, count = tx.read_page(pgid)
+        hit = self.old.get(pgid)
+        if (
+            hit is not None
+            and hit.key == key
+            and hit.namespace == namespace
+            and type(hit.record) is kind.type
+            and buf.startswith(hit.page)
+        ):
+            # These bytes decoded to this record in the last snapshot, every check passed then;
+            # the bucket value and the page header were checked again above.
+            if self.new is not None:
+                self.new[pgid] = hit
+            return hit.record
+        if page_flags != FLAG_LEAF:  # a bucket spanning pages, or a bad flag: general path
+            return kind.general(namespace, _text(key), Bucket(tx, pgid, None))
+        leaf = tx.parse_leaf(buf, 0, count, pgid)
+        record, self_contained = kind.decode(namespace, key, leaf, pgid)
+        if self.new is not None and self_contained and len(buf) == self.page_size:
+            self.new[pgid] = _Cached(buf[: leaf.end], namespace, key, record)
+        return record
+
+    def _image(
+        self, namespace: str, key: bytes, leaf: Leaf, where: Where
+    ) -> tuple[ImageRecord, bool]:
+        """An image bucket's record (as :func:`_read_image`) and whether it is all in ``leaf``.
+
+        Every sub-bucket is opened (checked) before any value is decoded, as ``to_dict`` does
+        on the general path.
+        """
+        tx = self.tx
+        plan = self._plan(leaf, image=True)
+        values = leaf.values
+        for i in plan.others:
+            tx.bucket_value(values[i], _key_where(where, leaf.keys[i]))
+        target = new_target = None
+        if plan.target >= 0:
+            value = values[plan.target]
+            target = self.targets.get(value)
+            if target is None:
+                new_target = (value, tx.bucket_value(value, _key_where(where, b"target")))
+        labels, new_labels = self._open_map(leaf, plan.labels, where)
+        annotations, new_annotations = self._open_map(leaf, plan.annotations, where)
+        name = _text(key)
+        if plan.target < 0:
+            raise MetadataFormatError(f"image {namespace}/{name}: no target bucket")
+        self_contained = True
+        if new_target is not None:
+            value, found = new_target
+            if isinstance(found, Leaf):
+                target = self.targets[value] = self._target(found, f"image {namespace}/{name}")
+            else:
+                target = _decode_target(Bucket(tx, found, None), f"image {namespace}/{name}")
+                self_contained = False
+        assert target is not None
+        created = values[plan.created] if plan.created >= 0 else None
+        updated = values[plan.updated] if plan.updated >= 0 else None
+        try:
+            created_at = _time(created) if created else None
+        except MetadataFormatError as exc:
+            raise MetadataFormatError(f"image {namespace}/{name} createdat: {exc}") from None
+        try:
+            updated_at = created_at if updated == created else (_time(updated) if updated else None)
+        except MetadataFormatError as exc:
+            raise MetadataFormatError(f"image {namespace}/{name} updatedat: {exc}") from None
+        if new_labels is not None:
+            labels, contained = self._map(*new_labels)
+            self_contained = self_contained and contained
+        if new_annotations is not None:
+            annotations, contained = self._map(*new_annotations)
+            self_contained = self_contained and contained
+        record = _new_image(namespace, name, target, created_at, updated_at, labels, annotations)
+        return record, self_contained
+
+    def _blob(
+        self, namespace: str, key: bytes, leaf: Leaf, where: Where
+    ) -> tuple[BlobRecord, bool]:
+        """A blob bucket's record (as :func:`_read_blob`) and whether it is all in ``leaf``."""
+        tx = self.tx
+        plan = self._plan(leaf, image=False)
+        values = leaf.values
+        for i in plan.others:
+            tx.bucket_value(values[i], _key_where(where, leaf.keys[i]))
+        labels, new_labels = self._open_map(leaf, plan.labels, where)
+        digest = _text(key)
+        what = f"blob {namespace}/{digest}"
+        size = decode_varint(values[plan.size], f"{what} size") if plan.size >= 0 else -1
+        created = values[plan.created] if plan.created >= 0 else None
+        updated = values[plan.updated] if plan.updated >= 0 else None
+        created_at = _optional_time(created, f"{what} createdat")
+        updated_at = (
+            created_at if updated == created else _optional_time(updated, f"{what} updatedat")
         )
-    version = 0
-    namespaces: list[str] = []
-    images: list[ImageRecord] = []
-    blob_records: dict[str, dict[str, BlobRecord]] = {}
-    for key, value in v1.items():
-        if key == b"version" and isinstance(value, bytes):
-            version = decode_varint(value, "v1/version")
-            continue
-        if not isinstance(value, Bucket):
-            continue
-        namespace = _text(key)
-        namespaces.append(namespace)
-        if wanted is not None and namespace not in wanted:
-            continue
-        images_bucket = value.bucket(b"images")
-        if images_bucket is not None:
-            for name, image in images_bucket.buckets():
-                images.append(_read_image(namespace, _text(name), image))
-        if blobs:
-            content = value.bucket(b"content")
-            blob_bucket = content.bucket(b"blob") if content is not None else None
-            records: dict[str, BlobRecord] = {}
-            if blob_bucket is not None:
-                for digest, record in blob_bucket.buckets():
-                    text = _text(digest)
-                    records[text] = _read_blob(namespace, text, record)
-            blob_records[namespace] = records
-    return MetadataSnapshot(tx.txid, version, tuple(namespaces), tuple(images), blob_records)
+        self_contained = True
+        if new_labels is not None:
+            labels, self_contained = self._map(*new_labels)
+        return BlobRecord(digest, size, created_at, updated_at, labels), self_contained
+
+    def _plan(self, leaf: Leaf, *, image: bool) -> _Plan:
+        """Where the fields are in ``leaf``, cached per leaf shape (same keys and flags)."""
+        plans = self.image_plans if image else self.blob_plans
+        shape = leaf.shape
+        plan = plans.get(shape) if shape is not None else None
+        if plan is None:
+            plan = _Plan(leaf, image=image)
+            if shape is not None:
+                plans[shape] = plan
+        return plan
+
+    def _open_map(
+        self, leaf: Leaf, index: int, where: Where
+    ) -> tuple[Mapping[str, str], tuple[bytes, int | Leaf] | None]:
+        """A memoised map at ``leaf.values[index]``, or its opened (checked) bucket to decode."""
+        if index < 0:
+            return _NO_STRINGS, None
+        value = leaf.values[index]
+        mapping = self.maps.get(value)
+        if mapping is not None:
+            return mapping, None
+        return _NO_STRINGS, (
+            value,
+            self.tx.bucket_value(value, _key_where(where, leaf.keys[index])),
+        )
+
+    def _target(self, leaf: Leaf, what: str) -> Descriptor:
+        """The descriptor in an inline ``target`` bucket (as :func:`_decode_target`)."""
+        digest = media_type = size = None
+        for key, flags, value in zip(leaf.keys, leaf.flags, leaf.values, strict=True):
+            if flags & LEAF_BUCKET:
+                self.tx.bucket_value(value, _key_where(lambda: f"{what} target", key))
+            elif key == b"digest":
+                digest = value
+            elif key == b"mediatype":
+                media_type = value
+            elif key == b"size":
+                size = value
+        return _descriptor(digest, media_type, size, what)
+
+    def _map(self, value: bytes, found: int | Leaf) -> tuple[Mapping[str, str], bool]:
+        """Labels or annotations (as :func:`_string_map`), and whether they were inline."""
+        tx = self.tx
+        if not isinstance(found, Leaf):
+            return _string_map(Bucket(tx, found, None)), False
+        if any(flags & LEAF_BUCKET for flags in found.flags):
+            mapping = _string_map(Bucket(tx, 0, found))  # opens (checks) the nested buckets
+        else:
+            mapping = StringMap(found.keys, found.values)
+        self.maps[value] = mapping
+        return mapping, True
 
 
 class MetadataStore:
-    """containerd's metadata database, read without locks."""
+    """containerd's metadata database, read without locks.
 
-    def __init__(self, bolt: BoltFile) -> None:
+    ``reuse_records`` keeps the records of the last snapshot with the page bytes they came
+    from; the next snapshot reuses a record whose page still holds the same bytes (at the same
+    page id, for the same name) instead of decoding it again. Pages are still read and their
+    headers checked every time; the cache holds only the newest snapshot's records.
+    """
+
+    def __init__(self, bolt: BoltFile, *, reuse_records: bool = False) -> None:
         self._bolt = bolt
         self._warned_version = 0
+        self._cache = _RecordCache() if reuse_records else None
 
     @classmethod
-    def at_root(cls, root: Path) -> MetadataStore:
+    def at_root(cls, root: Path, *, reuse_records: bool = False) -> MetadataStore:
         """The metadata store of the containerd root ``root``."""
-        return cls(BoltFile(root / META_DB))
+        return cls(BoltFile(root / META_DB), reuse_records=reuse_records)
 
     @property
     def path(self) -> Path:
@@ -235,7 +639,16 @@ class MetadataStore:
         ``namespaces`` None means all; names that do not exist are simply absent.
         """
         wanted = None if namespaces is None else frozenset(namespaces)
-        snap = self._bolt.view(lambda tx: _read_snapshot(tx, wanted, blobs))
+        cache = self._cache
+
+        def attempt(tx: Tx) -> tuple[MetadataSnapshot, _Reader]:
+            reader = _Reader(tx, cache)
+            return reader.snapshot(wanted, blobs), reader
+
+        snap, reader = self._bolt.view(attempt)
+        if cache is not None and reader.new is not None:
+            cache.order = reader.tx.byte_order
+            cache.pages = reader.new
         if snap.db_version < 1:
             raise UnsupportedSchemaError(
                 f"{self.path}: containerd metadata version {snap.db_version} is not supported"
