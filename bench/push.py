@@ -1,0 +1,474 @@
+"""Benchmark: pushing large images with ``imagepushd push`` against ``ctr images push``.
+
+Run as root from the repository: ``.venv/bin/python bench/push.py [--sizes 1,8] [--rounds 2]``.
+
+For each size in GiB it builds one single-platform image of random, incompressible layers
+(1 GiB: 4 x 256 MiB; N GiB otherwise: N x 1 GiB), file-backed so that no layer is ever held in
+memory, and imports it into a private containerd (tests/support/containerd.py) with
+``ctr images import --no-unpack`` (the archive and the layer files are deleted right after).
+One real docker-registry (tests/support/registry.py) then receives, per size and round:
+
+- ``imagepushd push IMAGE HOST/repo:latest --root ROOT --plain-http --json`` (default 16 MiB
+  chunks), and the same with ``--chunk-size 64MiB`` (variant ``ipd64``);
+- ``ctr -a SOCK images push --plain-http HOST/repo:latest IMAGE``;
+
+alternating the order every round (round 1: imagepushd first, round 2: ctr first). Every run
+goes to a fresh repository, so no blob is skipped (HEAD answers 404) and none is mounted
+(imported images carry no ``distribution.source`` labels; the registry's access log is checked
+for ``mount=`` requests and for one committed upload per blob). Each run is a child process:
+wall time, CPU time (user+sys from ``os.wait4`` of that child) and its peak RSS (``ru_maxrss``);
+containerd's and the registry's own CPU time over the run are read from /proc as well (``ctr``
+reads content through containerd's gRPC content service; imagepushd reads the blob files). The
+pushed manifest is fetched back and its sha256 compared with the source digest.
+
+Targets, on the medians of the rounds: wall(imagepushd)/wall(ctr) <= 1.0, CPU(imagepushd)/
+CPU(ctr) <= 1.2 (client processes only), imagepushd peak RSS <= 80 MiB. Everything (containerd
+root, registry storage, archives) lives in one temporary directory removed at the end; the run
+refuses to start with less than 4x the total image size free there. Exit status 1 if a target
+is missed.
+
+``--variants ipd,ctr`` drops the 64 MiB variant. ``--profile`` (needs ``.venv/bin/pip install
+py-spy``) pushes the first image once more under ``py-spy record --idle`` and prints how the
+main and blob worker threads spend their time (waiting for the registry's answer, socket send,
+hashing, file reads, imports, pool waits) and the busiest lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support.containerd import Containerd  # noqa: E402
+from tests.support.images import Blob, ImageBuilder  # noqa: E402
+from tests.support.registry import Registry  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+DISK_FACTOR = 4
+WALL_TARGET = 1.0
+CPU_TARGET = 1.2
+RSS_TARGET_MIB = 80.0
+VARIANTS = ("ipd", "ipd64", "ctr")
+LABELS = {"ipd": "imagepushd", "ipd64": "imagepushd 64MiB", "ctr": "ctr images push"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class SourceImage:
+    size_gib: int
+    name: str
+    manifest: Blob
+    blobs: int
+    layer_count: int
+    layer_size: int
+    content_bytes: int
+
+
+@dataclass
+class Run:
+    variant: str
+    round: int
+    repo: str
+    wall: float
+    user: float
+    sys: float
+    rss_mib: float
+    containerd_cpu: float
+    registry_cpu: float
+    uploads: int
+    patches: int
+    mounts: int
+    detail: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.sys
+
+
+def layout(size_gib: int) -> tuple[int, int]:
+    """(layer count, layer size) for an image of ``size_gib`` GiB."""
+    if size_gib == 1:
+        return 4, 256 * MiB
+    return size_gib, GiB
+
+
+def build_and_import(containerd: Containerd, workdir: Path, size_gib: int) -> SourceImage:
+    count, layer_size = layout(size_gib)
+    b = ImageBuilder()
+    started = time.perf_counter()
+    layers = [
+        b.layer_file(workdir / f"layer-{size_gib}g-{i}", layer_size, f"bench/push/{size_gib}/{i}")
+        for i in range(count)
+    ]
+    manifest = b.manifest(layers)
+    name = f"bench.local/push/{size_gib}g:1"
+    archive = workdir / f"image-{size_gib}g.tar"
+    b.write_oci_archive(archive, {name: manifest})
+    for layer in layers:
+        layer.path.unlink()
+    built = time.perf_counter()
+    try:
+        containerd.import_archive(archive)
+    finally:
+        archive.unlink(missing_ok=True)
+    imported = time.perf_counter()
+    blobs = b.blobs_of(manifest)
+    print(
+        f"built {name}: {count} x {layer_size // MiB} MiB layers in {built - started:.1f}s, "
+        f"imported in {imported - built:.1f}s",
+        flush=True,
+    )
+    return SourceImage(
+        size_gib=size_gib,
+        name=name,
+        manifest=manifest,
+        blobs=len(blobs) - 1,  # layers and config, not the manifest itself
+        layer_count=count,
+        layer_size=layer_size,
+        content_bytes=sum(blob.size for blob in blobs),
+    )
+
+
+def proc_cpu(pid: int | None) -> float:
+    """user+sys seconds of a running process (0 if unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return 0.0
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def run_child(cmd: list[str], out: Path) -> tuple[int, float, float, float, float]:
+    """Run ``cmd``; return (exit code, wall s, user s, sys s, peak RSS MiB) of that child."""
+    with out.open("wb") as sink:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code  # reaped here, not by Popen
+    return code, wall, usage.ru_utime, usage.ru_stime, usage.ru_maxrss / 1024
+
+
+def push_once(
+    variant: str,
+    rnd: int,
+    image: SourceImage,
+    containerd: Containerd,
+    registry: Registry,
+    workdir: Path,
+) -> Run:
+    repo = f"bench/push-{image.size_gib}g-{variant}-r{rnd}"
+    target = f"{registry.host}/{repo}:latest"
+    if variant == "ctr":
+        ctr = shutil.which("ctr")
+        assert ctr is not None
+        cmd = [ctr, "-a", str(containerd.socket), "-n", "default"]
+        cmd += ["images", "push", "--plain-http", target, image.name]
+    else:
+        cmd = [str(REPO / ".venv/bin/imagepushd"), "push", image.name, target]
+        cmd += ["--root", str(containerd.root), "--plain-http", "--json"]
+        if variant == "ipd64":
+            cmd += ["--chunk-size", "64MiB"]
+    os.sync()  # flush the previous run's registry writes outside the timing
+    mark = registry.log_mark()
+    ctrd0, reg0 = proc_cpu(containerd.pid), proc_cpu(registry.pid)
+    out = workdir / f"{repo.replace('/', '_')}.out"
+    code, wall, user, system, rss = run_child(cmd, out)
+    ctrd1, reg1 = proc_cpu(containerd.pid), proc_cpu(registry.pid)
+    text = out.read_text(errors="replace")
+    out.unlink()
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} exited {code}:\n{text[-3000:]}")
+    pushed = registry.manifest(f"{repo}:latest")
+    digest = "sha256:" + hashlib.sha256(pushed).hexdigest()
+    if digest != image.manifest.digest:
+        raise SystemExit(f"{repo}: registry holds {digest}, source is {image.manifest.digest}")
+    requests = registry.requests(since=mark)
+    uploads = sum(
+        1
+        for r in requests
+        if r["method"] == "PUT" and "/blobs/uploads/" in r["path"] and r["status"] == 201
+    )
+    patches = sum(1 for r in requests if r["method"] == "PATCH")
+    mounts = sum(1 for r in requests if "mount=" in r["query"])
+    if mounts or uploads != image.blobs:
+        raise SystemExit(
+            f"{repo}: {uploads} blob uploads committed (expected {image.blobs}), "
+            f"{mounts} mount requests: the run did not upload everything"
+        )
+    detail: dict[str, object] = {}
+    if variant != "ctr":
+        result = json.loads(text)
+        detail = {k: result.get(k) for k in ("pushed_blobs", "mounted_blobs", "skipped_blobs")}
+        if detail != {"pushed_blobs": image.blobs, "mounted_blobs": 0, "skipped_blobs": 0}:
+            raise SystemExit(f"{repo}: imagepushd reports {detail}, expected every blob pushed")
+        if result.get("digest") != image.manifest.digest:
+            raise SystemExit(f"{repo}: imagepushd reports digest {result.get('digest')}")
+    return Run(
+        variant=variant,
+        round=rnd,
+        repo=repo,
+        wall=wall,
+        user=user,
+        sys=system,
+        rss_mib=rss,
+        containerd_cpu=ctrd1 - ctrd0,
+        registry_cpu=reg1 - reg0,
+        uploads=uploads,
+        patches=patches,
+        mounts=mounts,
+        detail=detail,
+    )
+
+
+def tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def report(image: SourceImage, runs: list[Run], registry: Registry, expected: int) -> bool:
+    print(
+        f"\n=== {image.size_gib} GiB image: {image.layer_count} x {image.layer_size // MiB} MiB "
+        f"layers + config ({image.content_bytes / GiB:.3f} GiB), "
+        f"{max(r.round for r in runs)} rounds ==="
+    )
+    print("runs (in order):")
+    print(
+        f"  {'rnd':>3} {'client':<17}{'wall s':>8}{'CPU s':>8}{'user':>7}{'sys':>6}{'RSS MiB':>9}"
+        f"{'ctrd CPU':>10}{'reg CPU':>9}{'PATCH':>7}{'PUT':>5}{'mount':>6}"
+    )
+    for r in runs:
+        print(
+            f"  {r.round:>3} {LABELS[r.variant]:<17}{r.wall:>8.2f}{r.cpu:>8.2f}{r.user:>7.2f}"
+            f"{r.sys:>6.2f}{r.rss_mib:>9.1f}"
+            f"{r.containerd_cpu:>10.2f}{r.registry_cpu:>9.2f}{r.patches:>7}{r.uploads:>5}"
+            f"{r.mounts:>6}"
+        )
+    med: dict[str, dict[str, float]] = {}
+    for variant in dict.fromkeys(r.variant for r in runs):
+        mine = [r for r in runs if r.variant == variant]
+        med[variant] = {
+            "wall": statistics.median(r.wall for r in mine),
+            "cpu": statistics.median(r.cpu for r in mine),
+            "rss": max(r.rss_mib for r in mine),
+            "ctrd": statistics.median(r.containerd_cpu for r in mine),
+            "reg": statistics.median(r.registry_cpu for r in mine),
+        }
+    base = med["ctr"]
+    print("medians (peak RSS: max over rounds); ratios against ctr images push:")
+    print(
+        f"  {'client':<17}{'wall s':>8}{'CPU s':>8}{'RSS MiB':>9}{'ctrd CPU':>10}"
+        f"{'reg CPU':>9}{'MB/s':>7}{'wall x':>8}{'CPU x':>7}{'CPU+ctrd x':>11}"
+    )
+    for variant, m in med.items():
+        own = m["cpu"] + m["ctrd"]
+        print(
+            f"  {LABELS[variant]:<17}{m['wall']:>8.2f}{m['cpu']:>8.2f}{m['rss']:>9.1f}"
+            f"{m['ctrd']:>10.2f}{m['reg']:>9.2f}{image.content_bytes / m['wall'] / 1e6:>7.0f}"
+            f"{m['wall'] / base['wall']:>8.2f}{m['cpu'] / base['cpu']:>7.2f}"
+            f"{own / (base['cpu'] + base['ctrd']):>11.2f}"
+        )
+    ok = True
+    print("targets (imagepushd, default chunk size):")
+    ipd = med["ipd"]
+    checks = [
+        (f"wall ratio <= {WALL_TARGET}", ipd["wall"] / base["wall"], WALL_TARGET, ""),
+        (f"CPU ratio <= {CPU_TARGET}", ipd["cpu"] / base["cpu"], CPU_TARGET, ""),
+        (f"peak RSS <= {RSS_TARGET_MIB:.0f} MiB", ipd["rss"], RSS_TARGET_MIB, " MiB"),
+    ]
+    for name, value, limit, unit in checks:
+        ok &= value <= limit
+        print(f"  {name:<22}{verdict(value <= limit)}  ({value:.2f}{unit})")
+    data = tree_bytes(registry.data_dir)
+    blobs = tree_bytes(registry.data_dir / "docker/registry/v2/blobs")
+    print(
+        f"registry data: {data / GiB:.3f} GiB in all, blob store {blobs / GiB:.3f} GiB for "
+        f"{expected / GiB:.3f} GiB of distinct content pushed so far "
+        f"({len(runs)} pushes of this image): "
+        + ("no duplication" if blobs <= expected + 16 * MiB else "DUPLICATED")
+    )
+    return ok
+
+
+#: py-spy frame markers, checked in order: the first that occurs in a stack names its category.
+PROFILE_CATEGORIES = (
+    ("importing modules", ("_find_and_load",)),
+    ("waiting for the registry's answer", ("_receive_response_headers",)),
+    ("socket send (blocked or copying)", ("SyncStream.write",)),
+    ("pread of the blob file", ("_Transfer.read",)),
+    ("thread pool / queue wait", ("Condition.wait", "Event.wait", "Lock.acquire")),
+)
+
+
+def categorise(frames: list[str]) -> str:
+    for name, markers in PROFILE_CATEGORIES:
+        if any(marker in frame for frame in frames for marker in markers):
+            return name
+    leaf = frames[-1]
+    if leaf.startswith("_Body._stream"):
+        return "sha256 update (_Body._stream)"
+    if leaf.startswith("_worker (") or leaf.startswith("thread ("):
+        return "thread pool / queue wait"
+    if any(lib in frame for frame in frames[-3:] for lib in ("httpcore/", "h11/", "httpx/")):
+        return "httpx / httpcore / h11"
+    return "other Python"
+
+
+def profile_push(
+    image: SourceImage, containerd: Containerd, registry: Registry, workdir: Path, rate: int
+) -> None:
+    """One imagepushd push under ``py-spy record --idle``: where each thread's time goes."""
+    pyspy = REPO / ".venv/bin/py-spy"
+    if not pyspy.exists():
+        print("\n--profile: py-spy not found; install it with .venv/bin/pip install py-spy")
+        return
+    raw = workdir / "py-spy.txt"
+    repo = f"bench/push-{image.size_gib}g-profile"
+    cmd = [str(pyspy), "record", "--idle", "--threads", "-r", str(rate), "--format", "raw"]
+    cmd += ["-o", str(raw), "--", str(REPO / ".venv/bin/imagepushd"), "push", image.name]
+    cmd += [
+        f"{registry.host}/{repo}:latest",
+        "--root",
+        str(containerd.root),
+        "--plain-http",
+        "--json",
+    ]
+    os.sync()
+    code, wall, *_ = run_child(cmd, workdir / "py-spy.out")
+    if code != 0:
+        print(f"\n--profile: py-spy exited {code}: {(workdir / 'py-spy.out').read_text()[-2000:]}")
+        return
+    groups: dict[str, dict[str, int]] = {}
+    leaves: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = stack.split(";")
+        group = "blob worker threads" if "blob_" in frames[0] else "main thread"
+        category = categorise(frames)
+        per = groups.setdefault(group, {})
+        per[category] = per.get(category, 0) + int(count)
+        if category not in ("thread pool / queue wait", "waiting for the registry's answer"):
+            leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
+    print(
+        f"\nprofile: one imagepushd push of the {image.size_gib} GiB image under py-spy "
+        f"({rate} Hz, idle included), {wall:.2f}s wall (slowed by sampling)"
+    )
+    for group, per in groups.items():
+        total = sum(per.values())
+        print(f"  {group}: {total / rate:.1f} thread-seconds")
+        for category, n in sorted(per.items(), key=lambda kv: -kv[1]):
+            print(f"    {n / total:6.1%} {n / rate:6.2f}s  {category}")
+    busy = sum(leaves.values())
+    print("  busiest lines (samples outside waits):")
+    for leaf, n in sorted(leaves.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"    {n / busy:6.1%}  {leaf}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1,8", help="image sizes in GiB (default 1,8)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"clients to run, of {','.join(VARIANTS)} (ipd and ctr are required)",
+    )
+    parser.add_argument("--workdir", type=Path, help="parent of the temporary directory")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="then push the first image once more under py-spy (.venv/bin/py-spy) and break "
+        "imagepushd's time down by thread and activity",
+    )
+    parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    variants = [v for v in args.variants.split(",") if v]
+    if not {"ipd", "ctr"} <= set(variants) or not set(variants) <= set(VARIANTS):
+        parser.error(f"--variants must include ipd and ctr, from {','.join(VARIANTS)}")
+    if os.geteuid() != 0:
+        print("bench/push.py: containerd needs root", file=sys.stderr)
+        return 2
+    for tool in ("containerd", "ctr", "docker-registry"):
+        if shutil.which(tool) is None:
+            print(f"bench/push.py: {tool} not found (apt-get install ...)", file=sys.stderr)
+            return 2
+
+    parent = args.workdir or Path(tempfile.gettempdir())
+    total = sum(sizes) * GiB
+    free = shutil.disk_usage(parent).free
+    if free < DISK_FACTOR * total:
+        print(
+            f"bench/push.py: {free / GiB:.1f} GiB free under {parent}, need about "
+            f"{DISK_FACTOR * total / GiB:.0f} GiB ({DISK_FACTOR} x {total / GiB:.0f} GiB of "
+            "images: layer files, archive, containerd content, registry storage); "
+            "free some space, pass fewer --sizes, or choose --workdir",
+            file=sys.stderr,
+        )
+        return 2
+
+    workdir = Path(tempfile.mkdtemp(prefix="imagepushd-bench-push-", dir=parent))
+    containerd = Containerd(workdir / "containerd", ctr_timeout=3600)
+    registry = Registry(workdir / "registry", log_level="warn")
+    all_ok = True
+    started = time.perf_counter()
+    try:
+        containerd.start()
+        images = [build_and_import(containerd, workdir, size) for size in sizes]
+        registry.start()
+        print(f"registry at {registry.host}; containerd root {containerd.root}", flush=True)
+        expected = 0
+        for image in images:
+            expected += image.content_bytes
+            runs: list[Run] = []
+            for rnd in range(1, args.rounds + 1):
+                order = variants if rnd % 2 else variants[::-1]
+                for variant in order:
+                    run = push_once(variant, rnd, image, containerd, registry, workdir)
+                    runs.append(run)
+                    print(
+                        f"  {image.size_gib} GiB round {rnd} {LABELS[variant]:<17} "
+                        f"{run.wall:7.2f}s wall {run.cpu:6.2f}s CPU {run.rss_mib:6.1f} MiB",
+                        flush=True,
+                    )
+            all_ok &= report(image, runs, registry, expected)
+        if args.profile:
+            profile_push(images[0], containerd, registry, workdir, args.profile_rate)
+        print(f"\ntotal time {time.perf_counter() - started:.0f}s; all targets: {verdict(all_ok)}")
+    finally:
+        registry.close()
+        containerd.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
