@@ -6,7 +6,7 @@ APT_PACKAGES := containerd docker-registry skopeo systemd-container mmdebstrap \
                 libsystemd-dev pkg-config gcc python3-dev python3-venv
 PYTEST_ARGS ?=
 
-.PHONY: apt test lint typecheck unit deps venv demo bench-scan clean
+.PHONY: apt test lint typecheck unit deps venv demo bench-scan clean deb dist
 
 ## make test: install everything needed, then lint, type-check and run the whole suite.
 test: deps lint typecheck
@@ -46,6 +46,15 @@ typecheck: venv
 
 bench-scan: deps
 	$(BIN)/python bench/scan.py
+
+## make deb: dist/imagepushd_<version>_all.deb with Debian's tooling (dh + pybuild), then lintian.
+deb:
+	bash packaging/build-deb.sh
+
+## make dist: wheel and sdist in dist/ (python -m build: the sdist, then the wheel from it).
+dist: venv
+	$(BIN)/pip install -q build
+	$(BIN)/python -m build --outdir dist .
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info daemon/*.egg-info .pytest_cache .mypy_cache .ruff_cache
