@@ -35,7 +35,7 @@ $(BIN)/imagepushd: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-LINT_PATHS := $(wildcard daemon tests bench demo)
+LINT_PATHS := $(wildcard daemon tests bench demo packaging)
 
 lint: venv
 	$(BIN)/ruff check $(LINT_PATHS)
