@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from imagepushd.blobs import BlobSource
 from imagepushd.errors import (
     BlobCorruptError,
     PushInterrupted,
@@ -27,7 +28,7 @@ from imagepushd.errors import (
 from imagepushd.oci import Descriptor
 from imagepushd.registry.client import RegistryClient
 from imagepushd.registry.credentials import Credentials
-from imagepushd.registry.upload import BlobSource, BlobUploader, MiB, Outcome
+from imagepushd.registry.upload import BlobUploader, MiB, Outcome
 from tests.support.fakeregistry import (
     OCTET_STREAM,
     FakeRegistry,

@@ -7,19 +7,22 @@ stderr; the traceback is logged only at ``--log-level debug``.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
 from imagepushd import __version__
+from imagepushd.archive import ArchiveStore
+from imagepushd.blobs import BlobStore
 from imagepushd.config import Config, ConfigError, config_path, load_config
 from imagepushd.containerd.content import ContentStore, ImageGraph, discover_root
 from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot, MetadataStore
@@ -36,7 +39,8 @@ from imagepushd.notify import Notifier
 from imagepushd.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
 from imagepushd.progress import ProgressRenderer
 from imagepushd.push import PlatformPolicy, Pusher
-from imagepushd.reference import parse_reference
+from imagepushd.reference import Reference, parse_reference
+from imagepushd.registry import login as registry_login
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import Credentials, CredentialStore
 from imagepushd.registry.upload import DEFAULT_CHUNK_SIZE, BlobUploader
@@ -280,8 +284,10 @@ def _credentials(args: argparse.Namespace, ctx: Context, host: str) -> Credentia
 
 
 def cmd_push(args: argparse.Namespace, ctx: Context) -> int:
-    """Push one image from containerd's content store to a registry."""
+    """Push one image from containerd's content store (or an archive) to a registry."""
     policy = PlatformPolicy.parse(args.platform)
+    if args.archive is not None:
+        return _push_archive(args, ctx, policy)
     store = _Store(args, ctx)
     namespace = _namespace(args, ctx)
     assert namespace is not None
@@ -297,14 +303,41 @@ def cmd_push(args: argparse.Namespace, ctx: Context) -> int:
         blob = blobs.get(descriptor.digest)
         return blob.sources().get(source_host, []) if blob is not None else []
 
+    return _push_graph(
+        args, ctx, store.content, graph, target=target, policy=policy, mount_sources=mount_sources
+    )
+
+
+def _push_archive(args: argparse.Namespace, ctx: Context, policy: PlatformPolicy) -> int:
+    """``push --archive FILE [IMAGE] TARGET``: blobs streamed from the archive, not extracted."""
+    if args.root is not None or args.namespace is not None:
+        raise UsageError("--root and -n read containerd; --archive pushes from the archive")
+    # With --archive the positionals are [IMAGE] TARGET: a lone one is the target.
+    name, target_text = (args.image, args.target) if args.target else (None, args.image)
+    target = parse_reference(target_text)
+    archive = ArchiveStore.open(args.archive)
+    image = archive.select(name)
+    graph = archive.walk(archive.target(image))
+    return _push_graph(args, ctx, archive, graph, target=target, policy=policy)
+
+
+def _push_graph(
+    args: argparse.Namespace,
+    ctx: Context,
+    content: BlobStore,
+    graph: ImageGraph,
+    *,
+    target: Reference,
+    policy: PlatformPolicy,
+    mount_sources: Callable[[Descriptor], Sequence[str]] = lambda d: (),
+) -> int:
+    """Push ``graph`` from ``content`` to ``target`` and print the result."""
     settings = HostSettings(plain_http=args.plain_http, ca_file=args.ca_file)
     credentials = _credentials(args, ctx, target.registry)
     renderer = None if args.json else ProgressRenderer(ctx.stderr, ctx.stderr.isatty())
     with RegistryClient(target.registry, settings=settings, credentials=credentials) as client:
         uploader = BlobUploader(client, chunk_size=args.chunk_size)
-        pusher = Pusher(
-            store.content, client, uploader, concurrency=args.concurrency, on_event=renderer
-        )
+        pusher = Pusher(content, client, uploader, concurrency=args.concurrency, on_event=renderer)
         try:
             result = pusher.push(graph, target, policy, mount_sources)
         finally:
@@ -478,6 +511,69 @@ def cmd_print_config(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def _login_credentials(args: argparse.Namespace, ctx: Context) -> Credentials:
+    """Username and password for ``login``: stdin, or prompts on a terminal; never argv."""
+    username = args.username
+    if args.password_stdin:
+        if not username:
+            raise UsageError("--password-stdin needs --username")
+        # As docker: all of stdin, less one trailing newline (CRLF too).
+        password = ctx.stdin.read().removesuffix("\n").removesuffix("\r")
+    else:
+        if not ctx.stdin.isatty():
+            raise UsageError(
+                "no terminal to prompt for the password: pass --username and --password-stdin"
+            )
+        if not username:
+            ctx.stderr.write("Username: ")
+            ctx.stderr.flush()
+            line = ctx.stdin.readline()
+            if not line:
+                raise UsageError("no username entered")
+            username = line.strip()
+        try:
+            password = getpass.getpass("Password: ", stream=ctx.stderr)
+        except EOFError:
+            raise UsageError("no password entered") from None
+    if not username:
+        raise UsageError("empty username")
+    if ":" in username:
+        raise UsageError(f"username {username!r}: must not contain ':'")
+    if not password:
+        raise UsageError("empty password")
+    return Credentials(username=username, password=password)
+
+
+def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
+    """Verify credentials against a registry, then store them where docker looks for them."""
+    address = registry_login.parse_registry(args.registry)
+    credentials = _login_credentials(args, ctx)
+    settings = HostSettings(plain_http=args.plain_http or address.plain_http, ca_file=args.ca_file)
+    store = CredentialStore(ctx.env, ctx.home)
+    result = registry_login.login(address.host, credentials, store, settings=settings)
+    if not result.verified:
+        ctx.stderr.write(
+            f"imagepushd: warning: {result.host} asks for no authentication: "
+            "the credentials were stored without being verified\n"
+        )
+    ctx.stdout.write(
+        f"logged in to {result.host} as {result.username} "
+        f"(credentials stored in {result.destination})\n"
+    )
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
+    """Remove a registry's stored credentials (helper and docker's config.json)."""
+    address = registry_login.parse_registry(args.registry)
+    removed = registry_login.logout(address.host, CredentialStore(ctx.env, ctx.home))
+    if removed:
+        ctx.stdout.write(f"logged out of {address.host} (removed from {', '.join(removed)})\n")
+    else:
+        ctx.stdout.write(f"not logged in to {address.host}: nothing to remove\n")
+    return 0
+
+
 def _add_store_options(parser: argparse.ArgumentParser, all_namespaces: bool) -> None:
     parser.add_argument("--root", type=Path, help="containerd root (default: discovered)")
     if all_namespaces:
@@ -520,10 +616,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_options(export, all_namespaces=False)
     export.set_defaults(func=cmd_export)
 
-    push = sub.add_parser("push", help="push one image to a registry")
-    push.add_argument("image", metavar="IMAGE", help="image name in containerd")
+    push = sub.add_parser(
+        "push",
+        help="push one image to a registry",
+        description="Push one image from containerd's content store, or with --archive from a "
+        "docker save or OCI image-layout tar (positionals then [IMAGE] TARGET: IMAGE may be "
+        "left out when the archive holds one image).",
+    )
+    push.add_argument(
+        "image", metavar="IMAGE", help="image name in containerd (or in the --archive)"
+    )
     push.add_argument(
         "target", metavar="TARGET", nargs="?", help="destination reference (default: IMAGE)"
+    )
+    push.add_argument(
+        "--archive",
+        type=Path,
+        metavar="FILE",
+        help="push from this uncompressed docker save / OCI layout tar, read in place",
     )
     _add_store_options(push, all_namespaces=False)
     push.add_argument(
@@ -574,6 +684,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     example = sub.add_parser("print-config", help="print the example configuration")
     example.set_defaults(func=cmd_print_config)
+
+    login = sub.add_parser(
+        "login", help="verify registry credentials, then store them for docker's tooling"
+    )
+    login.add_argument(
+        "registry", metavar="REGISTRY", help="host[:port], docker.io, or https://host/"
+    )
+    login.add_argument("--username", "-u", help="registry user (prompted on a terminal)")
+    login.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    login.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS")
+    login.add_argument("--ca-file", type=Path, help="extra CA certificates (PEM) to trust")
+    login.set_defaults(func=cmd_login)
+
+    logout = sub.add_parser("logout", help="remove a registry's stored credentials")
+    logout.add_argument(
+        "registry", metavar="REGISTRY", help="host[:port], docker.io, or https://host/"
+    )
+    logout.set_defaults(func=cmd_logout)
     return parser
 
 

@@ -16,6 +16,7 @@
     │   ├── MissingContentError     blobs an operation needs are absent (lists them)
     │   └── BlobCorruptError        a blob's bytes do not match its digest or size
     ├── ManifestError               a manifest or index is malformed or unsupported
+    ├── ArchiveError                an image archive is unreadable, compressed, or lacks the image
     ├── PushInterrupted             the daemon is stopping; the upload checkpointed
     ├── RegistryError               a registry refused or failed a request (status, OCI codes)
     │   ├── RegistryAuthError       credentials missing, rejected, or insufficient
@@ -113,6 +114,14 @@ class BlobCorruptError(ContainerdError):
 
 class ManifestError(ImagepushdError):
     """A manifest or index is malformed, too large, or of an unsupported type."""
+
+
+class ArchiveError(ImagepushdError):
+    """An image archive cannot be used: not a tar, compressed, malformed, or without the image.
+
+    Blobs an archive lacks or holds corrupted are :class:`MissingContentError` and
+    :class:`BlobCorruptError`, as for the content store.
+    """
 
 
 class PushInterrupted(ImagepushdError):

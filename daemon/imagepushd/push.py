@@ -1,4 +1,4 @@
-"""Push one image from containerd's content store to a registry.
+"""Push one image from a blob store (containerd's content store, an image archive) to a registry.
 
 Order matters to registries: every blob first (with bounded concurrency, each digest once),
 then image manifests by digest, then nested indexes deepest first, then the top level by tag.
@@ -17,9 +17,9 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from imagepushd.blobs import BlobStore
 from imagepushd.containerd.content import (
     BlobNode,
-    ContentStore,
     GraphNode,
     ImageGraph,
     IndexNode,
@@ -29,7 +29,7 @@ from imagepushd.errors import ManifestError, MissingContentError, UsageError
 from imagepushd.oci import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_SIZE, Descriptor, Platform
 from imagepushd.reference import Reference
 from imagepushd.registry.client import RegistryClient
-from imagepushd.registry.upload import BlobSource, BlobUploader, Outcome, UploadResult
+from imagepushd.registry.upload import BlobUploader, Outcome, UploadResult
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +155,15 @@ class _Plan:
 
 
 class Pusher:
-    """Pushes images from one content store to one registry."""
+    """Pushes images from one blob store to one registry.
+
+    The store is containerd's content store or an image archive; either way each blob is
+    uploaded as a byte range of a file by the one :class:`BlobUploader`.
+    """
 
     def __init__(
         self,
-        content: ContentStore,
+        content: BlobStore,
         client: RegistryClient,
         uploader: BlobUploader,
         *,
@@ -367,7 +371,7 @@ class Pusher:
         result: PushResult,
     ) -> None:
         def one(descriptor: Descriptor) -> UploadResult:
-            source = BlobSource(self._content.path(descriptor.digest), descriptor)
+            source = self._content.source(descriptor)
             self._on_event(BlobProgress(descriptor.digest, descriptor.size, 0))
             outcome = self._uploader.upload(
                 repository,

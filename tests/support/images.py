@@ -476,3 +476,64 @@ def iter_chunks(blob: Content, chunk: int = _CHUNK) -> Iterator[bytes]:
     with blob.open() as src:
         while piece := src.read(chunk):
             yield piece
+
+
+class _PatternBytes(io.RawIOBase):
+    """``size`` bytes made fast, hashed as read: a random MiB, each copy numbered.
+
+    No two 32 KiB windows repeat, so gzip cannot shrink it; no block is all zeros, so file
+    systems store it whole.
+    """
+
+    def __init__(self, size: int, seed: int | str) -> None:
+        self._base = random.Random(seed).randbytes(_CHUNK)
+        self._size = size
+        self._pos = 0
+        self.hasher = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self._size - self._pos)
+        done = 0
+        while done < n:
+            block, within = divmod(self._pos + done, _CHUNK)
+            data = block.to_bytes(8, "big") + self._base[8:]
+            piece = data[within : within + n - done]
+            view[done : done + len(piece)] = piece
+            done += len(piece)
+        self.hasher.update(view[:n])
+        self._pos += n
+        return n
+
+
+def write_large_docker_archive(
+    path: str | os.PathLike[str], layer_size: int, name: str, seed: int | str | None = None
+) -> str:
+    """Write a ``docker save`` tar of one ``layer_size``-byte layer in one pass; return its digest.
+
+    Nothing is held in memory or written twice: the layer streams into the tar while it is
+    hashed, and the config (whose ``diff_ids`` name the layer's true digest, as skopeo's
+    docker-archive reader requires) follows it.
+    """
+    stream = _PatternBytes(layer_size, name if seed is None else seed)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.copybufsize = 4 * _CHUNK
+        info = _tarinfo("layer/layer.tar", layer_size)
+        tar.addfile(info, io.BufferedReader(stream, 4 * _CHUNK))
+        digest = "sha256:" + stream.hasher.hexdigest()
+        config = canonical_json(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {},
+                "rootfs": {"type": "layers", "diff_ids": [digest]},
+            }
+        )
+        config_name = hashlib.sha256(config).hexdigest() + ".json"
+        _add_bytes(tar, config_name, config)
+        manifest = [{"Config": config_name, "RepoTags": [name], "Layers": ["layer/layer.tar"]}]
+        _add_bytes(tar, "manifest.json", canonical_json(manifest))
+    return digest

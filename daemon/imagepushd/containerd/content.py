@@ -4,6 +4,9 @@ Blob files are shared by all namespaces; whether a namespace may use one is deci
 ``content/blob`` record in meta.db, so completeness checks take that set of digests too.
 Every byte read through :class:`BlobReader` is hashed once and compared at the end: a corrupt
 local blob is an error, never data.
+
+The graph walk (:func:`walk`) works on any :class:`~imagepushd.blobs.BlobStore`: the content
+store here, or an image archive (``archive.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from imagepushd.blobs import BlobSource, BlobStore
 from imagepushd.containerd.metadata import META_DB
 from imagepushd.errors import (
     BlobCorruptError,
@@ -147,6 +151,10 @@ class ContentStore:
         except OSError as exc:
             raise ContainerdError(f"{self.path(descriptor.digest)}: {exc.strerror}") from exc
 
+    def source(self, descriptor: Descriptor) -> BlobSource:
+        """The blob's file, for the uploader (which verifies size and digest as it sends)."""
+        return BlobSource(self.path(descriptor.digest), descriptor)
+
     def open(self, descriptor: Descriptor) -> BlobReader:
         """A verifying reader of the blob; missing or mis-sized files are errors."""
         path = self.path(descriptor.digest)
@@ -179,7 +187,7 @@ class ContentStore:
         ``known`` is the namespace's set of blob digests from meta.db; a file outside it is
         not usable in that namespace and counts as missing.
         """
-        return _Walker(self, known).graph(target)
+        return walk(self, target, known)
 
 
 @dataclass(frozen=True)
@@ -263,10 +271,19 @@ class ImageGraph:
         return sum(d.size for d in self.descriptors())
 
 
+def walk(store: BlobStore, target: Descriptor, known: Collection[str] | None = None) -> ImageGraph:
+    """The graph below ``target`` in ``store``, noting every blob that is absent.
+
+    ``known``, when given, is the set of digests the caller may use; anything outside it
+    counts as missing even if ``store`` has it.
+    """
+    return _Walker(store, known).graph(target)
+
+
 class _Walker:
     """One graph walk: records missing blobs and bounds index nesting."""
 
-    def __init__(self, store: ContentStore, known: Collection[str] | None) -> None:
+    def __init__(self, store: BlobStore, known: Collection[str] | None) -> None:
         self._store = store
         self._known = known
         self._missing: dict[str, Descriptor] = {}

@@ -180,6 +180,28 @@ class RegistryClient:
         assert last is not None
         raise last
 
+    def login(self) -> bool:
+        """Verify this client's credentials with one authenticated round trip, as docker login.
+
+        Pings ``/v2/`` to learn the challenge, then ``GET /v2/`` with the credentials: Basic
+        as they are; Bearer with a token fetched from the realm with the credentials and no
+        scope (a 401 from the token server means bad credentials), which the registry must
+        then accept. Returns False when the registry asks for no authentication at all, so
+        there is nothing to verify. Rejected credentials raise :class:`RegistryAuthError`
+        (``HOST: login failed: ...``, ``status`` 401).
+        """
+        self.ping()
+        if self.auth.challenge is None:
+            return False
+        try:
+            self.call("GET", self._url("/v2/"), scopes=(), ok={200}, what="GET /v2/")
+        except RegistryAuthError as exc:
+            if exc.status != 401:
+                raise
+            detail = str(exc).removeprefix(f"{self.host}: ")
+            raise RegistryAuthError(f"{self.host}: login failed: {detail}", status=401) from None
+        return True
+
     def _ping_once(self) -> httpx.Response:
         response = self._transport_send("GET", self._url("/v2/"))
         if response.status_code not in (200, 401):

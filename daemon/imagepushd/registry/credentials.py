@@ -1,30 +1,43 @@
-"""Where registry credentials come from.
+"""Where registry credentials come from, and where ``imagepushd login`` puts them.
 
 Docker's config.json, credential helpers, podman's auth files, and explicit ones
 (``--password-stdin``, the config file, systemd credentials).
 
+Writing (``login``/``logout``) goes where docker's tooling finds it: through the configured
+``credHelpers``/``credsStore`` helper when there is one, else into ``auths`` of docker's
+config.json (every other key kept; replaced atomically; mode 0600). No file of our own.
+
 Secrets never reach logs, errors or argv: :class:`Credentials` hides them from ``repr`` and
-helpers get the server URL on stdin.
+helpers get the server URL (or the JSON holding the secret) on stdin.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import errno
 import json
 import logging
+import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagepushd.errors import RegistryAuthError
+from imagepushd.errors import OutputError, RegistryAuthError
 
 log = logging.getLogger(__name__)
 
-DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io")
+DOCKER_HUB_SERVER = "https://index.docker.io/v1/"
+DOCKER_HUB_KEYS = (DOCKER_HUB_SERVER, "index.docker.io", "docker.io")
+DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 HELPER_TIMEOUT = 30.0
+CONFIG_FILE_MODE = 0o600
+CONFIG_DIR_MODE = 0o700
 
 
 @dataclass(frozen=True)
@@ -40,11 +53,33 @@ class Credentials:
 HelperRunner = Callable[[Sequence[str], str], "subprocess.CompletedProcess[str]"]
 
 
+def helper_runner(env: Mapping[str, str]) -> HelperRunner:
+    """A :data:`HelperRunner` that finds helpers on ``env``'s ``PATH`` and runs them in ``env``.
+
+    The default for :class:`CredentialStore`, so a command's environment (the CLI's injected
+    one, the daemon's) decides which ``docker-credential-*`` runs, not this process's globals.
+    """
+
+    def run(argv: Sequence[str], stdin: str) -> subprocess.CompletedProcess[str]:
+        program = shutil.which(argv[0], path=env.get("PATH", os.defpath))
+        if program is None:
+            raise FileNotFoundError(errno.ENOENT, "not found on PATH", argv[0])
+        return subprocess.run(
+            [program, *argv[1:]],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=HELPER_TIMEOUT,
+            check=False,
+            env=dict(env),
+        )
+
+    return run
+
+
 def run_helper(argv: Sequence[str], stdin: str) -> subprocess.CompletedProcess[str]:
-    """Run a docker credential helper (the default :data:`HelperRunner`)."""
-    return subprocess.run(
-        list(argv), input=stdin, capture_output=True, text=True, timeout=HELPER_TIMEOUT, check=False
-    )
+    """Run a docker credential helper found on this process's ``PATH``."""
+    return helper_runner(os.environ)(argv, stdin)
 
 
 def _host_of(key: str) -> str:
@@ -59,19 +94,100 @@ def _auths_keys(host: str) -> list[str]:
     return list(DOCKER_HUB_KEYS) if host in ("docker.io", "registry-1.docker.io") else [host]
 
 
+def _key_matches(key: str, host: str) -> bool:
+    """Whether an ``auths`` key (a host or a URL) names ``host`` (Docker Hub under any name)."""
+    found = _host_of(key)
+    if host.lower() in DOCKER_HUB_HOSTS:
+        return found in DOCKER_HUB_HOSTS
+    return found == host.lower()
+
+
+def server_key(host: str) -> str:
+    """The key docker stores ``host``'s credentials under (Docker Hub's is its v1 index URL)."""
+    return DOCKER_HUB_SERVER if host.lower() in DOCKER_HUB_HOSTS else host.lower()
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where credentials for one registry are written: a helper, or docker's config.json."""
+
+    #: docker's config.json (read for ``credsStore``/``credHelpers``; written without a helper).
+    path: Path
+    #: The ``ServerURL`` given to the helper, or the ``auths`` key.
+    server: str
+    #: ``docker-credential-<name>``, or None for the ``auths`` entry in :attr:`path`.
+    helper: str | None = None
+
+    def __str__(self) -> str:
+        return self.helper if self.helper is not None else str(self.path)
+
+
+def write_private_json(path: Path, doc: Mapping[str, Any]) -> None:
+    """Replace ``path`` atomically with ``doc`` as JSON, mode 0600, directory 0700 if new.
+
+    A temporary file in the same directory is written, fsynced and renamed over ``path``, so
+    readers see the old file or the new one, never a torn one. A symlinked ``path`` stays a
+    symlink (its target is replaced). Run as root on a file someone else owns (``sudo`` with
+    their ``HOME``), the owner is kept.
+    """
+    target = path.resolve() if path.is_symlink() else path
+    directory = target.parent
+    try:
+        directory.mkdir(mode=CONFIG_DIR_MODE, parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), CONFIG_FILE_MODE)
+            try:
+                old = target.stat()
+            except FileNotFoundError:
+                old = None
+            if old is not None and os.geteuid() == 0:
+                os.fchown(out.fileno(), old.st_uid, old.st_gid)
+            out.write(json.dumps(doc, indent="\t") + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise OutputError(f"{target}: cannot write: {exc.strerror}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 class CredentialStore:
-    """Looks up credentials for a registry host in the usual files, in docker's order."""
+    """Looks up credentials for a registry host in the usual files, in docker's order.
+
+    :meth:`save` and :meth:`erase` write them back the way ``docker login``/``logout`` do.
+    Helpers run through ``runner`` (default: found on ``env``'s ``PATH``, run in ``env``).
+    """
 
     def __init__(
         self,
         env: Mapping[str, str],
         home: Path,
         *,
-        runner: HelperRunner = run_helper,
+        runner: HelperRunner | None = None,
     ) -> None:
         self._env = env
         self._home = home
-        self._runner = runner
+        self._runner = runner if runner is not None else helper_runner(env)
+
+    @property
+    def docker_config(self) -> Path:
+        """The docker config.json: ``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``."""
+        return self.config_files()[0]
 
     def config_files(self) -> list[Path]:
         """Candidate auth files: docker's config.json first, then podman's auth files."""
@@ -178,6 +294,124 @@ class CredentialStore:
         if username == "<token>":
             return Credentials(identity_token=secret)
         return Credentials(username=username, password=secret)
+
+    # ---- writing (login / logout) ----------------------------------------------------------
+
+    def _load_for_update(self, path: Path) -> dict[str, Any]:
+        """The docker config.json to rewrite: {} if absent; anything unreadable is an error.
+
+        Unlike :meth:`_load`, nothing is skipped: a file we cannot read or parse is never
+        overwritten.
+        """
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot read: {exc.strerror}") from None
+        try:
+            doc = json.loads(text) if text.strip() else {}
+        except ValueError:
+            raise OutputError(f"{path}: not valid JSON (not overwriting it)") from None
+        if not isinstance(doc, dict):
+            raise OutputError(f"{path}: not a JSON object (not overwriting it)")
+        auths = doc.get("auths")
+        if auths is not None and not isinstance(auths, dict):
+            raise OutputError(f'{path}: "auths" is not an object (not overwriting it)')
+        return doc
+
+    def destination(self, host: str) -> Destination:
+        """Where :meth:`save` would put credentials for ``host`` (``docker.io`` for Hub).
+
+        ``credHelpers[host]`` first, then ``credsStore``, else ``auths`` in docker's config.json
+        (the order :meth:`lookup` reads them in, so what is saved is what is found).
+        """
+        path = self.docker_config
+        doc = self._load_for_update(path)
+        helpers = doc.get("credHelpers")
+        if isinstance(helpers, dict):
+            for key in _auths_keys(host):
+                helper = helpers.get(key)
+                if isinstance(helper, str) and helper:
+                    return Destination(path, key, f"docker-credential-{helper}")
+        store = doc.get("credsStore")
+        if isinstance(store, str) and store:
+            return Destination(path, server_key(host), f"docker-credential-{store}")
+        return Destination(path, server_key(host))
+
+    def save(self, host: str, credentials: Credentials) -> Destination:
+        """Store a username and password for ``host`` where docker's tooling finds them.
+
+        Through the helper (``store``, JSON on stdin) when one is configured, else as
+        ``auths[key] = {"auth": base64(user:pass)}`` in docker's config.json, replacing only
+        that entry.
+        """
+        if not credentials.username or ":" in credentials.username:
+            raise RegistryAuthError(f"{host}: cannot store a username that is empty or has ':'")
+        destination = self.destination(host)
+        if destination.helper is not None:
+            payload = json.dumps(
+                {
+                    "ServerURL": destination.server,
+                    "Username": credentials.username,
+                    "Secret": credentials.password,
+                }
+            )
+            proc = self._run_helper(destination.helper, "store", payload)
+            if proc.returncode != 0:
+                raise RegistryAuthError(
+                    f"credential helper {destination.helper} could not store credentials for "
+                    f"{destination.server} (exit {proc.returncode})"
+                )
+            log.debug("%s: credentials stored by %s", host, destination.helper)
+            return destination
+        doc = self._load_for_update(destination.path)
+        auths = doc.setdefault("auths", {})
+        pair = f"{credentials.username}:{credentials.password}".encode()
+        auths[destination.server] = {"auth": base64.b64encode(pair).decode()}
+        write_private_json(destination.path, doc)
+        log.debug("%s: credentials stored in %s", host, destination.path)
+        return destination
+
+    def erase(self, host: str) -> list[str]:
+        """Forget ``host``'s credentials: erase from the helper, drop matching ``auths`` entries.
+
+        Both, as ``docker logout`` does, so that no older ``auths`` entry is left to be found
+        once the helper forgot. Returns where something was removed (empty: nothing was).
+        """
+        destination = self.destination(host)
+        removed: list[str] = []
+        if destination.helper is not None:
+            proc = self._run_helper(destination.helper, "erase", destination.server)
+            if proc.returncode == 0:
+                removed.append(destination.helper)
+            elif "credentials not found" not in (proc.stdout + proc.stderr).lower():
+                raise RegistryAuthError(
+                    f"credential helper {destination.helper} could not erase credentials for "
+                    f"{destination.server} (exit {proc.returncode})"
+                )
+        doc = self._load_for_update(destination.path)
+        auths = doc.get("auths")
+        stale = [k for k in auths if _key_matches(k, host)] if isinstance(auths, dict) else []
+        if stale:
+            assert isinstance(auths, dict)
+            for key in stale:
+                del auths[key]
+            write_private_json(destination.path, doc)
+            removed.append(str(destination.path))
+        return removed
+
+    def _run_helper(
+        self, program: str, action: str, stdin: str
+    ) -> subprocess.CompletedProcess[str]:
+        try:
+            return self._runner([program, action], stdin)
+        except FileNotFoundError:
+            raise RegistryAuthError(f"credential helper {program} not found") from None
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RegistryAuthError(
+                f"credential helper {program} {action} failed: {type(exc).__name__}"
+            ) from None
 
 
 def read_secret_file(path: Path, what: str) -> str:

@@ -17,13 +17,12 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
+from imagepushd.blobs import BlobSource
 from imagepushd.errors import BlobCorruptError, ContainerdError, PushInterrupted, RegistryError
-from imagepushd.oci import Descriptor
 from imagepushd.registry.auth import repository_scope
 from imagepushd.registry.client import RegistryClient
 
@@ -39,15 +38,6 @@ MAX_PARTS = 4000
 # the round trips few while a stop or failure still loses at most one chunk.
 DEFAULT_CHUNK_SIZE = 64 * MiB
 OCTET_STREAM = "application/octet-stream"
-
-
-@dataclass(frozen=True)
-class BlobSource:
-    """Bytes ``[offset, offset + size)`` of a file: a content-store blob or an archive member."""
-
-    path: Path
-    descriptor: Descriptor
-    offset: int = 0
 
 
 class Outcome(enum.Enum):
