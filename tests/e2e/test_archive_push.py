@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from imagepushd.cli import Context, run
+from tests.support.cli import Outcome, run_cli
 from tests.support.containerd import Containerd
 from tests.support.faultproxy import FaultProxy, ProxyRecord
 from tests.support.images import (
@@ -49,49 +48,26 @@ MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[2]
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What one CLI run returned."""
-
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def result(self) -> dict[str, Any]:
-        assert self.code == 0, self.stderr
-        doc: dict[str, Any] = json.loads(self.stdout)
-        return doc
-
-
 def push_archive(
     archive: Path, *words: str, home: Path, env: Mapping[str, str] | None = None
 ) -> Outcome:
     """Run ``imagepushd push --archive ARCHIVE WORDS... --plain-http --json`` in-process."""
-    out, err = io.StringIO(), io.StringIO()
-    ctx = Context(env=dict(env or {}), home=home, stdout=out, stderr=err, stdin=io.StringIO())
     argv = ["push", "--archive", str(archive), *words, "--plain-http", "--json"]
-    started = time.monotonic()
-    code = run(argv, ctx, err)
-    return Outcome(code, out.getvalue(), err.getvalue(), time.monotonic() - started)
+    return run_cli(argv, home=home, env=env)
 
 
 def push_containerd(containerd: Containerd, image: str, target: str, home: Path) -> Outcome:
     """Run ``imagepushd push IMAGE TARGET`` from ``containerd``'s content store in-process."""
-    out, err = io.StringIO(), io.StringIO()
-    ctx = Context(env={}, home=home, stdout=out, stderr=err, stdin=io.StringIO())
     argv = ["push", image, target, "--root", str(containerd.root), "--plain-http", "--json"]
-    started = time.monotonic()
-    code = run(argv, ctx, err)
-    return Outcome(code, out.getvalue(), err.getvalue(), time.monotonic() - started)
+    return run_cli(argv, home=home)
 
 
 def export(containerd: Containerd, out: Path, *images: str) -> None:
-    err = io.StringIO()
-    ctx = Context(env={}, home=Path("/nonexistent"), stdout=io.StringIO())
-    code = run(["export", "--root", str(containerd.root), *images, "-o", str(out)], ctx, err)
-    assert code == 0, err.getvalue()
+    outcome = run_cli(
+        ["export", "--root", str(containerd.root), *images, "-o", str(out)],
+        home=Path("/nonexistent"),
+    )
+    assert outcome.code == 0, outcome.stderr
 
 
 def verify(registry: Registry, ref: str, digest: str, tmp_path: Path) -> None:

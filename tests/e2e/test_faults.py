@@ -9,19 +9,15 @@ OCI layout. Byte counts and timestamps come from the proxy's request log.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import shutil
-import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from imagepushd.cli import Context, run
+from tests.support.cli import Outcome, run_cli
 from tests.support.containerd import Containerd
 from tests.support.faultproxy import FaultProxy, ProxyRecord
 from tests.support.images import Blob, ImageBuilder
@@ -34,22 +30,6 @@ MiB = 1 << 20
 UPLOADS = r"/blobs/uploads/"
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What one CLI run returned."""
-
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def result(self) -> dict[str, Any]:
-        assert self.code == 0, self.stderr
-        doc: dict[str, Any] = json.loads(self.stdout)
-        return doc
-
-
 def push(
     containerd: Containerd,
     image: str,
@@ -60,12 +40,8 @@ def push(
     stdin: str = "",
 ) -> Outcome:
     """Run ``imagepushd push IMAGE TARGET --plain-http --json ARGS`` in-process."""
-    out, err = io.StringIO(), io.StringIO()
-    ctx = Context(env=dict(env or {}), home=home, stdout=out, stderr=err, stdin=io.StringIO(stdin))
     argv = ["push", image, target, "--root", str(containerd.root), "--plain-http", "--json"]
-    started = time.monotonic()
-    code = run([*argv, *args], ctx, err)
-    return Outcome(code, out.getvalue(), err.getvalue(), time.monotonic() - started)
+    return run_cli([*argv, *args], home=home, env=env, stdin=stdin)
 
 
 def load(containerd: Containerd, b: ImageBuilder, tmp_path: Path, name: str, root: Blob) -> None:

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from imagepushd.cli import Context, run
+from tests.support.cli import Outcome, run_cli
 from tests.support.containerd import Containerd
 from tests.support.images import (
     DOCKER_MANIFEST_LIST,
@@ -37,26 +33,6 @@ SOURCE_LABEL = "containerd.io/distribution.source."
 UPLOAD_METHODS = ("POST", "PATCH", "PUT")
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What one CLI run returned."""
-
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def result(self) -> dict[str, Any]:
-        assert self.code == 0, self.stderr
-        doc: dict[str, Any] = json.loads(self.stdout)
-        return doc
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.strip()]
-
-
 def push(
     containerd: Containerd,
     image: str,
@@ -68,13 +44,9 @@ def push(
     json_output: bool = True,
 ) -> Outcome:
     """Run ``imagepushd push`` in-process against ``containerd``'s root."""
-    out, err = io.StringIO(), io.StringIO()
-    ctx = Context(env=dict(env or {}), home=home, stdout=out, stderr=err, stdin=io.StringIO(stdin))
     argv = ["push", image, *([target] if target else []), "--root", str(containerd.root)]
     argv += [*args, *(["--json"] if json_output else [])]
-    started = time.monotonic()
-    code = run(argv, ctx, err)
-    return Outcome(code, out.getvalue(), err.getvalue(), time.monotonic() - started)
+    return run_cli(argv, home=home, env=env, stdin=stdin)
 
 
 def load(
