@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket as socketlib
 import subprocess
 import tempfile
@@ -17,6 +16,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
+
+from tests.support.process import terminate
 
 #: Plugins switched off: CRI (needs a CNI setup, and is not used), ``opt`` (would create
 #: ``/opt/containerd`` outside the private root), and the snapshotters that can only be skipped
@@ -190,16 +191,9 @@ class Containerd:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop containerd: SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
-        proc = self._proc
-        if proc is None:
+        if self._proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        terminate(self._proc, timeout)
         self._cleanup_process()
 
     def _cleanup_process(self) -> None:

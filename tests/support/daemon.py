@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
+from tests.support.process import read_log
+
 #: Variables of the test's own environment that would change how the daemon behaves.
 _SCRUBBED = (
     "NOTIFY_SOCKET",
@@ -415,12 +417,7 @@ class Daemon:
 
     def log_text(self, since: int = 0) -> str:
         """The log from offset ``since``."""
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(since)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path, since)
 
     def log_tail(self, lines: int = 60) -> str:
         """The last ``lines`` lines of the log."""

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -47,6 +46,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.support.process import read_log, terminate
 from tests.support.tokenserver import TokenServer
 
 #: Accept header for manifest GETs: every manifest and index type we build.
@@ -454,14 +454,8 @@ class Registry:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the registry: SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        if self._proc is not None:
+            terminate(self._proc, timeout)
         self._proc = None
         if self._log is not None:
             self._log.close()
@@ -494,12 +488,7 @@ class Registry:
 
     # ------------------------------------------------------------------ log
     def _log_text(self, offset: int = 0) -> str:
-        try:
-            with self.log_path.open("rb") as f:
-                f.seek(offset)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path, offset)
 
     def log_tail(self, lines: int = 40) -> str:
         """Return the last ``lines`` lines of the registry's log."""
