@@ -171,6 +171,13 @@ def install_imagepushd(machine: Machine) -> None:
         machine.run(VENV_PYTHON, MANPAGE_SCRIPT, "/usr/share/man/man8/imagepushd.8")
     machine.run("cp", REPO_ROOT / "systemd" / UNIT, f"/etc/systemd/system/{UNIT}")
     machine.write_file("/etc/imagepushd/config.toml", CONFIG)
+    if REPO_ROOT.is_relative_to("/tmp") or REPO_ROOT.is_relative_to("/var/tmp"):
+        # A checkout under /tmp (as CI may use) stands in for /usr/lib/python3: the unit's
+        # PrivateTmp=yes would hide it, so show the service that one read-only path.
+        machine.write_file(
+            f"/etc/systemd/system/{UNIT}.d/checkout.conf",
+            f"[Service]\nBindReadOnlyPaths={REPO_ROOT}\n",
+        )
     # Enabled, as a package would: the WantedBy= link also keeps the unit loaded after it
     # stops, so ExecMainStatus= can still be read (an unreferenced inactive unit is unloaded).
     machine.run("systemctl", "enable", UNIT)
