@@ -431,12 +431,13 @@ def test_second_401_is_final_without_a_loop(
     )
 
     with pytest.raises(RegistryAuthError, match="credentials rejected") as caught:
-        client.call(
+        client.send(
             "PUT",
             client.url(f"/v2/{REPO}/manifests/v1"),
             scopes=(PUSH,),
             ok={201},
             body=b"{}",
+            retry=True,
         )
 
     assert caught.value.status == 401

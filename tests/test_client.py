@@ -133,7 +133,7 @@ def test_403_is_an_auth_error_never_retried(clients: Callable[..., RegistryClien
     )
 
     with pytest.raises(RegistryAuthError, match="DENIED") as caught:
-        client.call("GET", client.url("/v2/x"), scopes=(), ok={200})
+        client.send("GET", client.url("/v2/x"), scopes=(), ok={200}, retry=True)
 
     assert caught.value.status == 403
     assert not caught.value.is_temporary()

@@ -106,6 +106,9 @@ def test_blob_sources_from_distribution_labels():
         "docker.io": ["library/alpine", "library/busybox"],
         "ghcr.io": ["org/app"],
     }
+    # The labels name hosts without ports; a registry's port is dropped to match.
+    assert record.sources_on("ghcr.io:443") == ["org/app"]
+    assert record.sources_on("quay.io") == []
 
 
 # ---------------------------------------------------------------------- record objects

@@ -128,7 +128,7 @@ def test_client_honours_retry_after_seconds(
     handler, seen = scripted([429], {"Retry-After": header})
     client = clients(handler, sleeps=sleeps)
 
-    client.call("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200})
+    client.send("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200}, retry=True)
 
     assert sleeps == [expected]
     assert len(seen) == 2
@@ -141,7 +141,7 @@ def test_client_honours_retry_after_http_date(clients: Callable[..., RegistryCli
     handler, _ = scripted([503], {"Retry-After": when})
     client = clients(handler, sleeps=sleeps)
 
-    client.call("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200})
+    client.send("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200}, retry=True)
 
     (slept,) = sleeps
     assert 115 <= slept <= 121
@@ -152,7 +152,7 @@ def test_client_caps_retry_after(clients: Callable[..., RegistryClient]) -> None
     handler, _ = scripted([429, 429], {"Retry-After": "86400"})
     client = clients(handler, sleeps=sleeps, policy=RetryPolicy(max_retry_after=90.0))
 
-    client.call("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200})
+    client.send("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200}, retry=True)
 
     assert sleeps == [90.0, 90.0]
 
@@ -168,7 +168,7 @@ def test_temporary_statuses_are_retried(
     handler, seen = scripted([status, status])
     client = clients(handler, sleeps=sleeps)
 
-    response = client.call("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200})
+    response = client.send("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200}, retry=True)
 
     assert response.status_code == 200
     assert len(seen) == 3
@@ -184,7 +184,7 @@ def test_permanent_statuses_are_not_retried(
     client = clients(handler, sleeps=sleeps)
 
     with pytest.raises(RegistryError) as caught:
-        client.call("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200})
+        client.send("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200}, retry=True)
 
     assert caught.value.status == status
     assert len(seen) == 1
@@ -199,7 +199,7 @@ def test_attempts_are_bounded_and_the_last_error_is_raised_as_is(
     client = clients(handler, sleeps=sleeps, policy=RetryPolicy(attempts=4))
 
     with pytest.raises(RegistryError) as caught:
-        client.call("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200})
+        client.send("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200}, retry=True)
 
     assert type(caught.value) is RegistryError  # not tenacity.RetryError
     assert caught.value.status == 503
@@ -242,7 +242,7 @@ def test_each_attempt_is_logged_with_its_reason(
     client = clients(handler)
 
     with caplog.at_level(logging.WARNING, logger="imagepushd"):
-        client.call("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200})
+        client.send("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200}, retry=True)
 
     records = [r for r in caplog.records if r.name == "imagepushd.registry.retry"]
     assert len(records) == 3

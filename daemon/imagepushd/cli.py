@@ -11,7 +11,6 @@ import getpass
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -296,12 +295,11 @@ def cmd_push(args: argparse.Namespace, ctx: Context) -> int:
     target = parse_reference(args.target or record.name)
     graph = store.content.walk(record.target, snap.blobs.get(namespace, {}))
     blobs = snap.blobs.get(namespace, {})
-    # containerd's distribution.source labels name the host without its port.
-    source_host = re.sub(r":\d+$", "", target.registry)
 
+    # containerd's distribution.source labels name the host without its port.
     def mount_sources(descriptor: Descriptor) -> list[str]:
         blob = blobs.get(descriptor.digest)
-        return blob.sources().get(source_host, []) if blob is not None else []
+        return blob.sources_on(target.registry) if blob is not None else []
 
     return _push_graph(
         args, ctx, store.content, graph, target=target, policy=policy, mount_sources=mount_sources

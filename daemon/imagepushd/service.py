@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import signal
 import threading
 import time
@@ -59,11 +58,6 @@ STOP_GRACE = 20.0
 MAX_LOOP_SLEEP = 5.0
 STALE_UPLOAD_AGE = 6 * 86400.0
 FINISHED_JOB_AGE = 30 * 86400.0
-
-
-def _host_without_port(registry: str) -> str:
-    """The host part of a registry name, as containerd's ``distribution.source`` labels use."""
-    return re.sub(r":\d+$", "", registry)
 
 
 def _txid(bolt: BoltFile) -> int | None:
@@ -513,14 +507,13 @@ class Service:
         snap = self._snapshot
         blobs = snap.blobs.get(job.namespace, {}) if snap is not None else {}
         graph = self._content.walk(record.target, blobs)
-        label_host = _host_without_port(target.registry)
         state = self._state
 
         def mount_sources(descriptor: Descriptor) -> list[str]:
             found = state.blob_repositories(target.registry, descriptor.digest)
             blob = blobs.get(descriptor.digest)
             if blob is not None:
-                found += [r for r in blob.sources().get(label_host, []) if r not in found]
+                found += [r for r in blob.sources_on(target.registry) if r not in found]
             return found
 
         settings = config.registry(target.registry)

@@ -18,6 +18,7 @@ holds the same bytes (for a daemon that snapshots after every commit).
 from __future__ import annotations
 
 import logging
+import re
 import struct
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -179,6 +180,13 @@ class BlobRecord:
                 host = key[len(SOURCE_LABEL_PREFIX) :]
                 out[host] = [repo for repo in value.split(",") if repo]
         return out
+
+    def sources_on(self, registry: str) -> list[str]:
+        """Repositories on ``registry`` (``host[:port]``) the blob was pulled from.
+
+        containerd's ``distribution.source.<host>`` labels drop the port.
+        """
+        return self.sources().get(re.sub(r":\d+$", "", registry), [])
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,7 @@ class RegistryClient:
         if self.auth.challenge is None:
             return False
         try:
-            self.call("GET", self._url("/v2/"), scopes=(), ok={200}, what="GET /v2/")
+            self.send("GET", self._url("/v2/"), scopes=(), ok={200}, what="GET /v2/", retry=True)
         except RegistryAuthError as exc:
             if exc.status != 401:
                 raise
@@ -244,13 +244,22 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         body: Body | bytes | None = None,
         what: str = "",
+        retry: bool = False,
     ) -> httpx.Response:
-        """One request (no retry) with auth; a non-``ok`` status raises a classified error.
+        """One request with auth; a non-``ok`` status raises a classified error.
 
-        ``body`` is a factory so the request can be rebuilt after a 401.
+        ``body`` is a factory so the request can be rebuilt after a 401. With ``retry`` the
+        request is the unit of work the retry policy repeats.
         """
-        self.ping()
         what = what or f"{method} {url.path}"
+        if retry:
+            return self.retrier.call(
+                f"{self.host}: {what}",
+                lambda: self.send(
+                    method, url, scopes=scopes, ok=ok, headers=headers, body=body, what=what
+                ),
+            )
+        self.ping()
         for attempt in range(2):
             request_headers = dict(headers or {})
             own = self._url("/")
@@ -267,26 +276,6 @@ class RegistryClient:
         if response.status_code not in ok:
             raise self._error(response, what)
         return response
-
-    def call(
-        self,
-        method: str,
-        url: httpx.URL,
-        *,
-        scopes: tuple[str, ...],
-        ok: Collection[int],
-        headers: dict[str, str] | None = None,
-        body: Body | bytes | None = None,
-        what: str = "",
-    ) -> httpx.Response:
-        """:meth:`send` under the retry policy."""
-        label = f"{self.host}: {what or method + ' ' + url.path}"
-        return self.retrier.call(
-            label,
-            lambda: self.send(
-                method, url, scopes=scopes, ok=ok, headers=headers, body=body, what=what
-            ),
-        )
 
     def _error(self, response: httpx.Response, what: str) -> RegistryError:
         codes: list[str] = []
@@ -321,7 +310,7 @@ class RegistryClient:
         url = self.url(f"/v2/{repository}/blobs/{descriptor.digest}")
         scopes = (repository_scope(repository, "pull", "push"),)
         for _ in range(MAX_REDIRECTS + 1):
-            response = self.call("HEAD", url, scopes=scopes, ok={200, 404, 307, 308})
+            response = self.send("HEAD", url, scopes=scopes, ok={200, 404, 307, 308}, retry=True)
             if response.status_code in (307, 308):
                 url = response.request.url.join(response.headers.get("location", ""))
                 continue
@@ -341,7 +330,7 @@ class RegistryClient:
         if mount is not None and source is not None:
             url = url.copy_merge_params({"mount": mount, "from": source})
             scopes.append(repository_scope(source, "pull"))
-        return self.call(
+        return self.send(
             "POST",
             url,
             scopes=tuple(scopes),
@@ -349,6 +338,7 @@ class RegistryClient:
             headers={"Content-Length": "0"},
             body=b"",
             what=f"POST {path}" + (f" (mount {mount} from {source})" if mount else ""),
+            retry=True,
         )
 
     def session_url(self, response: httpx.Response) -> httpx.URL:
@@ -380,12 +370,13 @@ class RegistryClient:
         self, repository: str, reference: str, media_types: Collection[str]
     ) -> str | None:
         """The digest the registry holds at ``reference`` (tag or digest), or None."""
-        response = self.call(
+        response = self.send(
             "HEAD",
             self.url(f"/v2/{repository}/manifests/{reference}"),
             scopes=(repository_scope(repository, "pull", "push"),),
             ok={200, 404},
             headers={"Accept": ", ".join(media_types)},
+            retry=True,
         )
         if response.status_code == 404:
             return None
@@ -397,13 +388,14 @@ class RegistryClient:
         if len(data) > MAX_MANIFEST_SIZE:
             raise ManifestError(f"manifest for {repository}:{reference} is over 4 MiB")
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        response = self.call(
+        response = self.send(
             "PUT",
             self.url(f"/v2/{repository}/manifests/{reference}"),
             scopes=(repository_scope(repository, "pull", "push"),),
             ok={200, 201, 202, 204},
             headers={"Content-Type": media_type},
             body=data,
+            retry=True,
         )
         reported = response.headers.get("docker-content-digest")
         if reported and reported != digest:

@@ -344,7 +344,7 @@ class BlobUploader:
     def _close(self, repository: str, transfer: _Transfer, location: httpx.URL) -> None:
         url = location.copy_merge_params({"digest": transfer.descriptor.digest})
         try:
-            self._client.call(
+            self._client.send(
                 "PUT",
                 url,
                 scopes=self._scopes(repository),
@@ -352,6 +352,7 @@ class BlobUploader:
                 headers={"Content-Length": "0", "Content-Type": OCTET_STREAM},
                 body=b"",
                 what=f"PUT upload of {transfer.descriptor.digest}",
+                retry=True,
             )
         except RegistryError as exc:
             if exc.status in (400, 404, 416):
@@ -365,7 +366,7 @@ class BlobUploader:
             transfer.verify(body.hasher)
         url = location.copy_merge_params({"digest": transfer.descriptor.digest})
         try:
-            self._client.call(
+            self._client.send(
                 "PUT",
                 url,
                 scopes=self._scopes(repository),
@@ -373,6 +374,7 @@ class BlobUploader:
                 headers={"Content-Length": str(transfer.size), "Content-Type": OCTET_STREAM},
                 body=body,
                 what=f"PUT {transfer.descriptor.digest}",
+                retry=True,
             )
         except RegistryError as exc:
             if exc.is_temporary() or exc.status in (400, 404, 416):
@@ -383,7 +385,7 @@ class BlobUploader:
         """One PATCH without Content-Range (for registries that do not chunk), then PUT."""
         body = _Body(transfer, 0, transfer.size, transfer.new_hasher(), verify_at_end=False)
         try:
-            response = self._client.call(
+            response = self._client.send(
                 "PATCH",
                 location,
                 scopes=self._scopes(repository),
@@ -391,6 +393,7 @@ class BlobUploader:
                 headers={"Content-Length": str(transfer.size), "Content-Type": OCTET_STREAM},
                 body=body,
                 what=f"PATCH {transfer.descriptor.digest}",
+                retry=True,
             )
         except RegistryError as exc:
             if exc.is_temporary() or exc.status in (400, 404, 416):
