@@ -115,6 +115,30 @@ def _plan_inputs(
     return seen, set(holds.items()), open_jobs, first
 
 
+def _decide(
+    snap: MetadataSnapshot,
+    content: ContentStore,
+    config: Config,
+    state: State | None,
+    *,
+    now: float,
+    settle: float,
+) -> Decision:
+    """The planner's decision for ``snap`` given what ``state`` remembers (None: nothing)."""
+    views = [image_view(r, snap, content, config) for r in snap.images]
+    seen, pushed, open_jobs, first = _plan_inputs(state)
+    return decide(
+        views,
+        seen,
+        pushed,
+        open_jobs,
+        config.rules,
+        now=now,
+        settle=settle,
+        baseline=first and config.push.on_start == "new-only",
+    )
+
+
 def plan_preview(config: Config, env: Mapping[str, str], home: Path) -> list[dict[str, str]]:
     """``imagepushd plan``: the decision for containerd's images now, without writing state."""
     root = discover_root(None, config.containerd.root, env, home)
@@ -123,24 +147,12 @@ def plan_preview(config: Config, env: Mapping[str, str], home: Path) -> list[dic
         snap = metadata.read(config.containerd.namespaces, blobs=True)
     finally:
         metadata.close()
-    content = ContentStore(root)
-    views = [image_view(r, snap, content, config) for r in snap.images]
     state = State(config.state_path) if config.state_path.exists() else None
     try:
-        seen, pushed, open_jobs, first = _plan_inputs(state)
+        decision = _decide(snap, ContentStore(root), config, state, now=time.time(), settle=0.0)
     finally:
         if state is not None:
             state.close()
-    decision = decide(
-        views,
-        seen,
-        pushed,
-        open_jobs,
-        config.rules,
-        now=time.time(),
-        settle=0.0,
-        baseline=first and config.push.on_start == "new-only",
-    )
 
     def row(action: str, ns: str, name: str, target: str | None, reason: str) -> dict[str, str]:
         return {
@@ -374,21 +386,11 @@ class Service:
             self._scan_error = ""
         self._snapshot = snap
         self._images = {(i.namespace, i.name): i for i in snap.images}
-        views = [image_view(r, snap, self._content, config) for r in snap.images]
         state = self._state
-        seen, pushed, open_jobs, first = _plan_inputs(state)
-        decision = decide(
-            views,
-            seen,
-            pushed,
-            open_jobs,
-            config.rules,
-            now=self._clock(),
-            settle=0.0 if self._once else config.push.settle,
-            baseline=first and config.push.on_start == "new-only",
-        )
+        settle = 0.0 if self._once else config.push.settle
+        decision = _decide(snap, self._content, config, state, now=self._clock(), settle=settle)
         self._apply(decision)
-        if first:
+        if state.get_flag("baseline_done") is None:
             state.set_flag("baseline_done", str(self._clock()))
 
     def _apply(self, decision: Decision) -> None:

@@ -15,7 +15,7 @@ import enum
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -365,15 +365,28 @@ class BlobUploader:
         if transfer.size == 0:
             transfer.verify(body.hasher)
         url = location.copy_merge_params({"digest": transfer.descriptor.digest})
+        self._send_whole(repository, "PUT", url, transfer, body, ok={201, 204})
+
+    def _send_whole(
+        self,
+        repository: str,
+        method: str,
+        url: httpx.URL,
+        transfer: _Transfer,
+        body: _Body,
+        *,
+        ok: Collection[int],
+    ) -> httpx.Response:
+        """Send the whole blob in one request; a session it broke is restarted by the caller."""
         try:
-            self._client.send(
-                "PUT",
+            return self._client.send(
+                method,
                 url,
                 scopes=self._scopes(repository),
-                ok={201, 204},
+                ok=ok,
                 headers={"Content-Length": str(transfer.size), "Content-Type": OCTET_STREAM},
                 body=body,
-                what=f"PUT {transfer.descriptor.digest}",
+                what=f"{method} {transfer.descriptor.digest}",
                 retry=True,
             )
         except RegistryError as exc:
@@ -384,21 +397,9 @@ class BlobUploader:
     def _streamed(self, repository: str, transfer: _Transfer, location: httpx.URL) -> None:
         """One PATCH without Content-Range (for registries that do not chunk), then PUT."""
         body = _Body(transfer, 0, transfer.size, transfer.new_hasher(), verify_at_end=False)
-        try:
-            response = self._client.send(
-                "PATCH",
-                location,
-                scopes=self._scopes(repository),
-                ok={201, 202, 204},
-                headers={"Content-Length": str(transfer.size), "Content-Type": OCTET_STREAM},
-                body=body,
-                what=f"PATCH {transfer.descriptor.digest}",
-                retry=True,
-            )
-        except RegistryError as exc:
-            if exc.is_temporary() or exc.status in (400, 404, 416):
-                raise _RestartSession(exc) from None
-            raise
+        response = self._send_whole(
+            repository, "PATCH", location, transfer, body, ok={201, 202, 204}
+        )
         transfer.verify(body.hasher)
         if response.headers.get("location"):
             location = self._client.session_url(response)
