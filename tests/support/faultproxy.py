@@ -281,6 +281,10 @@ class FaultProxy:
         self._rules: list[Rule] = []
         self._records: list[ProxyRecord] = []
         self._lock = threading.Lock()
+        # Requests whose outcome the client may already have seen but that are not recorded
+        # yet: ``records`` waits for them, so a test reading it right after a push sees all.
+        self._answering: set[int] = set()
+        self._settled = threading.Condition(self._lock)
         self._bucket_lock = threading.Lock()
         self._next_send = 0.0
         self._challenge: str | None = None
@@ -459,8 +463,13 @@ class FaultProxy:
     # ------------------------------------------------------------------ records
     @property
     def records(self) -> list[ProxyRecord]:
-        """A copy of every request recorded so far, oldest first."""
-        with self._lock:
+        """A copy of every request recorded so far, oldest first.
+
+        Requests already answered to the client are waited for (up to 5 s), so the list is
+        complete as soon as the client has finished.
+        """
+        with self._settled:
+            self._settled.wait_for(lambda: not self._answering, timeout=5)
             return list(self._records)
 
     def requests(self, method: str | None = None, match: str | None = None) -> list[ProxyRecord]:
@@ -562,11 +571,19 @@ class FaultProxy:
             answered=now if answered is None else answered,
             ended=now if ended is None else ended,
         )
-        with self._lock:
+        with self._settled:
             self._records.append(record)
+            self._answering.discard(id(start))
+            self._settled.notify_all()
+
+    def _answer(self, start: _Start) -> None:
+        """Note that the client is about to see this request's outcome."""
+        with self._lock:
+            self._answering.add(id(start))
 
     def _handle(self, conn: socket.socket) -> None:
         rfile = conn.makefile("rb")
+        base: _Start | None = None
         try:
             head = _read_head(rfile)
             if head is None:
@@ -580,6 +597,7 @@ class FaultProxy:
             if rule is not None and rule.action == "respond":
                 received = sum(n for _, n in _body_pieces(rfile, head))
                 answered = time.monotonic()
+                self._answer(base)
                 self._send_error(conn, method, status, rule)
                 self._record(
                     base,
@@ -598,6 +616,10 @@ class FaultProxy:
             self._forward(conn, rfile, head, method, target, reset_after, drop, base)
         finally:
             rfile.close()
+            if base is not None:
+                with self._settled:  # unrecorded (the proxy is stopping): never wait for it
+                    self._answering.discard(id(base))
+                    self._settled.notify_all()
 
     def _send_error(self, conn: socket.socket, method: str, status: int, rule: Rule) -> None:
         code = _ERROR_CODES.get(status, "UNKNOWN")
@@ -660,6 +682,7 @@ class FaultProxy:
             upstream = socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT)
         except OSError:
             received = sum(n for _, n in _body_pieces(rfile, head))
+            self._answer(base)
             conn.sendall(
                 b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             )
@@ -688,6 +711,7 @@ class FaultProxy:
                     forwarded += cut
                     # The registry sees a request cut short: its body ends early, then EOF.
                     self._close_gracefully(upstream)
+                    self._answer(base)
                     _abort(conn)
                     self._record(
                         base,
@@ -708,6 +732,7 @@ class FaultProxy:
                     break
                 forwarded += payload
             response = _read_head(ufile)
+            self._answer(base)
             if response is None:
                 raise ConnectionError("upstream closed without an answer")
             upstream_status = int(response.start.split(" ", 2)[1])
@@ -752,6 +777,7 @@ class FaultProxy:
         except (OSError, ValueError) as exc:
             if self._stopping.is_set():
                 return
+            self._answer(base)
             _abort(conn)
             self._record(
                 base,
