@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: a private containerd and an image builder."""
+"""Shared pytest fixtures: a private containerd, registries, an image builder, a fault proxy."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.containerd import Containerd
+from tests.support.faultproxy import FaultProxy
 from tests.support.images import ImageBuilder
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
@@ -75,6 +76,14 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
     """A fresh private docker-registry on plain HTTP, no auth (files under tmp_path/registry)."""
     _require_registry_tools()
     yield from _serve_registry(Registry(tmp_path / "registry"))
+
+
+@pytest.fixture
+def proxy(registry: Registry) -> Iterator[FaultProxy]:
+    """A fault proxy (seeded, so random faults repeat) in front of the ``registry`` fixture."""
+    with FaultProxy(registry.host, seed=20240607) as instance:
+        yield instance
+        assert instance.errors == []
 
 
 @pytest.fixture

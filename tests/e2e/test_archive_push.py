@@ -12,7 +12,6 @@ same archive imported with ``ctr images import``. Pushes that must be watched fr
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,8 @@ import pytest
 
 from tests.support.cli import Outcome, run_cli
 from tests.support.containerd import Containerd
-from tests.support.faultproxy import FaultProxy, ProxyRecord
+from tests.support.faultproxy import FaultProxy, describe
 from tests.support.images import (
-    DOCKER_MANIFEST_LIST,
     INDEX_TYPES,
     MANIFEST_TYPES,
     Blob,
@@ -68,30 +66,6 @@ def export(containerd: Containerd, out: Path, *images: str) -> None:
         home=Path("/nonexistent"),
     )
     assert outcome.code == 0, outcome.stderr
-
-
-def verify(registry: Registry, ref: str, digest: str, tmp_path: Path) -> None:
-    """skopeo sees ``digest`` at ``ref`` and pulls every platform and blob of it."""
-    assert registry.skopeo_inspect_digest(ref) == digest
-    dest = tmp_path / f"pulled-{ref.replace('/', '_').replace(':', '_')}"
-    raw = json.loads(registry.skopeo_inspect_raw(ref))
-    if raw.get("mediaType") == DOCKER_MANIFEST_LIST:
-        # skopeo will not write a Docker manifest list into an OCI layout unchanged.
-        registry.skopeo(
-            "copy",
-            "--all",
-            "--preserve-digests",
-            *registry.skopeo_flags("src-"),
-            registry.docker_ref(ref),
-            f"dir:{dest}",
-        )
-        assert "sha256:" + hashlib.sha256((dest / "manifest.json").read_bytes()).hexdigest() == (
-            digest
-        )
-        return
-    registry.skopeo_copy_to_oci(ref, dest)
-    index = json.loads((dest / "index.json").read_text())
-    assert [m["digest"] for m in index["manifests"]] == [digest]
 
 
 def leaf_bytes(b: ImageBuilder, root: Blob) -> int:
@@ -144,7 +118,7 @@ def test_oci_archive_with_several_images(
         ref = name.split("/")[1]
         assert results[name]["digest"] == root.digest
         assert results[name]["media_type"] == root.media_type
-        verify(registry, ref, root.digest, tmp_path)
+        registry.verify_image(ref, root.digest, tmp_path)
     assert results["example.com/multi:1"]["platforms"] == ["linux/amd64", "linux/arm64/v8"]
     assert results["example.com/multi:1"]["pushed_blobs"] == 5  # 2 configs, 3 layers
     assert results["example.com/multi:1"]["manifests"] == 3
@@ -232,7 +206,7 @@ def test_docker_save_archive_pushes_to_stable_digests(
             assert result["digest"] == manifest.digest
             assert result["media_type"] == "application/vnd.docker.distribution.manifest.v2+json"
             assert registry.skopeo_inspect_raw(ref) == manifest.data
-            verify(registry, ref, manifest.digest, tmp_path)
+            registry.verify_image(ref, manifest.digest, tmp_path)
 
     # The same archive through ctr images import, pushed from containerd: the same digests.
     containerd.import_archive(archive)
@@ -276,7 +250,7 @@ def test_exports_push_to_the_digests_containerd_pushes(
         for tag, archive in (("export", ours), ("ctr", theirs)):
             pushed = push_archive(archive, name, f"{registry.host}/{repo}:{tag}", home=tmp_path)
             assert pushed.result["digest"] == root.digest
-            verify(registry, f"{repo}:{tag}", root.digest, tmp_path)
+            registry.verify_image(f"{repo}:{tag}", root.digest, tmp_path)
 
     # ctr exports only the host platform's content by default: the platform policy decides,
     # exactly as for an image pulled for one platform.
@@ -287,25 +261,10 @@ def test_exports_push_to_the_digests_containerd_pushes(
         host_only, f"{registry.host}/multi:host", "--platform", "host", home=tmp_path
     ).result
     assert reduced["digest"] == amd.digest
-    verify(registry, "multi:host", amd.digest, tmp_path)
+    registry.verify_image("multi:host", amd.digest, tmp_path)
 
 
 # ---------------------------------------------------------------------- resume
-
-
-def describe(records: list[ProxyRecord]) -> str:
-    return "\n".join(
-        f"{r.started:10.3f} {r.method:6} {r.path[-40:]:40} {r.status} "
-        f"fwd={r.body_bytes} {r.fault or ''}"
-        for r in sorted(records, key=lambda r: r.started)
-    )
-
-
-@pytest.fixture
-def proxy(registry: Registry) -> Iterator[FaultProxy]:
-    with FaultProxy(registry.host, seed=20240607) as instance:
-        yield instance
-        assert instance.errors == []
 
 
 def test_archive_push_resumes_after_refused_and_dropped_chunks(
@@ -326,7 +285,7 @@ def test_archive_push_resumes_after_refused_and_dropped_chunks(
     assert outcome.code == 0, outcome.stderr + log
     digest = b.docker_import_manifest(root).digest
     assert outcome.result["digest"] == digest
-    verify(registry, "resume:1", digest, tmp_path)
+    registry.verify_image("resume:1", digest, tmp_path)
     assert [r.fired for r in refused] == [1, 1] and dropped.fired == 1, log
     assert len({r.path for r in proxy.requests("PATCH")}) == 1, log  # one session throughout
     sent = proxy.body_bytes("PATCH") + proxy.body_bytes("PUT", big.hex)

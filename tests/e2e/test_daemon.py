@@ -11,13 +11,12 @@ fault proxy (tests/support/faultproxy.py) where a test routes the daemon through
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import socket
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import pytest
 
 from tests.support.containerd import Containerd
 from tests.support.daemon import Daemon, render_config
-from tests.support.faultproxy import FaultProxy, ProxyRecord
+from tests.support.faultproxy import FaultProxy, ProxyRecord, describe
 from tests.support.images import Blob, ImageBuilder
 from tests.support.registry import MANIFEST_ACCEPT, Registry, RequestRecord, free_port
 
@@ -130,15 +129,6 @@ def wait_served(
             time.sleep(0.02)
 
 
-def verify(registry: Registry, ref: str, digest: str, pull_to: Path | None = None) -> None:
-    """From outside: skopeo sees ``digest`` at ``ref``; with ``pull_to`` it pulls every blob."""
-    assert registry.skopeo_inspect_digest(ref) == digest, ref
-    if pull_to is not None:
-        registry.skopeo_copy_to_oci(ref, pull_to)
-        index = json.loads((pull_to / "index.json").read_text())
-        assert [m["digest"] for m in index["manifests"]] == [digest]
-
-
 def manifest_puts(records: Sequence[RequestRecord]) -> list[str]:
     """Paths of manifest PUTs."""
     return [r["path"] for r in records if r["method"] == "PUT" and "/manifests/" in r["path"]]
@@ -151,15 +141,6 @@ def blob_uploads(records: Sequence[RequestRecord]) -> list[str]:
         if r["method"] == "PUT" and "/blobs/uploads/" in r["path"]:
             out += urllib.parse.parse_qs(r["query"]).get("digest", ["?"])
     return out
-
-
-def describe(records: Sequence[ProxyRecord]) -> str:
-    """The proxy log, readable (for assertion messages)."""
-    return "\n".join(
-        f"{r.started:10.3f} {r.method:6} {r.path[-44:]:44} {r.status} fwd={r.body_bytes} "
-        f"{r.fault or ''}"
-        for r in records
-    )
 
 
 # ---------------------------------------------------------------------- the main job
@@ -210,10 +191,12 @@ def test_matching_tags_reach_both_targets_within_seconds_and_nothing_else(
 
     for i in (1, 2, 3):
         digest = sources[f"build/app:{i}"].digest
-        verify(registry, f"team/app:{i}", digest)
-        verify(registry, f"mirror/team/app:{i}", digest)
-    verify(registry, "team/app:1", sources["build/app:1"].digest, tmp_path / "pull-team")
-    verify(registry, "mirror/team/app:1", sources["build/app:1"].digest, tmp_path / "pull-mirror")
+        registry.verify_image(f"team/app:{i}", digest)
+        registry.verify_image(f"mirror/team/app:{i}", digest)
+    registry.verify_image("team/app:1", sources["build/app:1"].digest, tmp_path / "pull-team")
+    registry.verify_image(
+        "mirror/team/app:1", sources["build/app:1"].digest, tmp_path / "pull-mirror"
+    )
 
     time.sleep(1.0)  # ten times the settle time: the unmatched tags had every chance
     records = registry.requests(since=since)
@@ -262,13 +245,13 @@ def test_moved_tag_is_pushed_again(
     started = time.monotonic()
     containerd.tag("build/a:1", f"{host}/team/app:1")
     first = wait_served(registry, ["team/app:1"], a.digest, started=started)
-    verify(registry, "team/app:1", a.digest)
+    registry.verify_image("team/app:1", a.digest)
 
     started = time.monotonic()
     containerd.tag("build/b:1", f"{host}/team/app:1", force=True)
     moved = wait_served(registry, ["team/app:1"], c.digest, started=started)
     print(f"\ntag → registry: {first:.3f}s; moved tag → registry: {moved:.3f}s")
-    verify(registry, "team/app:1", c.digest, tmp_path / "pull")
+    registry.verify_image("team/app:1", c.digest, tmp_path / "pull")
     status = daemon.status()
     assert {(p["target"], p["digest"]) for p in status["recent"]} == {
         (f"{host}/team/app:1", a.digest),
@@ -301,7 +284,7 @@ def test_tag_moved_back_to_an_earlier_digest_is_pushed_again(
         wait_served(registry, ["team/app:1"], a.digest, started=started)
     finally:
         print("\nplan after moving back:", daemon.plan())
-    verify(registry, "team/app:1", a.digest, tmp_path / "pull")
+    registry.verify_image("team/app:1", a.digest, tmp_path / "pull")
 
 
 def test_restarted_daemon_pushes_nothing_twice(
@@ -347,8 +330,8 @@ def test_restarted_daemon_pushes_nothing_twice(
     uploads = blob_uploads(everything)
     assert len(uploads) == len(set(uploads))
     for i in range(3):
-        verify(registry, f"team/app:{i}", images[f"build/app:{i}"].digest)
-    verify(registry, "team/app:2", images["build/app:2"].digest, tmp_path / "pull")
+        registry.verify_image(f"team/app:{i}", images[f"build/app:{i}"].digest)
+    registry.verify_image("team/app:2", images["build/app:2"].digest, tmp_path / "pull")
 
 
 @pytest.mark.parametrize("on_start", ["new-only", "all"])
@@ -379,10 +362,10 @@ def test_on_start(
     started = time.monotonic()
     containerd.tag("build/after:1", f"{host}/team/post:1")
     wait_served(registry, ["team/post:1"], after.digest, started=started)
-    verify(registry, "team/post:1", after.digest)
+    registry.verify_image("team/post:1", after.digest)
     if on_start == "all":
         wait_served(registry, ["team/pre:1"], before.digest, started=started)
-        verify(registry, "team/pre:1", before.digest, tmp_path / "pull")
+        registry.verify_image("team/pre:1", before.digest, tmp_path / "pull")
         return
 
     time.sleep(0.5)
@@ -399,7 +382,7 @@ def test_on_start(
     started = time.monotonic()
     containerd.tag("build/moved:1", f"{host}/team/pre:1", force=True)
     wait_served(registry, ["team/pre:1"], moved.digest, started=started)
-    verify(registry, "team/pre:1", moved.digest, tmp_path / "pull")
+    registry.verify_image("team/pre:1", moved.digest, tmp_path / "pull")
 
 
 # ---------------------------------------------------------------------- faults
@@ -460,8 +443,8 @@ def test_registry_down_while_pushes_are_pending(
         )
     print(f"\npushed {time.monotonic() - back:.2f}s after the registry came back")
     for i in range(3):
-        verify(registry, f"team/app:{i}", images[f"build/app:{i}"].digest)
-    verify(registry, "team/app:2", images["build/app:2"].digest, tmp_path / "pull")
+        registry.verify_image(f"team/app:{i}", images[f"build/app:{i}"].digest)
+    registry.verify_image("team/app:2", images["build/app:2"].digest, tmp_path / "pull")
     daemon.wait_notify("STATUS", "idle · 3 pushed")
     status = daemon.status()
     assert status["failing"] == []
@@ -473,13 +456,6 @@ BIG = 96 * MiB
 CHUNK = 4 * MiB
 
 
-@pytest.fixture
-def proxy(registry: Registry) -> Iterator[FaultProxy]:
-    """A byte-counting (and fault-injecting) proxy in front of the ``registry`` fixture."""
-    with FaultProxy(registry.host, seed=4) as instance:
-        yield instance
-
-
 def big_image(containerd: Containerd, b: ImageBuilder, tmp_path: Path, seed: str) -> Blob:
     """Import ``build/big:1``: a 96 MiB layer and a small one; return the manifest."""
     layer = b.layer_file(tmp_path / "big.layer", BIG, seed)
@@ -487,6 +463,39 @@ def big_image(containerd: Containerd, b: ImageBuilder, tmp_path: Path, seed: str
     load(containerd, b, tmp_path, {"build/big:1": root})
     layer.path.unlink()
     return root
+
+
+def start_big_push(
+    containerd: Containerd,
+    daemon: Daemon,
+    proxy: FaultProxy,
+    b: ImageBuilder,
+    tmp_path: Path,
+    seed: str,
+    *,
+    bandwidth: float | None = None,
+) -> Blob:
+    """Import ``build/big:1`` and have the daemon push it in 4 MiB chunks through ``proxy``."""
+    root = big_image(containerd, b, tmp_path, seed)
+    rule = _one_rule(proxy.host, "big/**")
+    configure(daemon, containerd, proxy.host, rule, registry={"chunk_size": "4MiB"}, **FAST_RETRY)
+    proxy.bandwidth = bandwidth
+    daemon.start()
+    containerd.tag("build/big:1", f"{proxy.host}/big/app:1")
+    return root
+
+
+def wait_proxy(proxy: FaultProxy, daemon: Daemon, done: Callable[[], bool]) -> None:
+    """Poll until ``done()`` (30 s at most; the proxy log and daemon log tell why not)."""
+    deadline = time.monotonic() + 30
+    while not done():
+        assert time.monotonic() < deadline, describe(proxy.records) + daemon.log_tail()
+        time.sleep(0.01)
+
+
+def acked_patches(proxy: FaultProxy) -> int:
+    """PATCHes the registry acknowledged (202) so far."""
+    return len([r for r in proxy.requests("PATCH") if r.status == 202])
 
 
 def patch_sessions(records: Sequence[ProxyRecord]) -> list[str]:
@@ -510,24 +519,10 @@ def test_sigkill_mid_upload_resumes_at_the_registry_offset(
     then. Resending the whole blob would cost ≥ 1.5 x its size, resuming ≈ 1.0 x.
     """
     b = image_builder
-    host = proxy.host
-    root = big_image(containerd, b, tmp_path, "kill/gated")
     acked = 12
     gates = [proxy.respond(503, method="PATCH", nth=n) for n in range(acked + 1, acked + 60)]
-    configure(
-        daemon,
-        containerd,
-        host,
-        _one_rule(host, "big/**"),
-        registry={"chunk_size": "4MiB"},
-        **FAST_RETRY,
-    )
-    daemon.start()
-    containerd.tag("build/big:1", f"{host}/big/app:1")
-    deadline = time.monotonic() + 30
-    while not gates[0].fired:
-        assert time.monotonic() < deadline, describe(proxy.records) + daemon.log_tail()
-        time.sleep(0.02)
+    root = start_big_push(containerd, daemon, proxy, b, tmp_path, "kill/gated")
+    wait_proxy(proxy, daemon, lambda: gates[0].fired > 0)
     daemon.kill()
     first_run = proxy.records
     [(location, offset)] = state_rows(daemon, "SELECT location, offset_bytes FROM uploads")
@@ -539,7 +534,7 @@ def test_sigkill_mid_upload_resumes_at_the_registry_offset(
     daemon.start()
     wait_served(registry, ["big/app:1"], root.digest, started=restarted, timeout=60)
     print(f"pushed {time.monotonic() - restarted:.2f}s after the restart")
-    verify(registry, "big/app:1", root.digest, tmp_path / "pull")
+    registry.verify_image("big/app:1", root.digest, tmp_path / "pull")
 
     records = proxy.records
     second_run = records[len(first_run) :]
@@ -585,23 +580,8 @@ def test_sigkill_in_the_middle_of_a_chunk_body(
     ``test_sigkill_mid_upload_resumes_at_the_registry_offset``.)
     """
     b = image_builder
-    host = proxy.host
-    root = big_image(containerd, b, tmp_path, "kill/chunk")
-    configure(
-        daemon,
-        containerd,
-        host,
-        _one_rule(host, "big/**"),
-        registry={"chunk_size": "4MiB"},
-        **FAST_RETRY,
-    )
-    proxy.bandwidth = 40 * MiB
-    daemon.start()
-    containerd.tag("build/big:1", f"{host}/big/app:1")
-    deadline = time.monotonic() + 30
-    while len([r for r in proxy.requests("PATCH") if r.status == 202]) < 5:
-        assert time.monotonic() < deadline, describe(proxy.records) + daemon.log_tail()
-        time.sleep(0.01)
+    root = start_big_push(containerd, daemon, proxy, b, tmp_path, "kill/chunk", bandwidth=40 * MiB)
+    wait_proxy(proxy, daemon, lambda: acked_patches(proxy) >= 5)
     time.sleep(0.05)  # into the sixth chunk's body
     daemon.kill()
     # The proxy relays what the kernel had buffered, then sees the body cut (or, if the
@@ -617,7 +597,7 @@ def test_sigkill_in_the_middle_of_a_chunk_body(
     restarted = time.monotonic()
     daemon.start()
     wait_served(registry, ["big/app:1"], root.digest, started=restarted, timeout=60)
-    verify(registry, "big/app:1", root.digest, tmp_path / "pull")
+    registry.verify_image("big/app:1", root.digest, tmp_path / "pull")
     records = proxy.records
     second_run = records[len(first_run) :]
     old, _ = patch_sessions(records)
@@ -645,23 +625,8 @@ def test_sigterm_mid_upload_checkpoints_and_exits_0(
     """SIGTERM during a throttled upload: STOPPING=1 at once, the chunk in flight finishes,
     exit 0 within seconds; the next start resumes the saved session without resending."""
     b = image_builder
-    host = proxy.host
-    root = big_image(containerd, b, tmp_path, "term")
-    configure(
-        daemon,
-        containerd,
-        host,
-        _one_rule(host, "big/**"),
-        registry={"chunk_size": "4MiB"},
-        **FAST_RETRY,
-    )
-    proxy.bandwidth = 40 * MiB
-    daemon.start()
-    containerd.tag("build/big:1", f"{host}/big/app:1")
-    deadline = time.monotonic() + 30
-    while len([r for r in proxy.requests("PATCH") if r.status == 202]) < 3:
-        assert time.monotonic() < deadline, describe(proxy.records) + daemon.log_tail()
-        time.sleep(0.01)
+    root = start_big_push(containerd, daemon, proxy, b, tmp_path, "term", bandwidth=40 * MiB)
+    wait_proxy(proxy, daemon, lambda: acked_patches(proxy) >= 3)
     mark = daemon.mark()
     log_mark = daemon.log_mark()
     signalled = time.monotonic()
@@ -683,7 +648,7 @@ def test_sigterm_mid_upload_checkpoints_and_exits_0(
     restarted = time.monotonic()
     daemon.start()
     wait_served(registry, ["big/app:1"], root.digest, started=restarted, timeout=60)
-    verify(registry, "big/app:1", root.digest, tmp_path / "pull")
+    registry.verify_image("big/app:1", root.digest, tmp_path / "pull")
     assert proxy.body_bytes("PATCH") == BIG, describe(proxy.records)
     assert len(patch_sessions(proxy.records)) == 1
     assert state_rows(daemon, "SELECT * FROM uploads") == []
@@ -717,7 +682,7 @@ def test_sigterm_during_request_retries_exits_promptly(
     registry.start()
     daemon.start()
     wait_served(registry, ["team/app:1"], root.digest, started=time.monotonic(), timeout=60)
-    verify(registry, "team/app:1", root.digest, tmp_path / "pull")
+    registry.verify_image("team/app:1", root.digest, tmp_path / "pull")
     assert code == 0
     assert took < 3.0, daemon.log_text(log_mark)
 
@@ -774,10 +739,7 @@ def test_status_after_a_stop_mid_upload_shows_no_running_job(
     proxy.bandwidth = 8 * MiB
     daemon.start()
     containerd.tag("build/mid:1", f"{host}/big/mid:1")
-    deadline = time.monotonic() + 30
-    while not [r for r in proxy.requests("PATCH") if r.status == 202]:
-        assert time.monotonic() < deadline, describe(proxy.records) + daemon.log_tail()
-        time.sleep(0.01)
+    wait_proxy(proxy, daemon, lambda: acked_patches(proxy) >= 1)
     assert daemon.stop() == 0
     stopped = daemon.status()
 
@@ -785,7 +747,7 @@ def test_status_after_a_stop_mid_upload_shows_no_running_job(
     restarted = time.monotonic()
     daemon.start()
     wait_served(registry, ["big/mid:1"], root.digest, started=restarted, timeout=30)
-    verify(registry, "big/mid:1", root.digest, tmp_path / "pull")
+    registry.verify_image("big/mid:1", root.digest, tmp_path / "pull")
     assert stopped["pushed_count"] == 0
     assert stopped["jobs"]["running"] == 0, stopped
     assert stopped["jobs"]["queued"] == 1, stopped
@@ -817,8 +779,8 @@ def test_containerd_restarted_while_the_daemon_runs(
     containerd.tag("build/app:2", f"{host}/team/app:2")
     after = wait_served(registry, ["team/app:2"], second.digest, started=started)
     print(f"\ntag → registry before the containerd restart {before:.3f}s, after {after:.3f}s")
-    verify(registry, "team/app:1", first.digest)
-    verify(registry, "team/app:2", second.digest, tmp_path / "pull")
+    registry.verify_image("team/app:1", first.digest)
+    registry.verify_image("team/app:2", second.digest, tmp_path / "pull")
     assert daemon.status()["pushed_count"] == 2
 
 
@@ -858,7 +820,7 @@ def test_reload_with_a_broken_file_keeps_the_old_configuration(
     started = time.monotonic()
     containerd.tag("build/app:0", f"{host}/team/app:0")
     wait_served(registry, ["team/app:0"], images["build/app:0"].digest, started=started)
-    verify(registry, "team/app:0", images["build/app:0"].digest)
+    registry.verify_image("team/app:0", images["build/app:0"].digest)
 
     # A good file swaps in: the new rule pushes other/**, which the old one did not.
     configure(daemon, containerd, host, _one_rule(host, "other/**"))
@@ -870,7 +832,7 @@ def test_reload_with_a_broken_file_keeps_the_old_configuration(
     started = time.monotonic()
     containerd.tag("build/app:1", f"{host}/other/app:1", f"{host}/team/app:1")
     wait_served(registry, ["other/app:1"], images["build/app:1"].digest, started=started)
-    verify(registry, "other/app:1", images["build/app:1"].digest, tmp_path / "pull")
+    registry.verify_image("other/app:1", images["build/app:1"].digest, tmp_path / "pull")
     time.sleep(0.5)
     assert registry.tags("team/app") == ["0"]
 
@@ -895,8 +857,8 @@ def test_run_once_pushes_what_is_due_and_exits(
     result = daemon.cli("run", "--once", timeout=60)
     assert result.returncode == 0, result.stderr
     for name, root in images.items():
-        verify(registry, name.removeprefix(f"{host}/"), root.digest)
-    verify(registry, "team/app:1", images[f"{host}/team/app:1"].digest, tmp_path / "pull")
+        registry.verify_image(name.removeprefix(f"{host}/"), root.digest)
+    registry.verify_image("team/app:1", images[f"{host}/team/app:1"].digest, tmp_path / "pull")
     mark = registry.log_mark()
     result = daemon.cli("run", "--once", timeout=60)
     assert result.returncode == 0, result.stderr
@@ -977,7 +939,7 @@ def test_plan_and_status(
 
     daemon.start()
     wait_served(registry, ["team/app:1"], pushed.digest, started=time.monotonic())
-    verify(registry, "team/app:1", pushed.digest, tmp_path / "pull")
+    registry.verify_image("team/app:1", pushed.digest, tmp_path / "pull")
     daemon.wait_notify("STATUS", lambda s: s.startswith("idle · 1 pushed"))
     running = daemon.status()
     assert running["pushed_count"] == 1
@@ -1021,5 +983,5 @@ def test_plan_previews_images_not_seen_yet_as_pushes(
     rows = daemon.plan()
     once = daemon.cli("run", "--once")  # what plan should have announced
     assert once.returncode == 0, once.stderr
-    verify(registry, "team/app:1", root.digest, tmp_path / "pull")
+    registry.verify_image("team/app:1", root.digest, tmp_path / "pull")
     assert [(r["action"], r["reason"]) for r in rows] == [("push", "")], rows

@@ -9,7 +9,6 @@ Request counts come from the registry's access log.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,7 +18,6 @@ import pytest
 from tests.support.cli import Outcome, run_cli
 from tests.support.containerd import Containerd
 from tests.support.images import (
-    DOCKER_MANIFEST_LIST,
     INDEX_TYPES,
     MANIFEST_TYPES,
     Blob,
@@ -62,30 +60,6 @@ def leaves(b: ImageBuilder, root: Blob) -> set[str]:
     """Digests of configs and layers (the blobs, not manifests) reachable from ``root``."""
     structural = MANIFEST_TYPES | INDEX_TYPES
     return {blob.digest for blob in b.blobs_of(root) if blob.media_type not in structural}
-
-
-def verify_outside(registry: Registry, ref: str, digest: str, tmp_path: Path) -> None:
-    """skopeo sees ``digest`` at ``ref`` and pulls every platform and blob of it."""
-    assert registry.skopeo_inspect_digest(ref) == digest
-    dest = tmp_path / f"pulled-{ref.replace('/', '_').replace(':', '_')}"
-    raw = json.loads(registry.skopeo_inspect_raw(ref))
-    if raw.get("mediaType") == DOCKER_MANIFEST_LIST:
-        # skopeo refuses to write a Docker manifest list into an OCI layout without converting
-        # it (which --preserve-digests forbids): pull into a dir: layout instead.
-        registry.skopeo(
-            "copy",
-            "--all",
-            "--preserve-digests",
-            *registry.skopeo_flags("src-"),
-            registry.docker_ref(ref),
-            f"dir:{dest}",
-        )
-        served = "sha256:" + hashlib.sha256((dest / "manifest.json").read_bytes()).hexdigest()
-        assert served == digest
-        return
-    registry.skopeo_copy_to_oci(ref, dest)
-    index = json.loads((dest / "index.json").read_text())
-    assert [m["digest"] for m in index["manifests"]] == [digest]
 
 
 def uploads(records: Sequence[RequestRecord]) -> list[RequestRecord]:
@@ -137,7 +111,7 @@ def test_single_platform_oci_manifest(
     assert result["bytes_sent"] == sum(b.get(d).size for d in leaves(b, root))
     assert result["manifests"] == 1
     assert result["up_to_date"] is False
-    verify_outside(registry, ref, root.digest, tmp_path)
+    registry.verify_image(ref, root.digest, tmp_path)
 
 
 def test_multi_platform_index_all(
@@ -163,7 +137,7 @@ def test_multi_platform_index_all(
     assert sorted(result["platforms"]) == ["linux/amd64", "linux/arm64/v8"]
     assert result["pushed_blobs"] == 5
     assert result["manifests"] == 3
-    verify_outside(registry, "multi:1", root.digest, tmp_path)
+    registry.verify_image("multi:1", root.digest, tmp_path)
     assert served_platforms(registry, "multi:1") == ["linux/amd64", "linux/arm64/v8"]
 
 
@@ -186,8 +160,8 @@ def test_docker_manifest_and_manifest_list(
     assert many.result["media_type"] == (
         "application/vnd.docker.distribution.manifest.list.v2+json"
     )
-    verify_outside(registry, "d:single", single.digest, tmp_path)
-    verify_outside(registry, "d:list", listed.digest, tmp_path)
+    registry.verify_image("d:single", single.digest, tmp_path)
+    registry.verify_image("d:list", listed.digest, tmp_path)
 
 
 def test_empty_layer_and_a_normal_one(
@@ -203,7 +177,7 @@ def test_empty_layer_and_a_normal_one(
     assert result["pushed_blobs"] == 3
     assert result["bytes_sent"] == 5000 + root.json()["config"]["size"]
     assert registry.blob_exists("e", empty.digest)
-    verify_outside(registry, "e:1", root.digest, tmp_path)
+    registry.verify_image("e:1", root.digest, tmp_path)
 
 
 def test_large_blob_is_uploaded_in_chunks(
@@ -228,7 +202,7 @@ def test_large_blob_is_uploaded_in_chunks(
     assert len(patches) >= 12
     assert result["pushed_blobs"] == 3
     assert result["bytes_sent"] == sum(b.get(d).size for d in leaves(b, root))
-    verify_outside(registry, "big:1", root.digest, tmp_path)
+    registry.verify_image("big:1", root.digest, tmp_path)
 
 
 # ---------------------------------------------------------------------- what is already there
@@ -254,7 +228,7 @@ def test_repush_same_tag_is_up_to_date_and_uploads_nothing(
     assert result["skipped_blobs"] == 4
     assert result["manifests"] == 0
     assert uploads(registry.requests(mark)) == []
-    verify_outside(registry, "again:1", root.digest, tmp_path)
+    registry.verify_image("again:1", root.digest, tmp_path)
 
 
 def test_second_tag_of_one_digest_uploads_no_blob(
@@ -274,8 +248,8 @@ def test_second_tag_of_one_digest_uploads_no_blob(
     assert result["pushed_blobs"] == result["mounted_blobs"] == result["bytes_sent"] == 0
     assert result["manifests"] == 1
     assert blob_uploads(registry.requests(mark)) == []
-    verify_outside(registry, "tt:a", root.digest, tmp_path)
-    verify_outside(registry, "tt:b", root.digest, tmp_path)
+    registry.verify_image("tt:a", root.digest, tmp_path)
+    registry.verify_image("tt:b", root.digest, tmp_path)
 
 
 def test_cross_repository_mount_from_source_labels(
@@ -310,7 +284,7 @@ def test_cross_repository_mount_from_source_labels(
     assert len(mounts) == 4
     assert {r["status"] for r in mounts} == {201}
     assert [r for r in registry.requests(mark) if r["method"] in ("PATCH",)] == []
-    verify_outside(registry, "second/repo:1", root.digest, tmp_path)
+    registry.verify_image("second/repo:1", root.digest, tmp_path)
 
 
 def test_mount_from_unknown_source_falls_back_to_upload_in_same_session(
@@ -332,7 +306,7 @@ def test_mount_from_unknown_source_falls_back_to_upload_in_same_session(
     # The refused mount (202) opened a normal session that the upload used: one POST per blob.
     assert len(posts) == 3
     assert all("mount=" in r["query"] and r["status"] == 202 for r in posts)
-    verify_outside(registry, "nm:1", root.digest, tmp_path)
+    registry.verify_image("nm:1", root.digest, tmp_path)
 
 
 def test_push_by_digest_and_digest_mismatch(
@@ -352,7 +326,7 @@ def test_push_by_digest_and_digest_mismatch(
 
     assert result["digest"] == root.digest
     assert registry.tags("bd") == []  # pushed by digest only
-    verify_outside(registry, f"bd@{root.digest}", root.digest, tmp_path)
+    registry.verify_image(f"bd@{root.digest}", root.digest, tmp_path)
     assert wrong.code == 1
     assert len(wrong.error_lines) == 1, wrong.stderr
     assert other.digest in wrong.stderr and root.digest in wrong.stderr
@@ -395,7 +369,7 @@ def test_token_mount_asks_for_pull_on_the_source(
         {"type": "repository", "name": "first/repo", "actions": ["pull"]} in r.access
         for r in server.requests
     ), server.requests
-    verify_outside(token_registry, "second/repo:1", root.digest, tmp_path)
+    token_registry.verify_image("second/repo:1", root.digest, tmp_path)
 
 
 # ---------------------------------------------------------------------- platform policies
@@ -452,7 +426,7 @@ def test_platform_available_pushes_reduced_index(
     ).result
     assert result["digest"] != partial_index["index"].digest
     assert sorted(result["platforms"]) == ["linux/amd64", "linux/arm64/v8"]
-    verify_outside(registry, "p:avail", result["digest"], tmp_path)
+    registry.verify_image("p:avail", result["digest"], tmp_path)
     assert served_platforms(registry, "p:avail") == ["linux/amd64", "linux/arm64/v8"]
     doc = json.loads(registry.skopeo_inspect_raw("p:avail"))
     assert [m["digest"] for m in doc["manifests"]] == [
@@ -477,7 +451,7 @@ def test_platform_host_pushes_the_amd64_manifest(
     assert result["platforms"] == ["linux/amd64"]
     assert result["pushed_blobs"] == 2
     assert result["manifests"] == 1
-    verify_outside(registry, "p:host", partial_index["amd"].digest, tmp_path)
+    registry.verify_image("p:host", partial_index["amd"].digest, tmp_path)
 
 
 def test_platform_explicit_arm64_pushes_index_of_that_platform(
@@ -493,7 +467,7 @@ def test_platform_explicit_arm64_pushes_index_of_that_platform(
     ).result
     assert result["platforms"] == ["linux/arm64/v8"]
     assert result["digest"] != partial_index["index"].digest
-    verify_outside(registry, "p:arm", result["digest"], tmp_path)
+    registry.verify_image("p:arm", result["digest"], tmp_path)
     assert served_platforms(registry, "p:arm") == ["linux/arm64/v8"]
     assert not registry.blob_exists("p", partial_index["amd"].digest)
 
@@ -538,7 +512,7 @@ def test_explicit_plain_http_one_at_a_time(
 
     assert result["digest"] == root.digest  # nothing missing: "available" keeps the index
     assert result["pushed_blobs"] == 5
-    verify_outside(registry, "plain:1", root.digest, tmp_path)
+    registry.verify_image("plain:1", root.digest, tmp_path)
     assert registry.requests(mark)[0]["path"] == "/v2/"
 
 
@@ -592,8 +566,8 @@ def test_platform_available_reduces_a_nested_index(
     reduced = json.loads(registry.skopeo_inspect_raw(f"nested@{new_inner['digest']}"))
     assert [m["digest"] for m in reduced["manifests"]] == [amd.digest]
     # skopeo cannot copy nested indexes: pull each reachable level that it can handle.
-    verify_outside(registry, f"nested@{new_inner['digest']}", new_inner["digest"], tmp_path)
-    verify_outside(registry, f"nested@{arm.digest}", arm.digest, tmp_path)
+    registry.verify_image(f"nested@{new_inner['digest']}", new_inner["digest"], tmp_path)
+    registry.verify_image(f"nested@{arm.digest}", arm.digest, tmp_path)
 
 
 def test_platform_host_refuses_single_foreign_image(
@@ -671,7 +645,7 @@ def test_tls_with_ca_file(
     ).result
 
     assert result["digest"] == root.digest
-    verify_outside(tls_registry, "tls:1", root.digest, tmp_path)
+    tls_registry.verify_image("tls:1", root.digest, tmp_path)
 
 
 def test_tls_without_ca_fails_fast(
@@ -714,7 +688,7 @@ def test_htpasswd_password_stdin(
     ).result
 
     assert result["digest"] == root.digest
-    verify_outside(htpasswd_registry, "basic:1", root.digest, tmp_path)
+    htpasswd_registry.verify_image("basic:1", root.digest, tmp_path)
 
 
 def test_htpasswd_wrong_password_fails_without_retry_storm(
@@ -789,7 +763,7 @@ def test_htpasswd_password_stdin_with_crlf(
     )
 
     assert run_.code == 0, run_.stderr
-    verify_outside(htpasswd_registry, "basic:1", root.digest, tmp_path)
+    htpasswd_registry.verify_image("basic:1", root.digest, tmp_path)
 
 
 # ---------------------------------------------------------------------- token auth
@@ -829,7 +803,7 @@ def test_token_alice_from_docker_config(
         for r in issued
         for a in r.access
     ), issued
-    verify_outside(token_registry, "team/tok:1", root.digest, tmp_path)
+    token_registry.verify_image("team/tok:1", root.digest, tmp_path)
 
 
 def test_token_bob_may_not_push(
@@ -958,4 +932,4 @@ def test_default_target_and_human_output(
 
     assert run_.code == 0, run_.stderr
     assert run_.stdout.startswith(f"pushed {name} {root.digest}: 2 blobs uploaded"), run_.stdout
-    verify_outside(registry, "dflt:1", root.digest, tmp_path)
+    registry.verify_image("dflt:1", root.digest, tmp_path)

@@ -265,6 +265,15 @@ def _abort(sock: socket.socket) -> None:
     sock.close()
 
 
+def describe(records: Sequence[ProxyRecord]) -> str:
+    """The proxy log in a readable form, oldest first (for assertion messages)."""
+    return "\n".join(
+        f"{r.started:10.3f} {r.method:6} {r.path[-44:]:44} {r.status} "
+        f"fwd={r.body_bytes} {r.fault or ''}"
+        for r in sorted(records, key=lambda r: r.started)
+    )
+
+
 class FaultProxy:
     """A threaded reverse proxy to ``upstream`` (``host:port``, plain HTTP) with faults.
 

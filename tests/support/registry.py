@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.support.images import DOCKER_MANIFEST_LIST
 from tests.support.process import read_log, terminate
 from tests.support.tokenserver import TokenServer
 
@@ -670,6 +671,30 @@ class Registry:
             self.docker_ref(ref),
             dest,
         )
+
+    def verify_image(self, ref: str, digest: str, pull_into: Path | None = None) -> None:
+        """Assert that skopeo sees ``digest`` at ``ref``; with ``pull_into``, pull every blob.
+
+        The pull (every platform, digests preserved, each blob verified by skopeo) lands in a
+        fresh directory under ``pull_into``. A Docker manifest list goes to a ``dir:`` layout,
+        because skopeo will not write one into an OCI layout without converting it.
+        """
+        assert self.skopeo_inspect_digest(ref) == digest, ref
+        if pull_into is None:
+            return
+        dest = pull_into / f"pulled-{ref.replace('/', '_').replace(':', '_').replace('@', '_')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if json.loads(self.skopeo_inspect_raw(ref)).get("mediaType") == DOCKER_MANIFEST_LIST:
+            flags = self.skopeo_flags("src-")
+            self.skopeo(
+                "copy", "--all", "--preserve-digests", *flags, self.docker_ref(ref), f"dir:{dest}"
+            )
+            served = "sha256:" + hashlib.sha256((dest / "manifest.json").read_bytes()).hexdigest()
+            assert served == digest, ref
+            return
+        self.skopeo_copy_to_oci(ref, dest)
+        index = json.loads((dest / "index.json").read_text())
+        assert [m["digest"] for m in index["manifests"]] == [digest], ref
 
     def skopeo_push_oci(
         self,
