@@ -92,7 +92,7 @@ class ProxyRecord:
     body_bytes: int
     #: Request-body bytes read from the client (forwarded or not).
     received_bytes: int
-    #: ``None``, or what the proxy did: ``"reset"``, ``"respond-503"``, ``"upstream-error"``...
+    #: ``None``, or what happened: ``"reset"``, ``"respond-503"``, ``"client-gone"``...
     fault: str | None
     #: Status the upstream answered (None if the request was not forwarded or got no answer).
     upstream_status: int | None
@@ -594,7 +594,10 @@ class FaultProxy:
         rfile = conn.makefile("rb")
         base: _Start | None = None
         try:
-            head = _read_head(rfile)
+            try:
+                head = _read_head(rfile)
+            except OSError:  # the client went away before its request was whole: no request
+                return
             if head is None:
                 return
             started = time.monotonic()
@@ -604,19 +607,8 @@ class FaultProxy:
             rule, status = self._choose(method, target)
             base = _Start(method, path, query, started)
             if rule is not None and rule.action == "respond":
-                received = sum(n for _, n in _body_pieces(rfile, head))
-                answered = time.monotonic()
-                self._answer(base)
-                self._send_error(conn, method, status, rule)
-                self._record(
-                    base,
-                    status=status,
-                    body_bytes=0,
-                    received_bytes=received,
-                    fault=f"respond-{status}",
-                    answered=answered,
-                )
-                self._close_gracefully(conn)
+                answer = self._error_answer(method, status, rule)
+                self._answer_here(conn, rfile, head, base, status, f"respond-{status}", answer)
                 return
             if self.latency:
                 time.sleep(self.latency)
@@ -630,7 +622,41 @@ class FaultProxy:
                     self._answering.discard(id(base))
                     self._settled.notify_all()
 
-    def _send_error(self, conn: socket.socket, method: str, status: int, rule: Rule) -> None:
+    def _answer_here(
+        self,
+        conn: socket.socket,
+        rfile: IO[bytes],
+        head: _Head,
+        base: _Start,
+        status: int,
+        fault: str,
+        answer: bytes,
+    ) -> None:
+        """Answer without forwarding: read the body, then send ``answer``.
+
+        A client that goes away first (killed mid-body, say) is recorded as ``client-gone``.
+        """
+        received = 0
+        try:
+            for _, n in _body_pieces(rfile, head):
+                received += n
+            answered = time.monotonic()
+            self._answer(base)
+            conn.sendall(answer)
+        except (OSError, ValueError):
+            self._record(base, status=0, body_bytes=0, received_bytes=received, fault="client-gone")
+            return
+        self._record(
+            base,
+            status=status,
+            body_bytes=0,
+            received_bytes=received,
+            fault=fault,
+            answered=answered,
+        )
+        self._close_gracefully(conn)
+
+    def _error_answer(self, method: str, status: int, rule: Rule) -> bytes:
         code = _ERROR_CODES.get(status, "UNKNOWN")
         body = json.dumps(
             {"errors": [{"code": code, "message": f"injected by the fault proxy ({status})"}]}
@@ -642,7 +668,7 @@ class FaultProxy:
         lines += [f"{k}: {v}" for k, v in headers.items()]
         lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
         data = "\r\n".join(lines).encode("latin-1")
-        conn.sendall(data if method == "HEAD" else data + body)
+        return data if method == "HEAD" else data + body
 
     @staticmethod
     def _close_gracefully(conn: socket.socket) -> None:
@@ -690,19 +716,10 @@ class FaultProxy:
         try:
             upstream = socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT)
         except OSError:
-            received = sum(n for _, n in _body_pieces(rfile, head))
-            self._answer(base)
-            conn.sendall(
+            bad_gateway = (
                 b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             )
-            self._record(
-                base,
-                status=502,
-                body_bytes=0,
-                received_bytes=received,
-                fault="upstream-error",
-            )
-            self._close_gracefully(conn)
+            self._answer_here(conn, rfile, head, base, 502, "upstream-error", bad_gateway)
             return
         with self._lock:
             self._sockets.add(upstream)

@@ -1,0 +1,51 @@
+"""The fault proxy itself: its record of requests is complete and its own failures are real."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.support.faultproxy import FaultProxy
+from tests.support.registry import Registry
+
+pytestmark = pytest.mark.e2e
+
+
+def test_records_are_complete_as_soon_as_the_client_has_its_answers(
+    registry: Registry, proxy: FaultProxy
+) -> None:
+    """Each answer is read by the client before the proxy thread records it: ``records``
+    waits for those, so a count taken right after the last answer is never one short."""
+    proxy.respond(503, match="/v2/nothing/", first=10)
+    with httpx.Client(base_url=f"http://{proxy.host}", timeout=10) as client:
+        for i in range(1, 41):
+            path = "/v2/" if i % 2 else "/v2/nothing/tags/list"
+            client.get(path)
+            assert len(proxy.records) == i
+
+
+def test_a_client_gone_mid_body_is_recorded_not_raised(
+    registry: Registry, proxy: FaultProxy
+) -> None:
+    """A client killed while sending a body the proxy answers itself (a 503 rule) is a
+    ``client-gone`` record; the proxy's error list (checked by the fixture) stays empty."""
+    rule = proxy.respond(503, method="PATCH")
+    head = (
+        "PATCH /v2/x/blobs/uploads/1 HTTP/1.1\r\n"
+        f"Host: {proxy.host}\r\nContent-Length: 4194304\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(head + b"\0" * 65536)
+        deadline = time.monotonic() + 5
+        while rule.fired == 0:  # the rule has matched: the proxy is reading the body
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    deadline = time.monotonic() + 5
+    while not proxy.requests("PATCH"):
+        assert time.monotonic() < deadline, "the cut request was never recorded"
+        time.sleep(0.01)
+    [record] = proxy.requests("PATCH")
+    assert (record.status, record.fault, record.received_bytes) == (0, "client-gone", 65536)
