@@ -580,10 +580,8 @@ class FaultProxy:
             answered=now if answered is None else answered,
             ended=now if ended is None else ended,
         )
-        with self._settled:
+        with self._lock:
             self._records.append(record)
-            self._answering.discard(id(start))
-            self._settled.notify_all()
 
     def _answer(self, start: _Start) -> None:
         """Note that the client is about to see this request's outcome."""
@@ -618,7 +616,7 @@ class FaultProxy:
         finally:
             rfile.close()
             if base is not None:
-                with self._settled:  # unrecorded (the proxy is stopping): never wait for it
+                with self._settled:  # recorded by now (or never, when the proxy is stopping)
                     self._answering.discard(id(base))
                     self._settled.notify_all()
 

@@ -679,12 +679,13 @@ class Registry:
         fresh directory under ``pull_into``. A Docker manifest list goes to a ``dir:`` layout,
         because skopeo will not write one into an OCI layout without converting it.
         """
-        assert self.skopeo_inspect_digest(ref) == digest, ref
+        raw = self.skopeo_inspect_raw(ref)
+        assert "sha256:" + hashlib.sha256(raw).hexdigest() == digest, ref
         if pull_into is None:
             return
         dest = pull_into / f"pulled-{ref.replace('/', '_').replace(':', '_').replace('@', '_')}"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if json.loads(self.skopeo_inspect_raw(ref)).get("mediaType") == DOCKER_MANIFEST_LIST:
+        if json.loads(raw).get("mediaType") == DOCKER_MANIFEST_LIST:
             flags = self.skopeo_flags("src-")
             self.skopeo(
                 "copy", "--all", "--preserve-digests", *flags, self.docker_ref(ref), f"dir:{dest}"
