@@ -27,6 +27,7 @@ from tests.support.containerd import Containerd
 from tests.support.daemon import Daemon, render_config
 from tests.support.faultproxy import FaultProxy, ProxyRecord, describe
 from tests.support.images import Blob, ImageBuilder
+from tests.support.process import wait_until
 from tests.support.registry import MANIFEST_ACCEPT, Registry, RequestRecord, free_port
 
 pytestmark = pytest.mark.e2e
@@ -487,10 +488,7 @@ def start_big_push(
 
 def wait_proxy(proxy: FaultProxy, daemon: Daemon, done: Callable[[], bool]) -> None:
     """Poll until ``done()`` (30 s at most; the proxy log and daemon log tell why not)."""
-    deadline = time.monotonic() + 30
-    while not done():
-        assert time.monotonic() < deadline, describe(proxy.records) + daemon.log_tail()
-        time.sleep(0.01)
+    assert wait_until(done, timeout=30, interval=0.01), describe(proxy.records) + daemon.log_tail()
 
 
 def acked_patches(proxy: FaultProxy) -> int:

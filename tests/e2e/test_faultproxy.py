@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import httpx
 import pytest
 
 from tests.support.faultproxy import FaultProxy
+from tests.support.process import wait_until
 from tests.support.registry import Registry
 
 pytestmark = pytest.mark.e2e
@@ -39,13 +39,9 @@ def test_a_client_gone_mid_body_is_recorded_not_raised(
     ).encode()
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
         sock.sendall(head + b"\0" * 65536)
-        deadline = time.monotonic() + 5
-        while rule.fired == 0:  # the rule has matched: the proxy is reading the body
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-    deadline = time.monotonic() + 5
-    while not proxy.requests("PATCH"):
-        assert time.monotonic() < deadline, "the cut request was never recorded"
-        time.sleep(0.01)
-    [record] = proxy.requests("PATCH")
+        # Once the rule has matched, the proxy is reading the body.
+        assert wait_until(lambda: rule.fired, timeout=5, interval=0.01)
+    patches = wait_until(lambda: proxy.requests("PATCH"), timeout=5, interval=0.01)
+    assert patches, "the cut request was never recorded"
+    [record] = patches
     assert (record.status, record.fault, record.received_bytes) == (0, "client-gone", 65536)

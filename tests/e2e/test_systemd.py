@@ -32,6 +32,7 @@ import pytest
 
 from tests.support.images import ImageBuilder
 from tests.support.nspawn import DEFAULT_MASKS, INSIDE_ENV, REPO_ROOT, Machine, require_nspawn
+from tests.support.process import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -130,16 +131,6 @@ def diagnostics(machine: Machine) -> str:
     status = machine.run("systemctl", "status", "--no-pager", "-n", "0", UNIT, check=False)
     log = machine.run("journalctl", "-u", UNIT, "--no-pager", "-o", "short-monotonic", check=False)
     return f"\n--- systemctl status\n{status.stdout}\n--- journal\n{log.stdout}{log.stderr}"
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> Any:
-    """Call ``predicate`` until it returns something truthy; that value (None on timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value or None
-        time.sleep(interval)
 
 
 def start_services(machine: Machine) -> None:

@@ -1,10 +1,15 @@
-"""Small pieces the real-system fixtures share: stopping a child, reading its log."""
+"""Small pieces the real-system fixtures share: stopping a child, reading its log, polling."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -27,3 +32,13 @@ def read_log(path: Path, since: int = 0) -> str:
             return f.read().decode(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.1) -> T | None:
+    """Call ``predicate`` until it returns something truthy; that value (None on timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value or None
+        time.sleep(interval)
