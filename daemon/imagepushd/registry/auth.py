@@ -9,7 +9,6 @@ the body itself and sends once more. A second 401 is final, so there are no loop
 
 from __future__ import annotations
 
-import base64
 import logging
 import re
 import threading
@@ -155,8 +154,7 @@ class Authenticator:
                     f"{self._host}: refusing to send a password over plain HTTP "
                     "(allow it for this registry in the configuration)"
                 )
-            pair = f"{creds.username}:{creds.password}".encode()
-            return "Basic " + base64.b64encode(pair).decode()
+            return "Basic " + creds.basic()
         if creds is not None and creds.registry_token:
             return "Bearer " + creds.registry_token
         return "Bearer " + self._token(challenge, scopes).value
@@ -240,8 +238,7 @@ class Authenticator:
                             f"{self._host}: refusing to send a password to token server "
                             f"{url.host} over plain HTTP"
                         )
-                    pair = f"{creds.username}:{creds.password}".encode()
-                    headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+                    headers["Authorization"] = "Basic " + creds.basic()
                 params = httpx.QueryParams([("service", service)] if service else [])
                 for scope in scopes:
                     params = params.add("scope", scope)

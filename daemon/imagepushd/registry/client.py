@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import ssl
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -57,8 +57,6 @@ class HostSettings:
     plain_http: bool = False
     ca_file: Path | None = None
     certs_dirs: tuple[Path, ...] = CERTS_DIRS
-    timeout: float = 300.0
-    extra_headers: dict[str, str] = field(default_factory=dict)
 
 
 def ssl_context(host: str, settings: HostSettings) -> ssl.SSLContext:
@@ -89,19 +87,11 @@ def _no_cookies() -> http.cookiejar.CookieJar:
     return http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 
-def _tls_verification_failed(exc: BaseException) -> bool:
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` or anything in its cause/context chain is a ``kind``."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _tls_handshake_failed(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError):
+        if isinstance(seen, kind):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
@@ -125,11 +115,11 @@ class RegistryClient:
         self.api_host = "registry-1.docker.io" if host == "docker.io" else host
         self._http = httpx.Client(
             verify=ssl_context(self.api_host, self.settings),
-            timeout=httpx.Timeout(self.settings.timeout, connect=30.0),
+            timeout=httpx.Timeout(300.0, connect=30.0),
             follow_redirects=False,
             cookies=_no_cookies(),
             transport=transport,
-            headers={"User-Agent": "imagepushd", **self.settings.extra_headers},
+            headers={"User-Agent": "imagepushd"},
         )
         self._schemes = ["http"] if self.settings.plain_http else ["https"]
         if is_loopback(self.api_host) and not self.settings.plain_http:
@@ -163,22 +153,18 @@ class RegistryClient:
         """``GET /v2/``: choose the scheme (loopback may be plain HTTP) and learn the challenge."""
         if self._pinged:
             return
-        last: RegistryError | None = None
         for scheme in self._schemes:
             self.scheme = scheme
             try:
                 response = self.retrier.call(f"{self.host}: GET /v2/", self._ping_once)
             except RegistryConnectionError as exc:
-                last = exc
-                if scheme == "https" and "http" in self._schemes and exc.tls_handshake:
-                    continue
+                if scheme != self._schemes[-1] and exc.tls_handshake:
+                    continue  # https to a loopback host that speaks plain HTTP: try http
                 raise
             if response.status_code == 401:
                 self.auth.learn(response)
             self._pinged = True
             return
-        assert last is not None
-        raise last
 
     def login(self) -> bool:
         """Verify this client's credentials with one authenticated round trip, as docker login.
@@ -221,13 +207,13 @@ class RegistryClient:
         try:
             return self._http.send(request)
         except httpx.HTTPError as exc:
-            if _tls_verification_failed(exc):
+            if _caused_by(exc, ssl.SSLCertVerificationError):
                 raise RegistryConnectionError(
                     f"{self.host}: TLS certificate verification failed ({exc}); trust the "
                     "registry's CA with ca_file or /etc/docker/certs.d/<host>/ca.crt",
                     temporary=False,
                 ) from None
-            handshake = _tls_handshake_failed(exc)
+            handshake = _caused_by(exc, ssl.SSLError)
             raise RegistryConnectionError(
                 f"{self.host}: {method} {url.path}: {type(exc).__name__}: {exc or 'no details'}",
                 temporary=not handshake,

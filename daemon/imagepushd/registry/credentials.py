@@ -49,6 +49,10 @@ class Credentials:
     identity_token: str = field(default="", repr=False)
     registry_token: str = field(default="", repr=False)
 
+    def basic(self) -> str:
+        """``base64(username:password)``: the Basic auth value, and docker's ``auth`` field."""
+        return base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
 
 HelperRunner = Callable[[Sequence[str], str], "subprocess.CompletedProcess[str]"]
 
@@ -77,9 +81,15 @@ def helper_runner(env: Mapping[str, str]) -> HelperRunner:
     return run
 
 
-def run_helper(argv: Sequence[str], stdin: str) -> subprocess.CompletedProcess[str]:
-    """Run a docker credential helper found on this process's ``PATH``."""
-    return helper_runner(os.environ)(argv, stdin)
+def _helper_for(doc: dict[str, Any], host: str) -> tuple[str, str] | None:
+    """``(server key, helper name)`` from ``credHelpers`` for ``host``, if one is configured."""
+    helpers = doc.get("credHelpers")
+    if isinstance(helpers, dict):
+        for key in _auths_keys(host):
+            helper = helpers.get(key)
+            if isinstance(helper, str) and helper:
+                return key, helper
+    return None
 
 
 def _host_of(key: str) -> str:
@@ -228,12 +238,10 @@ class CredentialStore:
         return doc if isinstance(doc, dict) else None
 
     def _from_config(self, doc: dict[str, Any], host: str, path: Path) -> Credentials | None:
-        helpers = doc.get("credHelpers")
-        if isinstance(helpers, dict):
-            for key in _auths_keys(host):
-                helper = helpers.get(key)
-                if isinstance(helper, str) and helper:
-                    return self._from_helper(helper, key)
+        per_host = _helper_for(doc, host)
+        if per_host is not None:
+            key, helper = per_host
+            return self._from_helper(helper, key)
         store = doc.get("credsStore")
         if isinstance(store, str) and store:
             found = self._from_helper(store, _auths_keys(host)[0])
@@ -274,12 +282,7 @@ class CredentialStore:
 
     def _from_helper(self, helper: str, server: str) -> Credentials | None:
         program = f"docker-credential-{helper}"
-        try:
-            proc = self._runner([program, "get"], server)
-        except FileNotFoundError:
-            raise RegistryAuthError(f"credential helper {program} not found") from None
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise RegistryAuthError(f"credential helper {program} failed: {exc}") from None
+        proc = self._run_helper(program, "get", server)
         if proc.returncode != 0:
             if "credentials not found" in (proc.stdout + proc.stderr).lower():
                 return None
@@ -328,12 +331,10 @@ class CredentialStore:
         """
         path = self.docker_config
         doc = self._load_for_update(path)
-        helpers = doc.get("credHelpers")
-        if isinstance(helpers, dict):
-            for key in _auths_keys(host):
-                helper = helpers.get(key)
-                if isinstance(helper, str) and helper:
-                    return Destination(path, key, f"docker-credential-{helper}")
+        per_host = _helper_for(doc, host)
+        if per_host is not None:
+            key, helper = per_host
+            return Destination(path, key, f"docker-credential-{helper}")
         store = doc.get("credsStore")
         if isinstance(store, str) and store:
             return Destination(path, server_key(host), f"docker-credential-{store}")
@@ -367,8 +368,7 @@ class CredentialStore:
             return destination
         doc = self._load_for_update(destination.path)
         auths = doc.setdefault("auths", {})
-        pair = f"{credentials.username}:{credentials.password}".encode()
-        auths[destination.server] = {"auth": base64.b64encode(pair).decode()}
+        auths[destination.server] = {"auth": credentials.basic()}
         write_private_json(destination.path, doc)
         log.debug("%s: credentials stored in %s", host, destination.path)
         return destination

@@ -103,12 +103,21 @@ def parse_range(value: str | None, own: int) -> int | None:
     return last + 1
 
 
-class _RestartSession(Exception):
-    """The upload session is unusable (gone, out of sync): start a new one."""
+def _push_scopes(repository: str) -> tuple[str, ...]:
+    """The token scopes every upload request needs."""
+    return (repository_scope(repository, "pull", "push"),)
+
+
+class _SessionSignal(Exception):
+    """Internal control flow around an upload session, carrying the error that caused it."""
 
     def __init__(self, error: RegistryError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+class _RestartSession(_SessionSignal):
+    """The upload session is unusable (gone, out of sync): start a new one."""
 
 
 class _Body:
@@ -219,15 +228,13 @@ class BlobUploader:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         monolithic_max: int | None = None,
-        limits: ChunkLimits | None = None,
         sessions: SessionStore | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.client = client
         self.sessions = sessions
         self._should_stop = should_stop or (lambda: False)
-        self._client = client
-        self._limits = limits or registry_limits(client.host)
+        self._limits = registry_limits(client.host)
         self._chunk_size = chunk_size
         self._monolithic_max = chunk_size if monolithic_max is None else monolithic_max
 
@@ -239,7 +246,7 @@ class BlobUploader:
         progress: Callable[[int], None] | None = None,
     ) -> UploadResult:
         """Make the blob exist in ``repository``: skip, mount, or upload it."""
-        client = self._client
+        client = self.client
         desc = source.descriptor
         if client.blob_exists(repository, desc):
             return UploadResult(desc.digest, Outcome.EXISTS, 0)
@@ -289,7 +296,7 @@ class BlobUploader:
         started: httpx.Response | None,
         resume: httpx.URL | None,
     ) -> UploadResult:
-        client = self._client
+        client = self.client
         desc = transfer.descriptor
         streamed = not self._limits.chunked
         last: RegistryError | None = None
@@ -338,16 +345,13 @@ class BlobUploader:
             codes=last.codes,
         )
 
-    def _scopes(self, repository: str) -> tuple[str, ...]:
-        return (repository_scope(repository, "pull", "push"),)
-
     def _close(self, repository: str, transfer: _Transfer, location: httpx.URL) -> None:
         url = location.copy_merge_params({"digest": transfer.descriptor.digest})
         try:
-            self._client.send(
+            self.client.send(
                 "PUT",
                 url,
-                scopes=self._scopes(repository),
+                scopes=_push_scopes(repository),
                 ok={201, 204},
                 headers={"Content-Length": "0", "Content-Type": OCTET_STREAM},
                 body=b"",
@@ -379,10 +383,10 @@ class BlobUploader:
     ) -> httpx.Response:
         """Send the whole blob in one request; a session it broke is restarted by the caller."""
         try:
-            return self._client.send(
+            return self.client.send(
                 method,
                 url,
-                scopes=self._scopes(repository),
+                scopes=_push_scopes(repository),
                 ok=ok,
                 headers={"Content-Length": str(transfer.size), "Content-Type": OCTET_STREAM},
                 body=body,
@@ -402,7 +406,7 @@ class BlobUploader:
         )
         transfer.verify(body.hasher)
         if response.headers.get("location"):
-            location = self._client.session_url(response)
+            location = self.client.session_url(response)
         self._close(repository, transfer, location)
 
     def _chunk_for(self, transfer: _Transfer, response: httpx.Response | None) -> int:
@@ -423,7 +427,7 @@ class BlobUploader:
         start: httpx.Response | None,
         resuming: bool = False,
     ) -> None:
-        client = self._client
+        client = self.client
         session = _ChunkSession(
             self, repository, transfer, location, self._chunk_for(transfer, start)
         )
@@ -468,10 +472,10 @@ class BlobUploader:
     def status(self, repository: str, location: httpx.URL, own: int) -> tuple[httpx.URL, int]:
         """Where the registry says the session stands (GET status), or our own count."""
         try:
-            response = self._client.send(
+            response = self.client.send(
                 "GET",
                 location,
-                scopes=self._scopes(repository),
+                scopes=_push_scopes(repository),
                 ok={200, 204},
                 what="GET upload status",
             )
@@ -481,20 +485,16 @@ class BlobUploader:
             if exc.is_temporary():
                 raise
             log.info(
-                "%s: upload status unavailable (%s); resuming at %d", self._client.host, exc, own
+                "%s: upload status unavailable (%s); resuming at %d", self.client.host, exc, own
             )
             return location, own
-        here = self._client.session_url(response) if response.headers.get("location") else location
+        here = self.client.session_url(response) if response.headers.get("location") else location
         offset = parse_range(response.headers.get("range"), own)
         return here, own if offset is None else offset
 
 
-class _FallBackToStreamed(Exception):
+class _FallBackToStreamed(_SessionSignal):
     """The registry refused the first chunk in a way that says it does not take chunks."""
-
-    def __init__(self, error: RegistryError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 class _ChunkSession:
@@ -538,7 +538,7 @@ class _ChunkSession:
             response = self._client.send(
                 "PATCH",
                 self.location,
-                scopes=(repository_scope(self._repository, "pull", "push"),),
+                scopes=_push_scopes(self._repository),
                 ok={201, 202, 204},
                 headers={
                     "Content-Type": OCTET_STREAM,
