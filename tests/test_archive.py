@@ -222,6 +222,23 @@ def test_index_entry_without_media_type_is_sniffed(tmp_path: Path, image_builder
     assert store.walk(store.target(image)).complete
 
 
+def test_index_entry_naming_a_non_object_is_a_manifest_error(tmp_path: Path) -> None:
+    """A media type sniffed from a blob that is JSON but not an object: one clear line."""
+    data = b"[1, 2]"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    index = {"schemaVersion": 2, "manifests": [{"digest": digest, "size": len(data)}]}
+    path = tmp_path / "list.tar"
+    with tarfile.open(path, "w") as tar:
+        add(tar, "index.json", json.dumps(index).encode())
+        add(tar, f"blobs/sha256/{digest.removeprefix('sha256:')}", data)
+    store = ArchiveStore.open(path)
+    with pytest.raises(ManifestError, match=f"manifest {digest}: not a JSON object"):
+        store.target(store.select(None))
+    code, _, err = cli("push", "--archive", str(path), "localhost:1/x:1")
+    assert code == 1
+    assert "not a JSON object" in one_line(err)
+
+
 # ---------------------------------------------------------------------- docker save
 
 

@@ -62,6 +62,7 @@ from imagepushd.oci import (
     MAX_MANIFEST_SIZE,
     Descriptor,
     is_digest,
+    load_object,
     sniff_media_type,
 )
 from imagepushd.reference import parse_reference
@@ -221,15 +222,11 @@ def _docker_manifest(config: Descriptor, layers: Sequence[Descriptor]) -> bytes:
     Field order and compact separators are Go's ``json.Marshal`` of containerd's struct; all
     values are ASCII (media types, digests, sizes), so the bytes are identical to containerd's.
     """
-
-    def desc(d: Descriptor) -> dict[str, Any]:
-        return {"mediaType": d.media_type, "digest": d.digest, "size": d.size}
-
     doc = {
         "schemaVersion": 2,
         "mediaType": DOCKER_MANIFEST,
-        "config": desc(config),
-        "layers": [desc(layer) for layer in layers],
+        "config": config.to_json(),  # plain descriptors: mediaType, digest, size, in that order
+        "layers": [layer.to_json() for layer in layers],
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -458,7 +455,7 @@ class ArchiveStore:
         if target.media_type in MANIFEST_TYPES | INDEX_TYPES:
             return target
         data = self.read_bytes(target, MAX_MANIFEST_SIZE)
-        media_type = sniff_media_type(_load_json(data, f"manifest {target.digest}"), "")
+        media_type = sniff_media_type(load_object(data, f"manifest {target.digest}"), "")
         if media_type not in MANIFEST_TYPES | INDEX_TYPES:
             raise ManifestError(
                 f"{self.path}: index.json names {target.digest} of unsupported media type "

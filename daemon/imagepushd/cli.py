@@ -44,7 +44,7 @@ from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import Credentials, CredentialStore
 from imagepushd.registry.upload import DEFAULT_CHUNK_SIZE, BlobUploader
 from imagepushd.service import Service, plan_preview
-from imagepushd.state import State
+from imagepushd.state import OPEN_STATUSES, State
 from imagepushd.units import human_size, parse_size
 
 log = logging.getLogger("imagepushd")
@@ -184,7 +184,6 @@ def cmd_images(args: argparse.Namespace, ctx: Context) -> int:
     store = _Store(args, ctx)
     namespace = _namespace(args, ctx)
     snap = store.snapshot(namespace)
-    graphs: dict[tuple[str, str], tuple[ImageGraph | None, str | None]] = {}
     # Thousands of tags share a few targets: their graph and derived fields are computed once.
     shared: dict[tuple[str, str, str, int], _TargetRow] = {}
     listing: list[tuple[ImageRecord, _TargetRow]] = []
@@ -193,15 +192,14 @@ def cmd_images(args: argparse.Namespace, ctx: Context) -> int:
         key = (record.namespace, target.digest, target.media_type, target.size)
         row = shared.get(key)
         if row is None:
-            graph_key = (record.namespace, target.digest)
-            if graph_key not in graphs:
-                try:
-                    known = snap.blobs.get(record.namespace, {})
-                    graphs[graph_key] = (store.content.walk(target, known), None)
-                except ImagepushdError as exc:
-                    log.warning("%s/%s: %s", record.namespace, record.name, exc)
-                    graphs[graph_key] = (None, str(exc))
-            row = shared[key] = _TargetRow(record.namespace, target, *graphs[graph_key])
+            graph: ImageGraph | None = None
+            error: str | None = None
+            try:
+                graph = store.content.walk(target, snap.blobs.get(record.namespace, {}))
+            except ImagepushdError as exc:
+                log.warning("%s/%s: %s", record.namespace, record.name, exc)
+                error = str(exc)
+            row = shared[key] = _TargetRow(record.namespace, target, graph, error)
         listing.append((record, row))
     if args.json:
         # One object per line, encoded by the C encoder (indent=2 uses the pure-Python one).
@@ -293,8 +291,8 @@ def cmd_push(args: argparse.Namespace, ctx: Context) -> int:
     snap = store.snapshot(namespace)
     record = _find_image(snap, namespace, args.image)
     target = parse_reference(args.target or record.name)
-    graph = store.content.walk(record.target, snap.blobs.get(namespace, {}))
     blobs = snap.blobs.get(namespace, {})
+    graph = store.content.walk(record.target, blobs)
 
     # containerd's distribution.source labels name the host without its port.
     def mount_sources(descriptor: Descriptor) -> list[str]:
@@ -433,7 +431,7 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     with State(config.state_path) as state:
         summary = state.summary()
         pushed = state.pushed(limit=args.limit)
-        open_jobs = state.jobs(["queued", "running", "failed"])
+        open_jobs = state.jobs(OPEN_STATUSES)
     if args.json:
         doc = {
             **summary,

@@ -128,7 +128,8 @@ class Index:
     manifests: tuple[Descriptor, ...]
 
 
-def _load_json(data: bytes, where: str) -> Mapping[str, Any]:
+def load_object(data: bytes, where: str) -> Mapping[str, Any]:
+    """A JSON object from ``data``; anything else is a :class:`ManifestError` naming ``where``."""
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as exc:
@@ -155,7 +156,7 @@ def sniff_media_type(doc: Mapping[str, Any], declared: str) -> str:
 def parse_manifest(data: bytes, descriptor: Descriptor) -> Manifest | Index:
     """Parse the bytes of an image manifest or index named by ``descriptor``."""
     where = f"manifest {descriptor.digest}"
-    doc = _load_json(data, where)
+    doc = load_object(data, where)
     media_type = sniff_media_type(doc, descriptor.media_type)
     if media_type in INDEX_TYPES:
         children = doc.get("manifests")
@@ -181,4 +182,4 @@ def parse_manifest(data: bytes, descriptor: Descriptor) -> Manifest | Index:
 
 def config_platform(data: bytes, digest: str) -> Platform | None:
     """The platform an image config declares (``os``, ``architecture``, ``variant``)."""
-    return Platform.from_json(_load_json(data, f"config {digest}"))
+    return Platform.from_json(load_object(data, f"config {digest}"))

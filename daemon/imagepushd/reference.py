@@ -164,8 +164,11 @@ def parse_reference(text: str, *, default_tag: str | None = DEFAULT_TAG) -> Refe
     ref_digest = digest if at else None
     if ref_tag is None and ref_digest is None:
         ref_tag = default_tag
-    _check(text, registry, path, ref_tag, ref_digest)
-    return Reference(registry, path, ref_tag, ref_digest)
+    try:
+        return Reference(registry, path, ref_tag, ref_digest)  # checks the parts once
+    except InvalidReferenceError:
+        _check(text, registry, path, ref_tag, ref_digest)  # the same problem, named as typed
+        raise
 
 
 def _split_registry(text: str) -> tuple[str, str]:

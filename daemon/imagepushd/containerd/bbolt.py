@@ -159,9 +159,6 @@ class Leaf:
         self.shape = shape
 
 
-_Leaf = Leaf
-
-
 class _Branch:
     """A parsed branch page: separator keys and child page ids."""
 
@@ -249,12 +246,7 @@ class Tx:
         if pgid < 2 or pgid >= self._pgid:
             raise self.error(f"page {pgid} outside [2, {self._pgid})")
         ps = self._page_size
-        try:
-            buf = os.pread(self._fd, ps, pgid * ps)
-        except OSError as exc:
-            raise ContainerdError(f"{self._name}: reading page {pgid}: {exc.strerror}") from exc
-        if len(buf) != ps:
-            raise self.error(f"short read of page {pgid} ({len(buf)} of {ps} bytes)")
+        buf = self._pread(ps, pgid * ps, pgid)
         page_id, flags, count, overflow = self._layout.page_header.unpack_from(buf, 0)
         if page_id != pgid:
             raise self.error(f"page {pgid} has header id {page_id}")

@@ -635,10 +635,6 @@ class MetadataStore:
         """Release the file descriptor."""
         self._bolt.close()
 
-    def txid(self) -> int:
-        """The newest committed transaction id: a cheap change detector."""
-        return self._bolt.meta().txid
-
     def read(
         self, namespaces: Collection[str] | None = None, *, blobs: bool = False
     ) -> MetadataSnapshot:
