@@ -155,7 +155,7 @@ def test_reopen_keeps_everything(tmp_path: Path, clock: Clock) -> None:
     with State(path, clock=clock) as s:
         assert s.get_flag("baseline_done") == "1"
         assert s.seen() == {("default", "app:v1"): Seen(D1, 5.0, True)}
-        assert s.pushed_pairs() == {("r.example.com/app:v1", D1)}
+        assert {(p.target, p.digest) for p in s.pushed()} == {("r.example.com/app:v1", D1)}
         reopened = s.job(job.id)
         assert reopened is not None
         assert (reopened.status, reopened.attempts, reopened.last_error) == ("failed", 1, "boom")
@@ -256,8 +256,8 @@ def test_record_push_upserts_and_lists_newest_first(state: State, clock: Clock) 
     clock.advance(10)
     again = state.record_push("r/a:1", D1, "k8s.io", "a:1", bytes=111, duration=0.1)
     assert state.pushed_count() == 3
-    assert state.pushed_pairs() == {("r/a:1", D1), ("r/b:1", D2), ("r/a:1", D2)}
     listed = state.pushed()
+    assert {(p.target, p.digest) for p in listed} == {("r/a:1", D1), ("r/b:1", D2), ("r/a:1", D2)}
     assert listed[0] == again
     assert [(p.target, p.digest) for p in listed] == [
         ("r/a:1", D1),
@@ -266,6 +266,22 @@ def test_record_push_upserts_and_lists_newest_first(state: State, clock: Clock) 
     ]
     assert state.pushed(limit=2) == listed[:2]
     assert state.pushed(limit=0) == []
+
+
+def test_holdings_are_the_newest_push_per_target(state: State, clock: Clock) -> None:
+    """A → B → A on one tag: the target holds A again; ties on time go to the later row."""
+    assert state.holdings() == set()
+    state.record_push("r/a:1", D1, "ns", "a:1", bytes=1, duration=0)
+    clock.advance(10)
+    state.record_push("r/a:1", D2, "ns", "a:1", bytes=1, duration=0)
+    state.record_push("r/b:1", D2, "ns", "b:1", bytes=1, duration=0)
+    assert state.holdings() == {("r/a:1", D2), ("r/b:1", D2)}
+    clock.advance(10)
+    state.record_push("r/a:1", D1, "ns", "a:1", bytes=1, duration=0)
+    assert state.holdings() == {("r/a:1", D1), ("r/b:1", D2)}
+    state.record_push("r/b:1", D1, "ns", "b:1", bytes=1, duration=0, pushed_at=clock.now)
+    state.record_push("r/b:1", D3, "ns", "b:1", bytes=1, duration=0, pushed_at=clock.now)
+    assert state.holdings() == {("r/a:1", D1), ("r/b:1", D3)}
 
 
 def test_record_push_takes_an_explicit_time(state: State) -> None:
@@ -363,6 +379,9 @@ def test_due_lists_queued_and_failed_jobs_longest_overdue_first(state: State, cl
     assert [j.id for j in state.due(clock.now, 10)] == [b.id, c.id]
     assert [j.id for j in state.due(clock.now, 1)] == [b.id]
     assert [j.id for j in state.due(clock.now + 100, 10)] == [b.id, c.id, a.id]
+    # What the daemon sleeps until: the next attempt still ahead (due ones are not counted).
+    assert state.next_attempt_after(clock.now) == clock.now + 100
+    assert state.next_attempt_after(clock.now + 100) is None
 
 
 def test_start_counts_attempts_and_refuses_unstartable_jobs(state: State, clock: Clock) -> None:

@@ -46,14 +46,13 @@ from imagepushd.registry.credentials import (
 )
 from imagepushd.registry.retry import Retrier, RetryPolicy
 from imagepushd.registry.upload import BlobUploader
-from imagepushd.rules import match_image
-from imagepushd.state import JobRecord, State
+from imagepushd.rules import selects_image
+from imagepushd.state import OPEN_STATUSES, JobRecord, State
 from imagepushd.units import human_size
 from imagepushd.watcher import MetaWatcher
 
 log = logging.getLogger(__name__)
 
-OPEN_STATUSES = ("queued", "running", "failed")
 STOP_GRACE = 20.0
 MAX_LOOP_SLEEP = 5.0
 STALE_UPLOAD_AGE = 6 * 86400.0
@@ -73,7 +72,7 @@ def image_view(
 ) -> ImageView:
     """The planner's view of one image; content is checked only for images a rule selects."""
     view = ImageView(record.namespace, record.name, record.target.digest)
-    if not match_image(config.rules, record.namespace, record.name):
+    if not selects_image(config.rules, record.namespace, record.name):
         return view
     try:
         graph = content.walk(record.target, snap.blobs.get(record.namespace, {}))
@@ -107,12 +106,8 @@ def _plan_inputs(
         OpenJob(j.id, Job(j.namespace, j.name, j.digest, j.target, j.rule))
         for j in state.jobs(OPEN_STATUSES)
     ]
-    # A target holds the digest it was last pushed with: a tag moved back (A → B → A) is due.
-    holds: dict[str, str] = {}
-    for pushed in state.pushed():  # newest first
-        holds.setdefault(pushed.target, pushed.digest)
     first = state.get_flag("baseline_done") is None
-    return seen, set(holds.items()), open_jobs, first
+    return seen, state.holdings(), open_jobs, first
 
 
 def _decide(
@@ -180,7 +175,6 @@ class _Outcome:
     result: PushResult | None = None
     error: ImagepushdError | None = None
     cancelled: str | None = None
-    duration: float = 0.0
 
 
 class Service:
@@ -215,7 +209,6 @@ class Service:
         self._clients: dict[str, tuple[RegistryClient, BlobUploader]] = {}
         self._clients_lock = threading.Lock()
         self._running: dict[int, Future[_Outcome]] = {}
-        self._images: dict[tuple[str, str], ImageRecord] = {}
         self._snapshot: MetadataSnapshot | None = None
         self._reasons: dict[tuple[str, str], str] = {}
         self._wake_at: float | None = None
@@ -307,9 +300,9 @@ class Service:
                 self._reload = False
                 self._do_reload()
             self._reap()
-            self._dispatch(pool)
-            self._report()
             now = self._clock()
+            self._dispatch(pool, now)
+            self._report()
             if interval is not None and now - last_ping >= interval:
                 self._notifier.watchdog()
                 last_ping = now
@@ -331,9 +324,10 @@ class Service:
             budget = min(budget, interval)
         if self._wake_at is not None:
             budget = min(budget, max(0.0, self._wake_at - now))
-        upcoming = [j.next_attempt for j in self._state.jobs(["failed"])]
-        if upcoming:
-            budget = min(budget, max(0.0, min(upcoming) - now))
+        # Jobs due at ``now`` were dispatched or wait for a slot, whose freeing wakes the loop.
+        upcoming = self._state.next_attempt_after(now)
+        if upcoming is not None:
+            budget = min(budget, upcoming - now)
         return max(budget, 0.01)
 
     def _drain(self, pool: ThreadPoolExecutor) -> None:
@@ -385,7 +379,6 @@ class Service:
             log.info("containerd's metadata is readable again")
             self._scan_error = ""
         self._snapshot = snap
-        self._images = {(i.namespace, i.name): i for i in snap.images}
         state = self._state
         settle = 0.0 if self._once else config.push.settle
         decision = _decide(snap, self._content, config, state, now=self._clock(), settle=settle)
@@ -415,11 +408,11 @@ class Service:
     def _due_now(self) -> bool:
         return bool(self._state.due(self._clock(), 1))
 
-    def _dispatch(self, pool: ThreadPoolExecutor) -> None:
+    def _dispatch(self, pool: ThreadPoolExecutor, now: float) -> None:
         free = self._config.push.parallel_images - len(self._running)
         if free <= 0 or self._stop.is_set():
             return
-        for record in self._state.due(self._clock(), free + len(self._running)):
+        for record in self._state.due(now, free + len(self._running)):
             if record.id in self._running:
                 continue
             started = self._state.start(record.id)
@@ -473,15 +466,14 @@ class Service:
 
     def _execute(self, job: JobRecord) -> _Outcome:
         """Push one job (worker thread); never raises for expected failures."""
-        started = time.monotonic()
-        record = self._images.get((job.namespace, job.name))
-        if record is None or record.target.digest != job.digest:
+        snap = self._snapshot  # one snapshot for the record and its blobs (a rescan may swap it)
+        record = snap.image(job.namespace, job.name) if snap is not None else None
+        if snap is None or record is None or record.target.digest != job.digest:
             return _Outcome(job, cancelled="source image changed before the push started")
         try:
-            result = self._push(job, record)
+            result, duration = self._push(job, record, snap)
         except ImagepushdError as exc:
-            return _Outcome(job, error=exc, duration=time.monotonic() - started)
-        duration = time.monotonic() - started
+            return _Outcome(job, error=exc)
         log.info(
             "pushed %s/%s → %s %s (%s sent, %.1fs)",
             job.namespace,
@@ -500,14 +492,16 @@ class Service:
                 rule=str(job.rule),
             ),
         )
-        return _Outcome(job, result=result, duration=duration)
+        return _Outcome(job, result=result)
 
-    def _push(self, job: JobRecord, record: ImageRecord) -> PushResult:
+    def _push(
+        self, job: JobRecord, record: ImageRecord, snap: MetadataSnapshot
+    ) -> tuple[PushResult, float]:
+        """Push and record it; the result and the seconds the push took."""
         config = self._config
         target = parse_reference(job.target)
         client, uploader = self._registry(target.registry)
-        snap = self._snapshot
-        blobs = snap.blobs.get(job.namespace, {}) if snap is not None else {}
+        blobs = snap.blobs.get(job.namespace, {})
         graph = self._content.walk(record.target, blobs)
         state = self._state
 
@@ -527,18 +521,19 @@ class Service:
         )
         started = time.monotonic()
         result = pusher.push(graph, target, config.push.platforms, mount_sources)
+        duration = time.monotonic() - started
         state.record_push(
             job.target,
             job.digest,
             job.namespace,
             job.name,
             bytes=result.bytes_sent,
-            duration=time.monotonic() - started,
+            duration=duration,
         )
         state.record_blobs(
             target.registry, target.repository, [d.digest for d in graph.descriptors()]
         )
-        return result
+        return result, duration
 
     def _registry(self, host: str) -> tuple[RegistryClient, BlobUploader]:
         with self._clients_lock:

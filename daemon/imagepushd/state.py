@@ -47,7 +47,8 @@ DONE = "done"
 CANCELLED = "cancelled"
 #: Every job status, in the order a job usually passes through them.
 JOB_STATUSES: tuple[str, ...] = (QUEUED, RUNNING, FAILED, DONE, CANCELLED)
-_OPEN_STATUSES = (QUEUED, RUNNING, FAILED)
+#: Statuses of jobs that are not finished.
+OPEN_STATUSES: tuple[str, ...] = (QUEUED, RUNNING, FAILED)
 
 #: A migration turns schema version ``n`` into ``n + 1``. It runs inside the transaction that
 #: also bumps ``user_version``, so it must not commit (``Connection.executescript`` would).
@@ -559,10 +560,18 @@ class State:
             )
         return record
 
-    def pushed_pairs(self) -> set[tuple[str, str]]:
-        """Every (target, digest) known to be in its registry."""
+    def holdings(self) -> set[tuple[str, str]]:
+        """(target, digest) for the digest each target was last pushed with.
+
+        A tag moved back (A → B → A) is due again, so only the newest push per target counts.
+        """
         with self._transaction(write=False) as conn:
-            return {(str(t), str(d)) for t, d in conn.execute("SELECT target, digest FROM pushed")}
+            rows = conn.execute(
+                "SELECT target, digest FROM (SELECT target, digest, row_number() OVER "
+                "(PARTITION BY target ORDER BY pushed_at DESC, rowid DESC) AS newest FROM pushed) "
+                "WHERE newest = 1"
+            )
+            return {(str(t), str(d)) for t, d in rows}
 
     def pushed(self, limit: int | None = None) -> list[Pushed]:
         """Pushed targets, newest first; at most ``limit`` of them."""
@@ -648,6 +657,16 @@ class State:
                     wanted,
                 ).fetchall()
         return [_job(row) for row in rows]
+
+    def next_attempt_after(self, now: float) -> float | None:
+        """The earliest ``next_attempt`` later than ``now`` of a queued or failed job."""
+        with self._transaction(write=False) as conn:
+            row = conn.execute(
+                "SELECT min(next_attempt) FROM jobs WHERE status IN ('queued', 'failed') "
+                "AND next_attempt > ?",
+                (now,),
+            ).fetchone()
+        return None if row[0] is None else float(row[0])
 
     def due(self, now: float, limit: int) -> list[JobRecord]:
         """Up to ``limit`` queued or failed jobs whose ``next_attempt`` is at or before ``now``.
