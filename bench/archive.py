@@ -11,11 +11,12 @@ uncompressed, as ``docker save`` writes layers) is written once; one real docker
 - ``skopeo copy docker-archive:FILE docker://HOST/skopeo-N:latest --dest-tls-verify=false``.
 
 Each push is a child process with a private, empty TMPDIR: wall time, CPU time (user+sys from
-``os.wait4``), peak RSS (``ru_maxrss``), and extra disk: the peak size of its TMPDIR (polled every
-20 ms) and the peak drop in free space of the file system under the registry and the archive
-(``statvfs``; this includes the registry's own copy of the upload, the same for both tools, so
-the difference between the two is what the tool itself wrote). The digest each tool pushed is
-read back with ``skopeo inspect --raw``.
+``os.wait4``), peak RSS (``VmHWM`` from ``/proc/PID/status``; see bench/_proc.py), and extra
+disk: the peak size of its TMPDIR (polled every 10 ms, as the RSS is) and the peak drop in free
+space of the file system under the registry and the archive (``statvfs``; this includes the
+registry's own copy of the upload, the same for both tools, so the difference between the two is
+what the tool itself wrote). The digest each tool pushed is read back with ``skopeo inspect
+--raw``.
 
 Note that skopeo gzip-compresses the uncompressed layer on its way to a registry (containers/
 image does so by default), so it pushes a different, smaller-on-the-wire image; with random
@@ -25,7 +26,6 @@ bytes the layer does not shrink, so the bytes sent are comparable.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import statistics
@@ -41,6 +41,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench._proc import wait_measured  # noqa: E402
 from tests.support.images import write_large_docker_archive  # noqa: E402
 from tests.support.registry import Registry  # noqa: E402
 
@@ -69,21 +70,6 @@ def tree_size(path: Path) -> int:
     return total
 
 
-def vm_hwm(pid: int) -> int:
-    """Peak RSS of ``pid`` so far in bytes (0 once it has exited).
-
-    ``ru_maxrss`` from ``wait4`` would not do: Linux carries the RSS of the forked copy of
-    this process over the exec into the child's maxrss.
-    """
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def free_bytes(path: Path) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
@@ -91,22 +77,16 @@ def free_bytes(path: Path) -> int:
 
 def run_child(tool: str, cmd: list[str], env: dict[str, str], tmpdir: Path, fs: Path) -> Run:
     before = free_bytes(fs)
-    peaks = {"tmp": 0, "fs": 0, "rss": 0}
-    stop = threading.Event()
+    peaks = {"tmp": 0, "fs": 0}
     started = time.monotonic()
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
 
     def poll() -> None:
-        while not stop.is_set():
-            peaks["rss"] = max(peaks["rss"], vm_hwm(proc.pid))
-            peaks["tmp"] = max(peaks["tmp"], tree_size(tmpdir))
-            peaks["fs"] = max(peaks["fs"], before - free_bytes(fs))
-            time.sleep(0.01)
+        peaks["tmp"] = max(peaks["tmp"], tree_size(tmpdir))
+        peaks["fs"] = max(peaks["fs"], before - free_bytes(fs))
 
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
     outputs: dict[str, bytes] = {}
 
     def drain(name: str, stream: Any) -> None:
@@ -119,21 +99,18 @@ def run_child(tool: str, cmd: list[str], env: dict[str, str], tmpdir: Path, fs: 
     ]
     for reader in readers:
         reader.start()
-    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode, usage, rss = wait_measured(proc.pid, poll)
     wall = time.monotonic() - started
-    stop.set()
-    watcher.join()
     for reader in readers:
         reader.join()
     err = outputs["err"]
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{tool} failed ({proc.returncode}): {err.decode()[-2000:]}")
     return Run(
         tool,
         wall,
         usage.ru_utime + usage.ru_stime,
-        peaks["rss"] / MiB,
+        rss / MiB,
         peaks["tmp"] / MiB,
         peaks["fs"] / MiB,
         "",
@@ -180,7 +157,6 @@ def main() -> int:
                 # A fresh registry per run: nothing to skip, and nothing skopeo's blob-info
                 # cache could mount from an earlier run's repository instead of uploading.
                 with Registry(work / f"registry-{tool}-{round_no}") as registry:
-                    registry.start()
                     if tool == "imagepushd":
                         cmd = [sys.executable, "-m", "imagepushd", "push", "--archive"]
                         cmd += [str(archive), f"{registry.host}/{ref}", "--plain-http", "--json"]
@@ -189,8 +165,7 @@ def main() -> int:
                         cmd += ["--dest-tls-verify=false", f"docker-archive:{archive}"]
                         cmd += [f"docker://{registry.host}/{ref}"]
                     result = run_child(tool, cmd, env, tmpdir, work)
-                    raw = registry.skopeo_inspect_raw(ref, creds=None)
-                    result.digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+                    result.digest = registry.skopeo_inspect_digest(ref, creds=None)
                 shutil.rmtree(work / f"registry-{tool}-{round_no}")
                 runs.append(result)
                 print(

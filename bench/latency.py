@@ -37,8 +37,6 @@ directory, removed at the end (``--keep`` keeps it, e.g. to read the daemon's lo
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 import shutil
 import statistics
 import subprocess
@@ -54,10 +52,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "daemon"))
 
+from bench._proc import CLK_TCK, proc_ticks, require_root, require_tools, verdict  # noqa: E402
 from imagepushd.containerd.bbolt import BoltFile  # noqa: E402
 from tests.support.containerd import Containerd  # noqa: E402
 from tests.support.daemon import Daemon, render_config  # noqa: E402
-from tests.support.images import ImageBuilder  # noqa: E402
+from tests.support.images import ImageBuilder, sha256_digest  # noqa: E402
 from tests.support.registry import MANIFEST_ACCEPT, Registry  # noqa: E402
 
 SOURCE = "example.com/bench/latency:source"
@@ -66,14 +65,6 @@ POLL = 0.010
 PUSH_TIMEOUT = 30.0
 LATENCY_TARGET = 1.0
 IDLE_TARGET = 0.1
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_ticks(pid: int) -> int:
-    """utime+stime of ``pid`` in clock ticks."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -126,10 +117,6 @@ def summary(samples: list[float]) -> tuple[float, float, float, float]:
     return statistics.median(samples), p95, min(samples), max(samples)
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 def wait_status(daemon: Daemon, accept: Callable[[str], bool], since: int, timeout: float) -> float:
     """Arrival time (monotonic) of the first ``STATUS=`` after ``since`` that ``accept`` likes."""
     return daemon.wait_notify("STATUS", accept, since=since, timeout=timeout).at
@@ -143,13 +130,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.tags < 2:
         parser.error("--tags must be at least 2")
-    if os.geteuid() != 0:
-        print("bench/latency.py: containerd needs root", file=sys.stderr)
+    if not require_root("bench/latency.py") or not require_tools(
+        "bench/latency.py", ("containerd", "ctr", "docker-registry")
+    ):
         return 2
-    for tool in ("containerd", "ctr", "docker-registry"):
-        if shutil.which(tool) is None:
-            print(f"bench/latency.py: {tool} not found (apt-get install ...)", file=sys.stderr)
-            return 2
     ctr = shutil.which("ctr")
     assert ctr is not None
 
@@ -317,7 +301,7 @@ def main() -> int:
             f"  idle CPU < {IDLE_TARGET} s per minute     {verdict(ok_idle)}  "
             f"({per_min:.3f} s per minute)"
         )
-        digest = "sha256:" + hashlib.sha256(registry.manifest(f"{REPOSITORY}:t1")).hexdigest()
+        digest = sha256_digest(registry.manifest(f"{REPOSITORY}:t1"))
         assert digest == image.digest, digest
         return 0 if ok_latency and ok_idle else 1
     finally:

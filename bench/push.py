@@ -16,10 +16,12 @@ alternating the order every round (round 1: imagepushd first, round 2: ctr first
 goes to a fresh repository, so no blob is skipped (HEAD answers 404) and none is mounted
 (imported images carry no ``distribution.source`` labels; the registry's access log is checked
 for ``mount=`` requests and for one committed upload per blob). Each run is a child process:
-wall time, CPU time (user+sys from ``os.wait4`` of that child) and its peak RSS (``ru_maxrss``);
-containerd's and the registry's own CPU time over the run are read from /proc as well (``ctr``
-reads content through containerd's gRPC content service; imagepushd reads the blob files). The
-pushed manifest is fetched back and its sha256 compared with the source digest.
+wall time, CPU time (user+sys from ``os.wait4`` of that child) and its peak RSS (``VmHWM`` from
+``/proc/PID/status``, polled every 10 ms: ``ru_maxrss`` would start from this script's own RSS,
+see bench/_proc.py); containerd's and the registry's own CPU time over the run are read from
+/proc as well (``ctr`` reads content through containerd's gRPC content service; imagepushd reads
+the blob files). The pushed manifest is fetched back and its sha256 compared with the source
+digest.
 
 Targets, on the medians of the rounds: wall(imagepushd)/wall(ctr) <= 1.0, CPU(imagepushd)/
 CPU(ctr) <= 1.2 (client processes only), imagepushd peak RSS <= 80 MiB. Everything (containerd
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -52,8 +53,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench._proc import proc_cpu, require_root, require_tools, verdict, wait_measured  # noqa: E402
 from tests.support.containerd import Containerd  # noqa: E402
-from tests.support.images import Blob, ImageBuilder  # noqa: E402
+from tests.support.images import Blob, ImageBuilder, sha256_digest  # noqa: E402
 from tests.support.registry import Registry  # noqa: E402
 
 MiB = 1 << 20
@@ -64,7 +66,6 @@ CPU_TARGET = 1.2
 RSS_TARGET_MIB = 80.0
 VARIANTS = ("ipd", "ipd64", "ctr")
 LABELS = {"ipd": "imagepushd", "ipd64": "imagepushd 64MiB", "ctr": "ctr images push"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -143,28 +144,15 @@ def build_and_import(containerd: Containerd, workdir: Path, size_gib: int) -> So
     )
 
 
-def proc_cpu(pid: int | None) -> float:
-    """user+sys seconds of a running process (0 if unknown)."""
-    if pid is None:
-        return 0.0
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return 0.0
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def run_child(cmd: list[str], out: Path) -> tuple[int, float, float, float, float]:
     """Run ``cmd``; return (exit code, wall s, user s, sys s, peak RSS MiB) of that child."""
     with out.open("wb") as sink:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
-        _, status, usage = os.wait4(proc.pid, 0)
+        code, usage, peak = wait_measured(proc.pid)
         wall = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
     proc.returncode = code  # reaped here, not by Popen
-    return code, wall, usage.ru_utime, usage.ru_stime, usage.ru_maxrss / 1024
+    return code, wall, usage.ru_utime, usage.ru_stime, peak / MiB
 
 
 def push_once(
@@ -198,7 +186,7 @@ def push_once(
     if code != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {code}:\n{text[-3000:]}")
     pushed = registry.manifest(f"{repo}:latest")
-    digest = "sha256:" + hashlib.sha256(pushed).hexdigest()
+    digest = sha256_digest(pushed)
     if digest != image.manifest.digest:
         raise SystemExit(f"{repo}: registry holds {digest}, source is {image.manifest.digest}")
     requests = registry.requests(since=mark)
@@ -246,10 +234,6 @@ def tree_bytes(path: Path) -> int:
             with contextlib.suppress(FileNotFoundError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def report(image: SourceImage, runs: list[Run], registry: Registry, expected: int) -> bool:
@@ -414,13 +398,10 @@ def main() -> int:
     variants = [v for v in args.variants.split(",") if v]
     if not {"ipd", "ctr"} <= set(variants) or not set(variants) <= set(VARIANTS):
         parser.error(f"--variants must include ipd and ctr, from {','.join(VARIANTS)}")
-    if os.geteuid() != 0:
-        print("bench/push.py: containerd needs root", file=sys.stderr)
+    if not require_root("bench/push.py") or not require_tools(
+        "bench/push.py", ("containerd", "ctr", "docker-registry")
+    ):
         return 2
-    for tool in ("containerd", "ctr", "docker-registry"):
-        if shutil.which(tool) is None:
-            print(f"bench/push.py: {tool} not found (apt-get install ...)", file=sys.stderr)
-            return 2
 
     parent = args.workdir or Path(tempfile.gettempdir())
     total = sum(sizes) * GiB

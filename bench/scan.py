@@ -8,7 +8,8 @@ DST...`` (500 targets per call), then times over ``--runs`` runs:
 
 (a) ``MetadataStore.read()`` of all namespaces (one long-lived store, as the daemon would use);
 (a') the same with ``blobs=True`` (what the ``images`` command reads);
-(b) ``imagepushd.cli.run(["images", "--root", ROOT, "-A", "--json"])`` writing to a StringIO;
+(b) ``imagepushd images --root ROOT -A --json`` in-process (tests/support/cli.py ``run_cli``:
+``imagepushd.cli.run`` writing to a StringIO);
 (c) for reference, ``ctr -n NS images ls -q`` for each of the 4 namespaces, run one after another;
 (i) ``read()`` again on a store made with ``reuse_records=True`` while nothing changed (the
 daemon's repeated snapshot: pages are still read and compared, records are not decoded again);
@@ -23,7 +24,6 @@ import argparse
 import cProfile
 import io
 import json
-import os
 import pstats
 import shutil
 import statistics
@@ -38,9 +38,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "daemon"))
 
+from bench._proc import require_root  # noqa: E402
 from imagepushd import cli  # noqa: E402
 from imagepushd.containerd.bbolt import BoltFile  # noqa: E402
 from imagepushd.containerd.metadata import ImageRecord, MetadataStore  # noqa: E402
+from tests.support.cli import run_cli  # noqa: E402
 from tests.support.containerd import Containerd  # noqa: E402
 from tests.support.images import Blob, ImageBuilder  # noqa: E402
 
@@ -156,8 +158,7 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile the images command")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("bench/scan.py: containerd needs root", file=sys.stderr)
+    if not require_root("bench/scan.py"):
         return 2
 
     workdir = Path(tempfile.mkdtemp(prefix="imagepushd-bench-"))
@@ -177,12 +178,10 @@ def main() -> int:
             raise SystemExit(f"expected {args.images} images, snapshot has {len(snap.images)}")
 
         def images_json() -> str:
-            out, err = io.StringIO(), io.StringIO()
-            ctx = cli.Context(env={}, home=Path.home(), stdout=out)
-            rc = cli.run(["images", "--root", root, "-A", "--json"], ctx, err)
-            if rc != 0:
-                raise SystemExit(f"images exited {rc}: {err.getvalue()}")
-            return out.getvalue()
+            outcome = run_cli(["images", "--root", root, "-A", "--json"], home=Path.home())
+            if outcome.code != 0:
+                raise SystemExit(f"images exited {outcome.code}: {outcome.stderr}")
+            return outcome.stdout
 
         rows = json.loads(images_json())
         if len(rows) != args.images or not all(r["complete"] for r in rows):

@@ -31,8 +31,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="imagepushd-demo-") as tmp:
         work = Path(tmp)
         with Containerd(work / "containerd") as containerd, Registry(work / "registry") as registry:
-            containerd.start()
-            registry.start()
             say(f"containerd at {containerd.root}, registry at {registry.host}")
             config = work / "config.toml"
             config.write_text(
