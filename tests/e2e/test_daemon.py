@@ -288,6 +288,34 @@ def test_tag_moved_back_to_an_earlier_digest_is_pushed_again(
     registry.verify_image("team/app:1", a.digest, tmp_path / "pull")
 
 
+def test_a_target_that_renders_invalid_is_skipped_and_the_daemon_goes_on(
+    containerd: Containerd,
+    registry: Registry,
+    daemon: Daemon,
+    image_builder: ImageBuilder,
+    tmp_path: Path,
+) -> None:
+    """``{tag}`` as a repository: tag ``V1`` renders an invalid (upper-case) target. That image
+    is skipped with the reason, and the daemon keeps running and pushes the next tag."""
+    b = image_builder
+    host = registry.host
+    bad, good = small(b, "render/bad"), small(b, "render/good")
+    load(containerd, b, tmp_path, {"build/bad:1": bad, "build/good:1": good})
+    rules = [{"match": [f"{host}/team/**"], "target": f"{host}/mirror/{{tag}}:x"}]
+    configure(daemon, containerd, host, rules)
+    daemon.start()
+    containerd.tag("build/bad:1", f"{host}/team/app:V1")
+    started = time.monotonic()
+    containerd.tag("build/good:1", f"{host}/team/app:v2")
+    wait_served(registry, ["mirror/v2:x"], good.digest, started=started)
+    registry.verify_image("mirror/v2:x", good.digest, tmp_path / "pull")
+    assert daemon.running, daemon.log_tail()
+    [row] = [r for r in daemon.plan() if r["name"] == f"{host}/team/app:V1"]
+    assert (row["action"], row["target"]) == ("skip", "")
+    assert row["reason"].startswith("bad target: "), row
+    assert daemon.status()["pushed_count"] == 1
+
+
 def test_restarted_daemon_pushes_nothing_twice(
     containerd: Containerd,
     registry: Registry,
