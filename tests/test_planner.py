@@ -36,7 +36,7 @@ def run(
 
 
 def img(name="example.com/app:1", digest=D1, ns="default", complete=True):
-    return ImageView(ns, name, digest, complete, "" if complete else "2 blobs missing")
+    return ImageView(ns, name, digest, lambda: None if complete else "2 blobs missing")
 
 
 def test_new_image_waits_for_settle_then_gets_one_job_per_target():
@@ -103,6 +103,26 @@ def test_incomplete_content_waits_with_reason():
     out = run([img(complete=False)], settle=0)
     assert out.enqueue == []
     assert out.waiting[0].reason == "content incomplete: 2 blobs missing"
+
+
+def test_content_is_walked_only_for_images_that_would_be_pushed():
+    """The completeness check costs a content walk: not for unmatched, baseline or settling."""
+    asked: list[str] = []
+
+    def view(name: str) -> ImageView:
+        def missing() -> str | None:
+            asked.append(name)
+            return None
+
+        return ImageView("default", name, D1, missing)
+
+    images = [view("other.io/app:1"), view("example.com/app:1")]
+    run(images, baseline=True)
+    run(images)  # new: settling
+    assert asked == []
+    settled = {("default", "example.com/app:1"): SeenImage(D1, 0.0, False)}
+    assert len(run(images, seen=settled).enqueue) == 2
+    assert asked == ["example.com/app:1"]
 
 
 def test_unmatched_and_untagged_images_are_skipped():

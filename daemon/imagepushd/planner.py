@@ -7,22 +7,29 @@ put for ``settle`` seconds before it is pushed, so a burst of re-tags pushes onl
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
 from imagepushd.errors import InvalidReferenceError
 from imagepushd.rules import Rule, match_image
 
 
+def _complete() -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class ImageView:
-    """One image as the service sees it now (content completeness already checked)."""
+    """One image as the service sees it now.
+
+    ``missing()`` says what content is missing (None: nothing). It costs a walk of the content
+    store, so the planner asks only for images it would otherwise push.
+    """
 
     namespace: str
     name: str
     digest: str
-    complete: bool = True
-    missing: str = ""
+    missing: Callable[[], str | None] = _complete
 
 
 @dataclass(frozen=True)
@@ -138,9 +145,10 @@ def decide(
             )
             out.wake_at = ready_at if out.wake_at is None else min(out.wake_at, ready_at)
             continue
-        if not image.complete:
+        missing = image.missing()
+        if missing is not None:
             out.waiting.append(
-                Note(image.namespace, image.name, None, f"content incomplete: {image.missing}")
+                Note(image.namespace, image.name, None, f"content incomplete: {missing}")
             )
             continue
         for rule, target in targets:

@@ -121,12 +121,6 @@ def source_reference(name: str) -> Reference | None:
     return ref if ref.tag is not None else None
 
 
-def selects_image(rules: Sequence[Rule], namespace: str, name: str) -> bool:
-    """Whether any rule selects the image (targets are not rendered, so this cannot fail)."""
-    source = source_reference(name)
-    return source is not None and any(r.selects(namespace, str(source)) for r in rules)
-
-
 @dataclass(frozen=True)
 class Match:
     """A rule selecting an image, with the targets it renders to."""

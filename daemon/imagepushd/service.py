@@ -46,7 +46,6 @@ from imagepushd.registry.credentials import (
 )
 from imagepushd.registry.retry import Retrier, RetryPolicy
 from imagepushd.registry.upload import BlobUploader
-from imagepushd.rules import selects_image
 from imagepushd.state import OPEN_STATUSES, JobRecord, State
 from imagepushd.units import human_size
 from imagepushd.watcher import MetaWatcher
@@ -70,18 +69,18 @@ def _txid(bolt: BoltFile) -> int | None:
 def image_view(
     record: ImageRecord, snap: MetadataSnapshot, content: ContentStore, config: Config
 ) -> ImageView:
-    """The planner's view of one image; content is checked only for images a rule selects."""
-    view = ImageView(record.namespace, record.name, record.target.digest)
-    if not selects_image(config.rules, record.namespace, record.name):
-        return view
-    try:
-        graph = content.walk(record.target, snap.blobs.get(record.namespace, {}))
-    except ImagepushdError as exc:
-        return ImageView(record.namespace, record.name, record.target.digest, False, str(exc))
-    if graph.complete or _partial_ok(graph, config):
-        return view
-    missing = f"{len(graph.missing)} blob(s) missing, e.g. {graph.missing[0].digest}"
-    return ImageView(record.namespace, record.name, record.target.digest, False, missing)
+    """The planner's view of one image; its content is walked only if the planner asks."""
+
+    def missing() -> str | None:
+        try:
+            graph = content.walk(record.target, snap.blobs.get(record.namespace, {}))
+        except ImagepushdError as exc:
+            return str(exc)
+        if graph.complete or _partial_ok(graph, config):
+            return None
+        return f"{len(graph.missing)} blob(s) missing, e.g. {graph.missing[0].digest}"
+
+    return ImageView(record.namespace, record.name, record.target.digest, missing)
 
 
 def _partial_ok(graph: ImageGraph, config: Config) -> bool:
