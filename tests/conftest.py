@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,24 +10,19 @@ import pytest
 from tests.support.containerd import Containerd
 from tests.support.faultproxy import FaultProxy
 from tests.support.images import ImageBuilder
+from tests.support.process import require_tools
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
-
-
-def _require_binaries(*names: str) -> None:
-    missing = [name for name in names if shutil.which(name) is None]
-    if missing:
-        pytest.fail(
-            f"{', '.join(missing)} not found on PATH: install the Debian package containerd "
-            "(apt-get install -y containerd); real-system tests never skip",
-            pytrace=False,
-        )
 
 
 @pytest.fixture
 def containerd(tmp_path: Path) -> Iterator[Containerd]:
     """A fresh private containerd (root, state, sockets, log under tmp_path/containerd)."""
-    _require_binaries("containerd", "ctr")
+    require_tools(
+        "containerd",
+        "ctr",
+        hint="install the Debian package containerd (apt-get install -y containerd)",
+    )
     instance = Containerd(tmp_path / "containerd")
     try:
         instance.start()
@@ -53,14 +47,12 @@ TOKEN_GRANTS = {"alice": {"*": ["pull", "push"]}, "bob": {"*": ["pull"]}}
 
 
 def _require_registry_tools() -> None:
-    missing = [name for name in ("docker-registry", "skopeo") if shutil.which(name) is None]
-    if missing:
-        pytest.fail(
-            f"{', '.join(missing)} not found on PATH: install the Debian packages "
-            "docker-registry and skopeo (apt-get install -y docker-registry skopeo); "
-            "real-system tests never skip",
-            pytrace=False,
-        )
+    require_tools(
+        "docker-registry",
+        "skopeo",
+        hint="install the Debian packages docker-registry and skopeo "
+        "(apt-get install -y docker-registry skopeo)",
+    )
 
 
 def _serve_registry(registry: Registry) -> Iterator[Registry]:

@@ -8,7 +8,6 @@ before the last ``ctr`` operation are kept as bytes, with what ``ctr`` printed.
 
 from __future__ import annotations
 
-import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import pytest
 
 from tests.support.containerd import Containerd
 from tests.support.images import ImageBuilder
+from tests.support.process import require_tools
 
 PAGE_SIZE = 4096
 NAMESPACE = "default"
@@ -46,18 +46,9 @@ def tag_names() -> list[str]:
     return [f"registry.example.com/bbolt/tagged-{i:04d}:latest" for i in range(TAG_COUNT)]
 
 
-def _require_binaries() -> None:
-    missing = [name for name in ("containerd", "ctr") if shutil.which(name) is None]
-    if missing:
-        pytest.fail(
-            f"{', '.join(missing)} not found on PATH: install the Debian package containerd",
-            pytrace=False,
-        )
-
-
 def build_corpus(base: Path) -> Corpus:
     """Drive a private containerd under ``base`` and return the meta.db bytes it wrote."""
-    _require_binaries()
+    require_tools("containerd", "ctr", hint="install the Debian package containerd")
     builder = ImageBuilder()
     single = builder.manifest([builder.layer(1000, "bbolt/single/0"), builder.layer(10, "s/1")])
     amd = builder.manifest([builder.layer(500, "bbolt/idx/amd")])

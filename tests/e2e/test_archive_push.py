@@ -38,6 +38,7 @@ from tests.support.images import (
     ImageBuilder,
     write_large_docker_archive,
 )
+from tests.support.process import require_tools
 from tests.support.registry import Registry
 
 pytestmark = pytest.mark.e2e
@@ -449,9 +450,7 @@ def test_archive_push_opens_nothing_for_writing(
     registry: Registry, image_builder: ImageBuilder, tmp_path: Path
 ) -> None:
     """Under strace: no file is created, written, renamed or removed by an archive push."""
-    strace = shutil.which("strace")
-    if strace is None:
-        pytest.fail("strace not found: install the Debian package strace", pytrace=False)
+    (strace,) = require_tools("strace", hint="install the Debian package strace")
     b = image_builder
     big = b.layer_file(tmp_path / "big.layer", 3 * MiB, "strace/big", docker=True)
     root = b.manifest([big, b.layer(0, "strace/empty", docker=True)], docker=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import pytest
 from imagepushd.cli import Context, run
 from tests.support.containerd import Containerd
 from tests.support.images import ImageBuilder
+from tests.support.process import require_tools
 
 pytestmark = pytest.mark.e2e
 
@@ -28,8 +28,7 @@ def export(containerd: Containerd, *args: str) -> tuple[int, str]:
 
 
 def skopeo_copy(layout: Path, name: str, dest: Path) -> None:
-    if shutil.which("skopeo") is None:
-        pytest.fail("skopeo not found: install the Debian package skopeo", pytrace=False)
+    require_tools("skopeo", hint="install the Debian package skopeo")
     proc = subprocess.run(
         ["skopeo", "copy", "--all", f"oci:{layout}:{name}", f"dir:{dest}"],
         capture_output=True,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tests.support.cli import Outcome, run_cli
 from tests.support.containerd import Containerd
 from tests.support.faultproxy import FaultProxy, describe
 from tests.support.images import Blob, ImageBuilder
+from tests.support.process import require_tools
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
@@ -396,9 +396,11 @@ ALICE = ("alice", "secret")
 @pytest.fixture
 def short_token_registry(tmp_path: Path) -> Iterator[Registry]:
     """A token-auth registry whose tokens really expire after 3 s (``strict_expiry``)."""
-    missing = [tool for tool in ("docker-registry", "skopeo") if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} not found: real-system tests never skip", pytrace=False)
+    require_tools(
+        "docker-registry",
+        "skopeo",
+        hint="install the Debian packages docker-registry and skopeo",
+    )
     server = TokenServer(
         users=dict([ALICE]),
         grants={ALICE[0]: {"*": ["pull", "push"]}},

@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.images import ImageBuilder
+from tests.support.process import require_tools, terminate
 
 pytestmark = pytest.mark.e2e
 
@@ -59,16 +60,6 @@ IMAGE = "example.com/build/app:1"
 
 def _log(message: str) -> None:
     print(f"[packaging e2e {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def _require(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.fail(
-            f"{', '.join(missing)} not found: apt-get install -y mmdebstrap systemd-container "
-            "(make apt installs them); real-system tests never skip",
-            pytrace=False,
-        )
 
 
 def _run(
@@ -241,13 +232,8 @@ class Machine:
 
     def shutdown(self) -> None:
         """Stop the container (SIGTERM asks nspawn for a clean poweroff), then make sure."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
+        if self.process is not None:
+            terminate(self.process, 30)
         # Anything still running in that root (there should be nothing) is killed.
         for proc in Path("/proc").iterdir():
             if proc.name.isdigit():
@@ -259,7 +245,12 @@ class Machine:
 @pytest.fixture(scope="module")
 def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
     """A freshly booted clean Debian 12 (removed at the end, whatever happens)."""
-    _require("mmdebstrap", "systemd-nspawn", "nsenter")
+    require_tools(
+        "mmdebstrap",
+        "systemd-nspawn",
+        "nsenter",
+        hint="apt-get install -y mmdebstrap systemd-container (make apt installs them)",
+    )
     tarball = _bookworm_tarball()
     base = tmp_path_factory.mktemp("debian12")
     root = base / "root"

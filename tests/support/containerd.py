@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from tests.support.process import terminate
+from tests.support.process import tail_log, terminate
 
 #: Plugins switched off: CRI (needs a CNI setup, and is not used), ``opt`` (would create
 #: ``/opt/containerd`` outside the private root), and the snapshotters that can only be skipped
@@ -227,11 +227,7 @@ class Containerd:
 
     def log_tail(self, lines: int = 40) -> str:
         """Return the last ``lines`` lines of containerd's log."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no containerd log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return tail_log(self.log_path, lines, "(no containerd log)")
 
     # ------------------------------------------------------------------ ctr
     def ctr(

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
-from tests.support.process import read_log
+from tests.support.process import log_size, read_log, tail_log, terminate
 
 #: Variables of the test's own environment that would change how the daemon behaves.
 _SCRUBBED = (
@@ -356,13 +356,7 @@ class Daemon:
         """Stop a running daemon (SIGTERM, then SIGKILL), close the socket, remove its dir."""
         try:
             if self._proc is not None:
-                if self._proc.poll() is None:
-                    self._proc.send_signal(signal.SIGTERM)
-                    try:
-                        self._proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        self._proc.kill()
-                        self._proc.wait(10)
+                terminate(self._proc, 10)
                 self._finished(self._proc.returncode)
         finally:
             self._closing.set()
@@ -413,7 +407,7 @@ class Daemon:
     # ------------------------------------------------------------------ log
     def log_mark(self) -> int:
         """The log's current size: pass it as ``since``."""
-        return self.log_path.stat().st_size if self.log_path.exists() else 0
+        return log_size(self.log_path)
 
     def log_text(self, since: int = 0) -> str:
         """The log from offset ``since``."""
@@ -421,8 +415,7 @@ class Daemon:
 
     def log_tail(self, lines: int = 60) -> str:
         """The last ``lines`` lines of the log."""
-        text = self.log_text()
-        return "\n".join(text.splitlines()[-lines:]) if text else "(no daemon log)"
+        return tail_log(self.log_path, lines, "(no daemon log)")
 
     def wait_log(self, text: str, *, since: int = 0, timeout: float = 15.0) -> None:
         """Wait until ``text`` appears in the log after offset ``since``."""

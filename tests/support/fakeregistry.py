@@ -35,6 +35,7 @@ import httpx
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import Credentials
 from imagepushd.registry.retry import Retrier, RetryPolicy
+from tests.support.images import sha256_digest
 
 OCTET_STREAM = "application/octet-stream"
 
@@ -64,8 +65,8 @@ def error(
     return httpx.Response(status, json=body, headers=headers)
 
 
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+#: The digest helper under the name test_auth.py and test_client.py import from here.
+sha256 = sha256_digest
 
 
 @dataclass
@@ -323,7 +324,7 @@ class FakeRegistry:
     # ---- test-side helpers -------------------------------------------------------------
 
     def add_blob(self, repository: str, data: bytes) -> str:
-        digest = sha256(data)
+        digest = sha256_digest(data)
         self.repos.setdefault(repository, {})[digest] = len(data)
         return digest
 

@@ -494,18 +494,6 @@ class FaultProxy:
         """Request-body bytes forwarded upstream for the requests :meth:`requests` selects."""
         return sum(r.body_bytes for r in self.requests(method, match))
 
-    def forwarded_by_request(self) -> dict[tuple[str, str], int]:
-        """Request-body bytes forwarded upstream per ``(method, path)``."""
-        out: dict[tuple[str, str], int] = {}
-        for r in self.records:
-            out[r.method, r.path] = out.get((r.method, r.path), 0) + r.body_bytes
-        return out
-
-    def clear_records(self) -> None:
-        """Forget the recorded requests."""
-        with self._lock:
-            self._records.clear()
-
     # ------------------------------------------------------------------ serving
     def _accept_loop(self) -> None:
         listener = self._listener

@@ -20,7 +20,7 @@ import json
 import os
 import random
 import tarfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -163,11 +163,6 @@ class ImageBuilder:
         blob = Blob(media_type, canonical_json(obj))
         self.add(blob)
         return blob
-
-    def platform_of(self, manifest: Content) -> dict[str, str] | None:
-        """Return the platform recorded for a manifest built by :meth:`manifest`, if any."""
-        plat = self._platforms.get(manifest.digest)
-        return dict(plat) if plat is not None else None
 
     def layer(self, size: int, seed: int | str, docker: bool = False) -> Blob:
         """Return a layer of exactly ``size`` random bytes, deterministic from ``seed``.
@@ -469,13 +464,6 @@ def _add_content(tar: tarfile.TarFile, name: str, blob: Content) -> None:
     # tarfile copies from the file object in chunks, so file-backed layers are streamed.
     with blob.open() as src:
         tar.addfile(_tarinfo(name, blob.size), src)
-
-
-def iter_chunks(blob: Content, chunk: int = _CHUNK) -> Iterator[bytes]:
-    """Yield the bytes of ``blob`` in pieces of at most ``chunk`` bytes."""
-    with blob.open() as src:
-        while piece := src.read(chunk):
-            yield piece
 
 
 class _PatternBytes(io.RawIOBase):

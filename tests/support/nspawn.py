@@ -50,6 +50,8 @@ from typing import IO, Self
 
 import pytest
 
+from tests.support.process import require_tools, tail_log, terminate
+
 #: The repository checkout these tests belong to.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: The environment of commands run inside (nothing of the host's leaks in).
@@ -76,14 +78,12 @@ class MachineError(AssertionError):
 
 def require_nspawn() -> None:
     """Fail the test (never skip) unless systemd-nspawn and nsenter are here and we are root."""
-    missing = [name for name in ("systemd-nspawn", "nsenter") if shutil.which(name) is None]
-    if missing:
-        pytest.fail(
-            f"{', '.join(missing)} not found on PATH: install the Debian packages "
-            "systemd-container and util-linux (apt-get install -y systemd-container); "
-            "real-system tests never skip",
-            pytrace=False,
-        )
+    require_tools(
+        "systemd-nspawn",
+        "nsenter",
+        hint="install the Debian packages systemd-container and util-linux "
+        "(apt-get install -y systemd-container)",
+    )
     if os.geteuid() != 0:
         pytest.fail("booting systemd with systemd-nspawn needs root", pytrace=False)
 
@@ -255,13 +255,7 @@ class Machine:
         """Power off (SIGTERM), then kill what is left; remove this object's directories."""
         proc = self._proc
         if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout)
+            terminate(proc, timeout)
             if self._pid1 is not None:
                 # Normally gone with systemd-nspawn; killing PID 1 ends the whole PID namespace.
                 with contextlib.suppress(ProcessLookupError):
@@ -371,8 +365,4 @@ class Machine:
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the container's console output."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no console log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return tail_log(self.log_path, lines, "(no console log)")

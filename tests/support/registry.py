@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import datetime
 import enum
-import hashlib
 import ipaddress
 import json
 import os
@@ -34,7 +33,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Self, TypedDict
@@ -46,9 +45,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.support.images import DOCKER_MANIFEST_LIST
-from tests.support.process import read_log, terminate
-from tests.support.tokenserver import TokenServer
+from tests.support.images import DOCKER_MANIFEST_LIST, sha256_digest
+from tests.support.process import log_size, read_log, tail_log, terminate
+from tests.support.tokenserver import TokenServer, self_signed_ca
 
 #: Accept header for manifest GETs: every manifest and index type we build.
 MANIFEST_ACCEPT = ", ".join(
@@ -144,34 +143,7 @@ def make_tls_files(directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localh
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("imagepushd test CA"))
-        .issuer_name(_name("imagepushd test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca_cert = self_signed_ca(ca_key, "imagepushd test CA", path_length=0, crl_sign=True)
     sans: list[x509.GeneralName] = []
     for host in hosts:
         try:
@@ -409,7 +381,7 @@ class Registry:
     def _start_once(self, binary: str) -> None:
         self._data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config(), indent=2) + "\n")
-        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log_start = log_size(self.log_path)
         self._log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
             [binary, "serve", os.fspath(self.config_path)],
@@ -493,13 +465,12 @@ class Registry:
 
     def log_tail(self, lines: int = 40) -> str:
         """Return the last ``lines`` lines of the registry's log."""
-        text = self._log_text()
-        return "\n".join(text.splitlines()[-lines:]) if text else "(no registry log)"
+        return tail_log(self.log_path, lines, "(no registry log)")
 
     def log_mark(self) -> int:
         """The current size of the log: pass it as ``since`` to see only later requests."""
         self._settle()
-        return self.log_path.stat().st_size if self.log_path.exists() else 0
+        return log_size(self.log_path)
 
     def _settle(self, settle: float = 0.1, limit: float = 5.0) -> None:
         # The access-log line is written just after the response is sent: wait until the log
@@ -509,7 +480,7 @@ class Registry:
         deadline = time.monotonic() + limit
         size = -1
         while time.monotonic() < deadline:
-            now = self.log_path.stat().st_size if self.log_path.exists() else 0
+            now = log_size(self.log_path)
             if now == size:
                 return
             size = now
@@ -542,22 +513,6 @@ class Registry:
                 )
             )
         return out
-
-    def wait_for_request(
-        self,
-        predicate: Callable[[RequestRecord], bool],
-        timeout: float = 5.0,
-        since: int = 0,
-    ) -> RequestRecord:
-        """Wait until a logged request satisfies ``predicate``; return the first that does."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for rec in self.requests(since=since, settle=0):
-                if predicate(rec):
-                    return rec
-            if time.monotonic() > deadline:
-                raise RegistryError(f"no matching request logged within {timeout}s")
-            time.sleep(0.05)
 
     def log_entries(self, since: int = 0) -> list[dict[str, Any]]:
         """The registry's JSON log entries (``msg``, ``level``, ``http.request.*``, ``err.*``)."""
@@ -649,7 +604,7 @@ class Registry:
 
     def skopeo_inspect_digest(self, ref: str, creds: Creds = DEFAULT_CREDS) -> str:
         """``sha256:<hex>`` of the manifest bytes served for ``ref`` (``repo:tag``, ``repo@d``)."""
-        return "sha256:" + hashlib.sha256(self.skopeo_inspect_raw(ref, creds)).hexdigest()
+        return sha256_digest(self.skopeo_inspect_raw(ref, creds))
 
     def skopeo_copy_to_oci(
         self,
@@ -680,7 +635,7 @@ class Registry:
         because skopeo will not write one into an OCI layout without converting it.
         """
         raw = self.skopeo_inspect_raw(ref)
-        assert "sha256:" + hashlib.sha256(raw).hexdigest() == digest, ref
+        assert sha256_digest(raw) == digest, ref
         if pull_into is None:
             return
         dest = pull_into / f"pulled-{ref.replace('/', '_').replace(':', '_').replace('@', '_')}"
@@ -690,7 +645,7 @@ class Registry:
             self.skopeo(
                 "copy", "--all", "--preserve-digests", *flags, self.docker_ref(ref), f"dir:{dest}"
             )
-            served = "sha256:" + hashlib.sha256((dest / "manifest.json").read_bytes()).hexdigest()
+            served = sha256_digest((dest / "manifest.json").read_bytes())
             assert served == digest, ref
             return
         self.skopeo_copy_to_oci(ref, dest)

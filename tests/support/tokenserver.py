@@ -116,7 +116,19 @@ class _Issued:
     refresh_tokens: dict[str, str] = field(default_factory=dict)  # refresh token -> user
 
 
-def _self_signed_cert(key: ec.EllipticCurvePrivateKey, common_name: str) -> x509.Certificate:
+def self_signed_ca(
+    key: ec.EllipticCurvePrivateKey,
+    common_name: str,
+    *,
+    path_length: int | None = None,
+    crl_sign: bool = False,
+) -> x509.Certificate:
+    """A self-signed CA certificate for ``key``, valid from yesterday for 30 days.
+
+    The token server's signing certificate takes the defaults; the test registry's TLS CA
+    (:func:`tests.support.registry.make_tls_files`) limits the chain (``path_length=0``) and
+    may sign CRLs.
+    """
     now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     return (
@@ -127,7 +139,7 @@ def _self_signed_cert(key: ec.EllipticCurvePrivateKey, common_name: str) -> x509
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -136,7 +148,7 @@ def _self_signed_cert(key: ec.EllipticCurvePrivateKey, common_name: str) -> x509
                 data_encipherment=False,
                 key_agreement=False,
                 key_cert_sign=True,
-                crl_sign=False,
+                crl_sign=crl_sign,
                 encipher_only=False,
                 decipher_only=False,
             ),
@@ -183,7 +195,7 @@ class TokenServer:
         self.strict_expiry = strict_expiry
         self.allow_post = allow_post
         self._key = ec.generate_private_key(ec.SECP256R1())
-        self._cert = _self_signed_cert(self._key, "imagepushd test token signer")
+        self._cert = self_signed_ca(self._key, "imagepushd test token signer")
         self._x5c = base64.b64encode(self._cert.public_bytes(serialization.Encoding.DER)).decode()
         self._lock = threading.Lock()
         self._requests: list[TokenRequest] = []
