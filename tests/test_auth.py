@@ -27,8 +27,8 @@ from tests.support.fakeregistry import (
     Network,
     error,
     make_client,
-    sha256,
 )
+from tests.support.images import sha256_digest
 
 HOST = "registry.test"
 REPO = "team/app"
@@ -36,7 +36,7 @@ LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 PASSWORD = "pa:ss-W0rd!-do-not-leak"
 REFRESH = "refresh-token-do-not-leak"
 PUSH = repository_scope(REPO, "pull", "push")
-BLOB = Descriptor(LAYER, sha256(b"x"), 1)
+BLOB = Descriptor(LAYER, sha256_digest(b"x"), 1)
 
 
 # ---- challenges ------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ from tests.support.fakeregistry import (
     Network,
     error,
     make_client,
-    sha256,
 )
+from tests.support.images import sha256_digest
 
 HOST = "registry.test"
 REPO = "team/app"
@@ -168,7 +168,7 @@ def test_first_ping_503_is_retried(clients: Callable[..., RegistryClient]) -> No
 
     client = clients(handle, sleeps=sleeps)
 
-    assert client.blob_exists(REPO, Descriptor(LAYER, sha256(b"x"), 1)) is False
+    assert client.blob_exists(REPO, Descriptor(LAYER, sha256_digest(b"x"), 1)) is False
     assert len(sleeps) == 1
 
 
@@ -331,7 +331,7 @@ def test_cookies_are_never_sent_back(clients: Callable[..., RegistryClient]) -> 
     client = clients(handle)
     client.ping()
     client.send("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200})
-    client.send("HEAD", client.url(f"/v2/x/blobs/{sha256(b'')}"), scopes=(), ok={200})
+    client.send("HEAD", client.url(f"/v2/x/blobs/{sha256_digest(b'')}"), scopes=(), ok={200})
 
     assert len(seen) == 3
     assert all("cookie" not in headers for headers in seen)
@@ -363,11 +363,11 @@ def test_manifest_put_sends_exact_bytes_and_media_type(
     clients: Callable[..., RegistryClient],
 ) -> None:
     got: list[httpx.Request] = []
-    client = clients(_manifest_server(sha256, got))
+    client = clients(_manifest_server(sha256_digest, got))
 
     digest = client.manifest_put(REPO, "v1", OCI_MANIFEST, MANIFEST)
 
-    assert digest == "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
+    assert digest == "sha256:" + hashlib.sha256_digest(MANIFEST).hexdigest()
     (put,) = got
     assert put.url.path == f"/v2/{REPO}/manifests/v1"
     assert put.headers["content-type"] == OCI_MANIFEST
@@ -380,26 +380,28 @@ def test_manifest_put_accepts_a_missing_digest_header(
 ) -> None:
     client = clients(_manifest_server(lambda b: None, []))
 
-    assert client.manifest_put(REPO, "v1", OCI_MANIFEST, MANIFEST) == sha256(MANIFEST)
+    assert client.manifest_put(REPO, "v1", OCI_MANIFEST, MANIFEST) == sha256_digest(MANIFEST)
 
 
 def test_manifest_put_rejects_a_different_reported_digest(
     clients: Callable[..., RegistryClient],
 ) -> None:
     # A registry that canonicalised (re-serialised) the manifest: its digest is not ours.
-    client = clients(_manifest_server(lambda b: sha256(json.dumps(json.loads(b)).encode()), []))
+    client = clients(
+        _manifest_server(lambda b: sha256_digest(json.dumps(json.loads(b)).encode()), [])
+    )
 
     with pytest.raises(RegistryError, match="registry reports digest") as caught:
         client.manifest_put(REPO, "v1", OCI_MANIFEST, MANIFEST)
 
-    assert sha256(MANIFEST) in str(caught.value)
+    assert sha256_digest(MANIFEST) in str(caught.value)
 
 
 def test_manifest_over_4_mib_is_refused_before_sending(
     clients: Callable[..., RegistryClient],
 ) -> None:
     got: list[httpx.Request] = []
-    client = clients(_manifest_server(sha256, got))
+    client = clients(_manifest_server(sha256_digest, got))
 
     with pytest.raises(ManifestError, match="4 MiB"):
         client.manifest_put(REPO, "v1", OCI_MANIFEST, b" " * ((4 << 20) + 1))
@@ -418,7 +420,7 @@ def test_manifest_put_error_codes(clients: Callable[..., RegistryClient]) -> Non
 
 
 def test_manifest_digest_head(clients: Callable[..., RegistryClient]) -> None:
-    digest = sha256(MANIFEST)
+    digest = sha256_digest(MANIFEST)
 
     def handle(request: httpx.Request) -> httpx.Response:
         assert request.method == "HEAD"
@@ -474,7 +476,7 @@ def test_blob_exists_follows_307_to_storage_without_authorization(
     )
     client = clients(network, credentials=Credentials("alice", "pw"))
 
-    assert client.blob_exists(REPO, Descriptor(LAYER, sha256(b"x"), 1234)) is expected
+    assert client.blob_exists(REPO, Descriptor(LAYER, sha256_digest(b"x"), 1234)) is expected
 
     (head,) = storage
     assert head.method == "HEAD"
@@ -496,7 +498,7 @@ def test_blob_exists_relative_redirect_stays_on_the_registry(
 
     client = clients(ping_ok(handle))
 
-    assert client.blob_exists(REPO, Descriptor(LAYER, sha256(b"hello"), 5)) is True
+    assert client.blob_exists(REPO, Descriptor(LAYER, sha256_digest(b"hello"), 5)) is True
     assert answers[-1] == "/mirror/blob"
 
 
@@ -510,7 +512,7 @@ def test_blob_exists_redirect_loop_is_bounded(clients: Callable[..., RegistryCli
     client = clients(ping_ok(handle))
 
     with pytest.raises(RegistryError, match="too many redirects"):
-        client.blob_exists(REPO, Descriptor(LAYER, sha256(b"x"), 1))
+        client.blob_exists(REPO, Descriptor(LAYER, sha256_digest(b"x"), 1))
 
     assert len(count) == 4
 
@@ -518,7 +520,7 @@ def test_blob_exists_redirect_loop_is_bounded(clients: Callable[..., RegistryCli
 def test_blob_exists_404_is_false(clients: Callable[..., RegistryClient]) -> None:
     client = clients(ping_ok(lambda r: httpx.Response(404)))
 
-    assert client.blob_exists(REPO, Descriptor(LAYER, sha256(b"x"), 1)) is False
+    assert client.blob_exists(REPO, Descriptor(LAYER, sha256_digest(b"x"), 1)) is False
 
 
 def test_upload_cancel_ignores_failures(clients: Callable[..., RegistryClient]) -> None:

@@ -37,8 +37,8 @@ from tests.support.fakeregistry import (
     Session,
     error,
     make_client,
-    sha256,
 )
+from tests.support.images import sha256_digest
 
 HOST = "registry.test"
 REPO = "team/app"
@@ -50,9 +50,9 @@ def data_of(size: int, seed: int = 1) -> bytes:
 
 
 def source_for(tmp_path: Path, data: bytes, digest: str | None = None) -> BlobSource:
-    path = tmp_path / f"blob-{len(data)}-{hashlib.sha256(data).hexdigest()[:8]}"
+    path = tmp_path / f"blob-{len(data)}-{hashlib.sha256_digest(data).hexdigest()[:8]}"
     path.write_bytes(data)
-    return BlobSource(path, Descriptor(LAYER, digest or sha256(data), len(data)))
+    return BlobSource(path, Descriptor(LAYER, digest or sha256_digest(data), len(data)))
 
 
 class Rig:
@@ -588,7 +588,7 @@ def test_mount_refused_by_the_token_server_falls_back(
 
 def test_corrupt_blob_monolithic_is_aborted_before_the_last_byte(rig: Rig, tmp_path: Path) -> None:
     good, bad = data_of(700_000, seed=1), data_of(700_000, seed=2)
-    source = source_for(tmp_path, bad, digest=sha256(good))
+    source = source_for(tmp_path, bad, digest=sha256_digest(good))
 
     with pytest.raises(BlobCorruptError, match="corrupt"):
         rig.uploader().upload(REPO, source)
@@ -603,7 +603,7 @@ def test_corrupt_blob_monolithic_is_aborted_before_the_last_byte(rig: Rig, tmp_p
 
 def test_corrupt_blob_chunked_gets_no_closing_put(rig: Rig, tmp_path: Path) -> None:
     good, bad = data_of(3 * MiB, seed=1), data_of(3 * MiB, seed=2)
-    source = source_for(tmp_path, bad, digest=sha256(good))
+    source = source_for(tmp_path, bad, digest=sha256_digest(good))
 
     with pytest.raises(BlobCorruptError, match="corrupt"):
         rig.uploader(chunk_size=MiB).upload(REPO, source)
@@ -702,7 +702,7 @@ def test_memory_stays_bounded_for_a_64_mib_blob(rig: Rig, tmp_path: Path) -> Non
     path = tmp_path / "sparse"
     with path.open("wb") as f:
         f.truncate(size)
-    hasher = hashlib.sha256()
+    hasher = hashlib.sha256_digest()
     zeros = bytes(MiB)
     for _ in range(size // MiB):
         hasher.update(zeros)

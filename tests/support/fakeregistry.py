@@ -65,10 +65,6 @@ def error(
     return httpx.Response(status, json=body, headers=headers)
 
 
-#: The digest helper under the name test_auth.py and test_client.py import from here.
-sha256 = sha256_digest
-
-
 @dataclass
 class Recorded:
     """One request as the fake saw it, and how it ended."""
