@@ -367,7 +367,7 @@ def test_manifest_put_sends_exact_bytes_and_media_type(
 
     digest = client.manifest_put(REPO, "v1", OCI_MANIFEST, MANIFEST)
 
-    assert digest == "sha256:" + hashlib.sha256_digest(MANIFEST).hexdigest()
+    assert digest == "sha256:" + hashlib.sha256(MANIFEST).hexdigest()
     (put,) = got
     assert put.url.path == f"/v2/{REPO}/manifests/v1"
     assert put.headers["content-type"] == OCI_MANIFEST

@@ -50,7 +50,7 @@ def data_of(size: int, seed: int = 1) -> bytes:
 
 
 def source_for(tmp_path: Path, data: bytes, digest: str | None = None) -> BlobSource:
-    path = tmp_path / f"blob-{len(data)}-{hashlib.sha256_digest(data).hexdigest()[:8]}"
+    path = tmp_path / f"blob-{len(data)}-{hashlib.sha256(data).hexdigest()[:8]}"
     path.write_bytes(data)
     return BlobSource(path, Descriptor(LAYER, digest or sha256_digest(data), len(data)))
 
@@ -702,7 +702,7 @@ def test_memory_stays_bounded_for_a_64_mib_blob(rig: Rig, tmp_path: Path) -> Non
     path = tmp_path / "sparse"
     with path.open("wb") as f:
         f.truncate(size)
-    hasher = hashlib.sha256_digest()
+    hasher = hashlib.sha256()
     zeros = bytes(MiB)
     for _ in range(size // MiB):
         hasher.update(zeros)
