@@ -464,6 +464,29 @@ def test_basic_login_verifies_then_stores(home: Path, config: Path) -> None:
     assert store.lookup("registry.test") == Credentials("alice", SECRET)
 
 
+class CountingStore(CredentialStore):
+    """Counts reads of docker's config.json for an update."""
+
+    reads = 0
+
+    def _load_for_update(self, path: Path) -> dict[str, Any]:
+        self.reads += 1
+        return super()._load_for_update(path)
+
+
+def test_login_and_logout_read_config_json_once(home: Path, config: Path) -> None:
+    write_config(config, {"auths": {"other.test": {"auth": b64("bob:x")}}, "psFormat": "t"})
+    store = CountingStore({}, home, runner=no_helpers)
+    transport = httpx.MockTransport(basic_registry("alice", SECRET, []))
+    login("registry.test", Credentials("alice", SECRET), store, transport=transport)
+    assert store.reads == 1
+    doc = json.loads(config.read_text())
+    assert doc["psFormat"] == "t" and set(doc["auths"]) == {"other.test", "registry.test"}
+    assert logout("registry.test", store) == [str(config)]
+    assert store.reads == 2
+    assert set(json.loads(config.read_text())["auths"]) == {"other.test"}
+
+
 def test_bearer_login_fetches_a_token_without_scope(home: Path, config: Path) -> None:
     seen: list[httpx.Request] = []
     store = CredentialStore({}, home, runner=no_helpers)

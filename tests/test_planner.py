@@ -140,3 +140,24 @@ def test_bad_rendered_target_is_a_skip_not_a_crash():
     rules = (Rule(0, (Glob.compile("**"),), targets=("mirror.io/{namespace}/{repository}",)),)
     out = run([img(ns="UPPER")], settle=0, rules=rules)
     assert out.enqueue == [] and out.skipped[0].reason.startswith("bad target")
+
+
+def test_completeness_is_checked_only_for_targets_still_to_push():
+    """Already pushed (or queued) everywhere: the content store is not walked at all."""
+    calls: list[str] = []
+
+    def missing() -> str | None:
+        calls.append("walk")
+        return "1 blob missing"
+
+    seen = {("default", "example.com/app:1"): SeenImage(D1, 0.0)}
+    view = ImageView("default", "example.com/app:1", D1, missing)
+    both = {("example.com/app:1", D1), ("mirror.io/app:1", D1)}
+    done = run([view], seen=seen, pushed=both)
+    assert calls == []
+    assert [n.reason for n in done.skipped] == ["already pushed with this digest"] * 2
+    assert done.waiting == []
+    one = run([view], seen=seen, pushed={("example.com/app:1", D1)})
+    assert calls == ["walk"]
+    assert one.enqueue == []
+    assert [n.reason for n in one.waiting] == ["content incomplete: 1 blob missing"]

@@ -337,7 +337,7 @@ def test_enqueue_reopens_finished_jobs_only_when_asked(
     if end == "done":
         state.finish(job.id)
     else:
-        state.cancel([job.id], "source deleted")
+        state.cancel({job.id: "source deleted"})
     clock.advance(60)
     kept = state.enqueue("default", "a:1", D1, "r/a:1", 0)
     assert kept.status == end
@@ -375,7 +375,7 @@ def test_due_lists_queued_and_failed_jobs_longest_overdue_first(state: State, cl
     state.start(d.id)  # running
     state.start(e.id)
     state.finish(e.id)  # done
-    state.cancel([f.id], "gone")  # cancelled
+    state.cancel({f.id: "gone"})  # cancelled
     assert [j.id for j in state.due(clock.now, 10)] == [b.id, c.id]
     assert [j.id for j in state.due(clock.now, 1)] == [b.id]
     assert [j.id for j in state.due(clock.now + 100, 10)] == [b.id, c.id, a.id]
@@ -398,7 +398,7 @@ def test_start_counts_attempts_and_refuses_unstartable_jobs(state: State, clock:
     state.finish(job.id)
     assert state.start(job.id) is None  # done
     gone = state.enqueue("ns", "b", D1, "t", 0)
-    state.cancel([gone.id], "deleted")
+    state.cancel({gone.id: "deleted"})
     assert state.start(gone.id) is None  # cancelled since due() listed it
     assert state.start(9999) is None
 
@@ -439,7 +439,8 @@ def test_cancel(state: State) -> None:
     state.start(jobs[1].id)
     state.start(jobs[2].id)
     state.finish(jobs[2].id)
-    count = state.cancel([j.id for j in jobs] + [9999], "source deleted " + "y" * 2000)
+    reasons = {j.id: "source deleted " + "y" * 2000 for j in jobs}
+    count = state.cancel({**reasons, 9999: "no such job"})
     assert count == 3  # queued, running and ... not the done one, not the missing one
     statuses = {j.name: j.status for j in state.jobs()}
     assert statuses == {"a": "cancelled", "b": "cancelled", "c": "done", "d": "cancelled"}
@@ -448,7 +449,20 @@ def test_cancel(state: State) -> None:
     assert cancelled.last_error is not None
     assert cancelled.last_error.startswith("source deleted ")
     assert len(cancelled.last_error) == MAX_ERROR_LENGTH
-    assert state.cancel([], "nothing") == 0
+    assert state.cancel({}) == 0
+
+
+def test_cancel_keeps_each_jobs_reason(state: State, clock: Clock) -> None:
+    a = state.enqueue("ns", "a", D1, "t", 0)
+    b = state.enqueue("ns", "b", D1, "t", 0)
+    state.cancel({a.id: "ns/a was deleted"})
+    clock.now += 5
+    state.cancel({b.id: "ns/b moved to sha256:x"})
+    assert [(j.name, j.last_error) for j in state.cancelled(limit=10)] == [
+        ("b", "ns/b moved to sha256:x"),
+        ("a", "ns/a was deleted"),
+    ]
+    assert [j.name for j in state.cancelled(limit=1)] == ["b"]
 
 
 def test_requeue_running_keeps_attempts(tmp_path: Path, clock: Clock) -> None:

@@ -432,6 +432,7 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
         summary = state.summary()
         pushed = state.pushed(limit=args.limit)
         open_jobs = state.jobs(OPEN_STATUSES)
+        cancelled = state.cancelled(limit=args.limit)
     if args.json:
         doc = {
             **summary,
@@ -460,6 +461,18 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
                 }
                 for j in open_jobs
             ],
+            "cancelled": [
+                {
+                    "id": j.id,
+                    "namespace": j.namespace,
+                    "name": j.name,
+                    "digest": j.digest,
+                    "target": j.target,
+                    "cancelled_at": j.updated,
+                    "reason": j.last_error,
+                }
+                for j in cancelled
+            ],
         }
         json.dump(doc, ctx.stdout, indent=2, default=str)
         ctx.stdout.write("\n")
@@ -478,6 +491,11 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
         else:
             line += ")"
         ctx.stdout.write(line + "\n")
+    for job in cancelled:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.updated))
+        ctx.stdout.write(
+            f"cancelled {when} {job.namespace}/{job.name} → {job.target}: {job.last_error}\n"
+        )
     for p in pushed:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.pushed_at))
         ctx.stdout.write(f"pushed   {when} {p.target} {p.digest}\n")

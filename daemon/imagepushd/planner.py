@@ -23,7 +23,8 @@ class ImageView:
     """One image as the service sees it now.
 
     ``missing()`` says what content is missing (None: nothing). It costs a walk of the content
-    store, so the planner asks only for images it would otherwise push.
+    store, so the planner asks only for images it would otherwise enqueue: not for those
+    already pushed with this digest or already queued.
     """
 
     namespace: str
@@ -145,12 +146,7 @@ def decide(
             )
             out.wake_at = ready_at if out.wake_at is None else min(out.wake_at, ready_at)
             continue
-        missing = image.missing()
-        if missing is not None:
-            out.waiting.append(
-                Note(image.namespace, image.name, None, f"content incomplete: {missing}")
-            )
-            continue
+        pending: list[Job] = []
         for rule, target in targets:
             job = Job(image.namespace, image.name, image.digest, target, rule)
             if (target, image.digest) in pushed:
@@ -160,7 +156,16 @@ def decide(
             elif (image.namespace, image.name, image.digest, target) in open_by_key:
                 out.queued.append(job)
             else:
-                out.enqueue.append(job)
+                pending.append(job)
+        if not pending:
+            continue
+        missing = image.missing()
+        if missing is not None:
+            out.waiting.append(
+                Note(image.namespace, image.name, None, f"content incomplete: {missing}")
+            )
+            continue
+        out.enqueue.extend(pending)
 
     out.seen_removed = [key for key in seen if key not in current]
     for job_key, opened in open_by_key.items():

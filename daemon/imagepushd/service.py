@@ -391,7 +391,7 @@ class Service:
         if decision.cancel:
             for job_id, reason in decision.cancel:
                 log.info("job %d cancelled: %s", job_id, reason)
-            state.cancel([job_id for job_id, _ in decision.cancel], "cancelled")
+            state.cancel(dict(decision.cancel))
         for job in decision.enqueue:
             state.enqueue(job.namespace, job.name, job.digest, job.target, job.rule, reopen=True)
             log.info("queued %s/%s → %s (%s)", job.namespace, job.name, job.target, job.digest)
@@ -444,7 +444,7 @@ class Service:
     def _record(self, outcome: _Outcome) -> None:
         job = outcome.job
         if outcome.cancelled is not None:
-            self._state.cancel([job.id], outcome.cancelled)
+            self._state.cancel({job.id: outcome.cancelled})
             log.info("job %d cancelled: %s", job.id, outcome.cancelled)
         elif outcome.result is not None:
             self._state.finish(job.id)

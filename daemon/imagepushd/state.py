@@ -438,49 +438,44 @@ class State:
     def _migrate(self, conn: sqlite3.Connection) -> None:
         target = len(self._migrations)
         while True:
+            with self._tx(conn, write=True):
+                # Read under the write lock: another process may have migrated meanwhile.
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                if version > target:
+                    raise self._unusable(
+                        f"was written by a newer imagepushd (schema version {version}, "
+                        f"this one knows up to {target})",
+                        "upgrade imagepushd",
+                    )
+                if version == target:
+                    return
+                self._migrations[version](conn)
+                conn.execute(f"PRAGMA user_version = {version + 1:d}")
+            log.info("state file %s migrated to schema version %d", self.path, version + 1)
+
+    @contextmanager
+    def _tx(self, conn: sqlite3.Connection, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """BEGIN, then COMMIT or ROLLBACK; SQLite errors leave as :class:`StateError`."""
+        try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    # Read under the write lock: another process may have migrated meanwhile.
-                    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-                    if version > target:
-                        raise self._unusable(
-                            f"was written by a newer imagepushd (schema version {version}, "
-                            f"this one knows up to {target})",
-                            "upgrade imagepushd",
-                        )
-                    if version == target:
-                        conn.execute("COMMIT")
-                        return
-                    self._migrations[version](conn)
-                    conn.execute(f"PRAGMA user_version = {version + 1:d}")
-                    conn.execute("COMMIT")
-                    log.info("state file %s migrated to schema version %d", self.path, version + 1)
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise self._translate(exc) from exc
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:
-        """One transaction under the lock; SQLite errors leave as :class:`StateError`."""
+        """One transaction on the open connection, under the lock."""
         with self._lock:
-            conn = self._conn
-            if conn is None:
+            if self._conn is None:
                 raise StateError(f"state file {self.path} is closed")
-            try:
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    yield conn
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise self._translate(exc) from exc
+            with self._tx(self._conn, write=write) as conn:
+                yield conn
 
     # ------------------------------------------------------------------ flags
 
@@ -719,22 +714,31 @@ class State:
             )
             return cursor.rowcount > 0
 
-    def cancel(self, ids: Iterable[int], reason: str) -> int:
-        """Cancel the open jobs among ``ids``, keeping ``reason`` as their last error.
+    def cancel(self, reasons: Mapping[int, str]) -> int:
+        """Cancel the open jobs among ``reasons``' ids, keeping each one's reason as its last error.
 
         Done and cancelled jobs are left alone. Returns how many were cancelled.
         """
         now = self._clock()
-        reason = _truncate(reason)
         cancelled = 0
         with self._transaction(write=True) as conn:
-            for id_ in ids:
+            for id_, reason in reasons.items():
                 cancelled += conn.execute(
                     "UPDATE jobs SET status = 'cancelled', last_error = ?, updated = ? "
                     "WHERE id = ? AND status IN ('queued', 'running', 'failed')",
-                    (reason, now, id_),
+                    (_truncate(reason), now, id_),
                 ).rowcount
         return cancelled
+
+    def cancelled(self, limit: int) -> list[JobRecord]:
+        """The ``limit`` most recently cancelled jobs, newest first, with their reasons."""
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'cancelled' "
+                "ORDER BY updated DESC, id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [_job(row) for row in rows]
 
     def requeue_running(self) -> int:
         """At startup: jobs a killed daemon left running go back to queued, keeping attempts.

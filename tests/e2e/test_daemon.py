@@ -917,6 +917,35 @@ def test_run_once_with_an_unreachable_registry_fails(
     assert status["pushed_count"] == 0
 
 
+def test_status_shows_why_a_job_was_cancelled(
+    containerd: Containerd,
+    daemon: Daemon,
+    image_builder: ImageBuilder,
+    tmp_path: Path,
+) -> None:
+    """A failing job whose image is deleted is cancelled; ``status`` names the reason."""
+    b = image_builder
+    host = f"127.0.0.1:{free_port()}"
+    name = f"{host}/team/app:1"
+    load(containerd, b, tmp_path, {name: small(b, "cancel/reason")})
+    configure(daemon, containerd, host, _one_rule(host), on_start="all", **FAST_RETRY)
+    daemon.start()
+    assert wait_until(lambda: daemon.status()["failing"], timeout=30), daemon.log_text()
+    containerd.rm(name)
+    status = wait_until(lambda: (s := daemon.status())["cancelled"] and s, timeout=30)
+    assert status, daemon.log_text()
+    [cancelled] = status["cancelled"]
+    assert cancelled["target"] == name
+    assert cancelled["reason"] == f"default/{name} was deleted"
+    assert status["pending"] == []
+    text = daemon.cli("status")
+    assert text.returncode == 0, text.stderr
+    assert any(
+        line.startswith("cancelled ") and line.endswith(f"→ {name}: default/{name} was deleted")
+        for line in text.stdout.splitlines()
+    ), text.stdout
+
+
 def test_plan_and_status(
     containerd: Containerd,
     registry: Registry,

@@ -132,6 +132,19 @@ class Destination:
         return self.helper if self.helper is not None else str(self.path)
 
 
+@dataclass(frozen=True)
+class CredentialUpdate:
+    """docker's config.json as read once for a ``login``/``logout``, and where ``host`` goes.
+
+    Reading it once means the check before the network round trip and the write after it see
+    the same file, and an unreadable file fails before any traffic.
+    """
+
+    host: str
+    destination: Destination
+    doc: dict[str, Any]
+
+
 def write_private_json(path: Path, doc: Mapping[str, Any]) -> None:
     """Replace ``path`` atomically with ``doc`` as JSON, mode 0600, directory 0700 if new.
 
@@ -323,8 +336,8 @@ class CredentialStore:
             raise OutputError(f'{path}: "auths" is not an object (not overwriting it)')
         return doc
 
-    def destination(self, host: str) -> Destination:
-        """Where :meth:`save` would put credentials for ``host`` (``docker.io`` for Hub).
+    def prepare(self, host: str) -> CredentialUpdate:
+        """Read docker's config.json once and decide where ``host``'s credentials belong.
 
         ``credHelpers[host]`` first, then ``credsStore``, else ``auths`` in docker's config.json
         (the order :meth:`lookup` reads them in, so what is saved is what is found).
@@ -332,24 +345,34 @@ class CredentialStore:
         path = self.docker_config
         doc = self._load_for_update(path)
         per_host = _helper_for(doc, host)
+        store = doc.get("credsStore")
         if per_host is not None:
             key, helper = per_host
-            return Destination(path, key, f"docker-credential-{helper}")
-        store = doc.get("credsStore")
-        if isinstance(store, str) and store:
-            return Destination(path, server_key(host), f"docker-credential-{store}")
-        return Destination(path, server_key(host))
+            destination = Destination(path, key, f"docker-credential-{helper}")
+        elif isinstance(store, str) and store:
+            destination = Destination(path, server_key(host), f"docker-credential-{store}")
+        else:
+            destination = Destination(path, server_key(host))
+        return CredentialUpdate(host, destination, doc)
 
-    def save(self, host: str, credentials: Credentials) -> Destination:
+    def destination(self, host: str) -> Destination:
+        """Where :meth:`save` would put credentials for ``host`` (``docker.io`` for Hub)."""
+        return self.prepare(host).destination
+
+    def save(
+        self, host: str, credentials: Credentials, update: CredentialUpdate | None = None
+    ) -> Destination:
         """Store a username and password for ``host`` where docker's tooling finds them.
 
         Through the helper (``store``, JSON on stdin) when one is configured, else as
         ``auths[key] = {"auth": base64(user:pass)}`` in docker's config.json, replacing only
-        that entry.
+        that entry. ``update`` is what :meth:`prepare` read (default: read it now).
         """
         if not credentials.username or ":" in credentials.username:
             raise RegistryAuthError(f"{host}: cannot store a username that is empty or has ':'")
-        destination = self.destination(host)
+        if update is None or update.host != host:
+            update = self.prepare(host)
+        destination = update.destination
         if destination.helper is not None:
             payload = json.dumps(
                 {
@@ -366,9 +389,10 @@ class CredentialStore:
                 )
             log.debug("%s: credentials stored by %s", host, destination.helper)
             return destination
-        doc = self._load_for_update(destination.path)
-        auths = doc.setdefault("auths", {})
+        doc = dict(update.doc)
+        auths = dict(doc.get("auths") or {})
         auths[destination.server] = {"auth": credentials.basic()}
+        doc["auths"] = auths
         write_private_json(destination.path, doc)
         log.debug("%s: credentials stored in %s", host, destination.path)
         return destination
@@ -379,7 +403,8 @@ class CredentialStore:
         Both, as ``docker logout`` does, so that no older ``auths`` entry is left to be found
         once the helper forgot. Returns where something was removed (empty: nothing was).
         """
-        destination = self.destination(host)
+        update = self.prepare(host)
+        destination = update.destination
         removed: list[str] = []
         if destination.helper is not None:
             proc = self._run_helper(destination.helper, "erase", destination.server)
@@ -390,15 +415,12 @@ class CredentialStore:
                     f"credential helper {destination.helper} could not erase credentials for "
                     f"{destination.server} (exit {proc.returncode})"
                 )
-        doc = self._load_for_update(destination.path)
-        auths = doc.get("auths")
-        stale = [k for k in auths if _key_matches(k, host)] if isinstance(auths, dict) else []
-        if stale:
-            assert isinstance(auths, dict)
-            for key in stale:
-                del auths[key]
-            write_private_json(destination.path, doc)
-            removed.append(str(destination.path))
+        auths = update.doc.get("auths")
+        if isinstance(auths, dict):
+            kept = {k: v for k, v in auths.items() if not _key_matches(k, host)}
+            if len(kept) != len(auths):
+                write_private_json(destination.path, {**update.doc, "auths": kept})
+                removed.append(str(destination.path))
         return removed
 
     def _run_helper(

@@ -83,15 +83,15 @@ def login(
 ) -> LoginResult:
     """Verify ``credentials`` against ``host``, then store them; nothing is written on failure.
 
-    docker's config.json is read first (an unreadable one fails before any network traffic),
-    then the registry round trip, then the write.
+    docker's config.json is read once, first (an unreadable one fails before any network
+    traffic), then the registry round trip, then the write.
     """
-    store.destination(host)
+    update = store.prepare(host)
     with RegistryClient(
         host, settings=settings, credentials=credentials, transport=transport
     ) as client:
         verified = client.login()
-    destination = store.save(host, credentials)
+    destination = store.save(host, credentials, update)
     return LoginResult(host, credentials.username, verified, destination)
 
 
