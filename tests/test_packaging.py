@@ -247,12 +247,15 @@ def test_wheel_and_sdist_install_into_a_fresh_venv(tmp_path: Path) -> None:
     source = _snapshot(tmp_path / "src")
     dist = tmp_path / "dist"
     # As `make dist`: the sdist, then the wheel built from the unpacked sdist.
-    subprocess.run(
+    built = subprocess.run(
         [sys.executable, "-m", "build", "--outdir", str(dist), str(source)],
         check=True,
         capture_output=True,
+        text=True,
         timeout=600,
     )
+    # The licence metadata must not lean on anything the newest setuptools deprecates.
+    assert "Deprecat" not in built.stdout + built.stderr, built.stdout + built.stderr
     wheel = dist / f"imagepushd-{__version__}-py3-none-any.whl"
     sdist = dist / f"imagepushd-{__version__}.tar.gz"
     assert wheel.is_file() and sdist.is_file(), sorted(p.name for p in dist.iterdir())
@@ -267,6 +270,11 @@ def test_wheel_and_sdist_install_into_a_fresh_venv(tmp_path: Path) -> None:
             zf.read("imagepushd/data/config.example.toml")
             == (DATA / "config.example.toml").read_bytes()
         )
+        info = f"imagepushd-{__version__}.dist-info"
+        metadata = zf.read(f"{info}/METADATA").decode()
+        assert "License: Apache-2.0" in metadata.splitlines(), metadata
+        [licence] = [n for n in names if n.startswith(info) and n.endswith("/LICENSE")]
+        assert zf.read(licence) == (REPO / "LICENSE").read_bytes()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"imagepushd", f"imagepushd-{__version__}.dist-info"}, tops
     with tarfile.open(sdist) as tf:
@@ -274,6 +282,7 @@ def test_wheel_and_sdist_install_into_a_fresh_venv(tmp_path: Path) -> None:
         for name in ("imagepushd.service", "config.example.toml"):
             member = tf.getmember(base + name)
             assert member.isfile(), f"{name} is not a regular file in the sdist"
+        assert tf.getmember(f"imagepushd-{__version__}/LICENSE").isfile()
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
