@@ -49,7 +49,7 @@ mkdir -p "$src"
 tar -C "$here" \
     --exclude=__pycache__ --exclude='*.egg-info' --exclude=.hypothesis \
     --exclude=.pytest_cache --exclude=.mypy_cache --exclude=.ruff_cache \
-    -cf - pyproject.toml README.md daemon tests packaging |
+    -cf - pyproject.toml setup.cfg LICENSE README.md daemon tests packaging |
     tar -C "$src" -xf -
 cp -r packaging/debian "$src/debian"
 
