@@ -235,6 +235,7 @@ def test_push_result_json() -> None:
         "digest": "sha256:" + "a" * 64,
         "media_type": OCI_MANIFEST,
         "platforms": ["linux/amd64"],
+        "attestations": 0,
         "pushed_blobs": 2,
         "skipped_blobs": 0,
         "mounted_blobs": 0,
