@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from imagepushd.blobs import BlobSource
 from imagepushd.containerd.content import (
     BlobNode,
     ContentStore,
@@ -13,6 +14,7 @@ from imagepushd.containerd.content import (
     ManifestNode,
     discover_root,
     root_candidates,
+    walk,
 )
 from imagepushd.errors import (
     BlobCorruptError,
@@ -119,6 +121,54 @@ def test_walk_keeps_unknown_index_children_as_blobs(tmp_path: Path, image_builde
     kinds = [type(n) for n in graph.nodes()]
     assert kinds == [IndexNode, ManifestNode, BlobNode]
     assert graph.complete
+
+
+def test_walk_keeps_the_bytes_it_read_and_reads_each_manifest_once(
+    tmp_path: Path, image_builder: ImageBuilder
+):
+    b = image_builder
+    amd = b.image([10], "bytes/amd")
+    arm = b.image([20], "bytes/arm", architecture="arm64")
+    index = b.index([amd, arm])
+    store = store_with(tmp_path, b, index)
+    store.path(arm.digest).unlink()
+    reads: list[str] = []
+
+    class Counting:
+        def has(self, descriptor: Descriptor) -> bool:
+            return store.has(descriptor)
+
+        def read_bytes(self, descriptor: Descriptor, limit: int) -> bytes:
+            reads.append(descriptor.digest)
+            return store.read_bytes(descriptor, limit)
+
+        def source(self, descriptor: Descriptor) -> BlobSource:
+            return store.source(descriptor)
+
+    graph = walk(Counting(), desc(index))
+    assert sorted(reads) == sorted([index.digest, amd.digest])
+    root = graph.root
+    assert isinstance(root, IndexNode) and root.data == index.data
+    kept, absent = graph.manifests()
+    assert kept.data == amd.data and absent.data is None
+    assert graph.manifest_complete(kept) and not graph.manifest_complete(absent)
+    assert graph.present(desc(amd)) and not graph.present(desc(arm))
+
+
+def test_walk_tells_attestations_from_platforms(tmp_path: Path, image_builder: ImageBuilder):
+    b = image_builder
+    amd = b.image([10], "attest/amd")
+    attestation = b.attestation(amd)
+    index = b.index([amd, attestation])
+    graph = store_with(tmp_path, b, index).walk(desc(index))
+    assert graph.complete
+    assert graph.platforms() == [Platform("linux", "amd64")]
+    (node,) = graph.attestations()
+    assert node.descriptor.digest == attestation.digest
+    assert node.is_attestation and node.attests == amd.digest
+    assert node.platform == Platform("unknown", "unknown")
+    image = graph.manifests()[0]
+    assert not image.is_attestation and image.attests is None
 
 
 def test_walk_rejects_unsupported_root(tmp_path: Path, image_builder: ImageBuilder):

@@ -97,3 +97,30 @@ def test_parse_manifest_and_index():
 def test_parse_rejects_malformed(data: bytes):
     with pytest.raises(ManifestError):
         parse_manifest(data, Descriptor("", D1, len(data)))
+
+
+@pytest.mark.parametrize(
+    ("annotations", "is_attestation", "attests"),
+    [
+        (
+            {
+                "vnd.docker.reference.type": "attestation-manifest",
+                "vnd.docker.reference.digest": D2,
+            },
+            True,
+            D2,
+        ),
+        ({"vnd.docker.reference.type": "attestation-manifest"}, True, None),
+        ({"vnd.docker.reference.type": "other", "vnd.docker.reference.digest": D2}, False, None),
+        ({"vnd.docker.reference.digest": D2}, False, None),
+        ({}, False, None),
+    ],
+)
+def test_attestation_descriptors(
+    annotations: dict[str, str], is_attestation: bool, attests: str | None
+) -> None:
+    entry = {"mediaType": OCI_MANIFEST, "digest": D1, "size": 10, "annotations": annotations}
+    entry["platform"] = {"architecture": "unknown", "os": "unknown"}
+    descriptor = Descriptor.from_json(entry, "test")
+    assert descriptor.is_attestation is is_attestation
+    assert descriptor.attests == attests

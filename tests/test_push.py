@@ -1,23 +1,29 @@
-"""The pure parts of the push path: platform policies, matching, index rewriting, results."""
+"""The pure parts of the push path: platform policies, matching, planning, index rewriting."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
+from pathlib import Path
 
 import pytest
 
 from imagepushd import push as push_mod
-from imagepushd.errors import ImagepushdError, ManifestError, UsageError
+from imagepushd.containerd.content import ContentStore, ImageGraph
+from imagepushd.errors import ImagepushdError, ManifestError, MissingContentError, UsageError
 from imagepushd.oci import OCI_INDEX, OCI_MANIFEST, Descriptor, Platform
 from imagepushd.push import (
+    Plan,
     PlatformPolicy,
     PushResult,
     _descriptor_for,
     _matches,
     _rewrite_index,
     host_platform,
+    plan,
 )
+from tests.support.images import Blob, ImageBuilder
 
 AMD64 = Platform("linux", "amd64")
 ARM64 = Platform("linux", "arm64")
@@ -235,6 +241,7 @@ def test_push_result_json() -> None:
         "digest": "sha256:" + "a" * 64,
         "media_type": OCI_MANIFEST,
         "platforms": ["linux/amd64"],
+        "attestations": 0,
         "pushed_blobs": 2,
         "skipped_blobs": 0,
         "mounted_blobs": 0,
@@ -243,3 +250,273 @@ def test_push_result_json() -> None:
         "up_to_date": False,
     }
     json.dumps(result.to_json())  # serialisable as it is
+
+
+# ---------------------------------------------------------------------- planning: attestations
+
+
+def graph_of(tmp_path: Path, b: ImageBuilder, root: Blob, drop: Collection[str] = ()) -> ImageGraph:
+    """``root`` walked in a content store holding all its blobs but ``drop``."""
+    store = ContentStore(tmp_path / "root")
+    for blob in b.blobs_of(root):
+        if blob.digest not in drop:
+            path = store.path(blob.digest)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with blob.open() as src:
+                path.write_bytes(src.read())
+    return store.walk(Descriptor(root.media_type, root.digest, root.size))
+
+
+def first_layer(blob: Blob) -> str:
+    digest: str = blob.json()["layers"][0]["digest"]
+    return digest
+
+
+def pushed(result: Plan) -> list[str]:
+    """Digests of the manifests a plan PUTs by digest, then the top."""
+    assert result.top is not None
+    return [m.descriptor.digest for m in result.children] + [result.top.descriptor.digest]
+
+
+def top_entries(result: Plan) -> list[dict[str, object]]:
+    assert result.top is not None
+    entries: list[dict[str, object]] = json.loads(result.top.data)["manifests"]
+    return entries
+
+
+@pytest.fixture
+def attested(image_builder: ImageBuilder) -> dict[str, Blob]:
+    """An index as BuildKit writes it with SBOM and provenance: two platforms, then their
+    attestation manifests (platform unknown/unknown)."""
+    b = image_builder
+    images = {
+        "amd": b.image([3000], "att/amd"),
+        "arm": b.image([2000], "att/arm", architecture="arm64"),
+    }
+    images["amd-att"] = b.attestation(images["amd"])
+    images["arm-att"] = b.attestation(images["arm"])
+    images["index"] = b.index([images[k] for k in ("amd", "arm", "amd-att", "arm-att")])
+    return images
+
+
+def test_walk_keeps_attestations_out_of_platforms(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    graph = graph_of(tmp_path, image_builder, attested["index"])
+    assert graph.platforms() == [AMD64, ARM64]
+    assert [a.descriptor.digest for a in graph.attestations()] == [
+        attested["amd-att"].digest,
+        attested["arm-att"].digest,
+    ]
+    assert [a.attests for a in graph.attestations()] == [
+        attested["amd"].digest,
+        attested["arm"].digest,
+    ]
+    assert graph.attestations()[0].platform == Platform("unknown", "unknown")
+
+
+def test_all_pushes_the_index_with_its_attestations(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    b = image_builder
+    result = plan(graph_of(tmp_path, b, attested["index"]), PlatformPolicy("all"), AMD64)
+    assert result.top is not None
+    assert result.top.data == attested["index"].data  # verbatim, from the walk
+    assert pushed(result) == [
+        attested[k].digest for k in ("amd", "arm", "amd-att", "arm-att", "index")
+    ]
+    assert [m.data for m in result.children] == [
+        attested[k].data for k in ("amd", "arm", "amd-att", "arm-att")
+    ]
+    assert result.platforms == [AMD64, ARM64]
+    assert result.attestations == 2
+    statements = {
+        d.digest for d in result.blobs.values() if d.media_type == "application/vnd.in-toto+json"
+    }
+    assert len(statements) == 4  # SBOM and provenance of each platform
+
+
+def test_all_refuses_a_missing_attestation_naming_it(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    statement = first_layer(attested["arm-att"])
+    graph = graph_of(tmp_path, image_builder, attested["index"], drop={statement})
+    with pytest.raises(MissingContentError) as info:
+        plan(graph, PlatformPolicy("all"), AMD64)
+    message = str(info.value)
+    assert "platforms missing content: attestation of linux/arm64 (" in message
+    assert statement in message
+    assert info.value.missing == (statement,)
+
+
+def test_all_refuses_a_missing_platform_as_before(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    layer = first_layer(attested["arm"])
+    graph = graph_of(tmp_path, image_builder, attested["index"], drop={layer})
+    with pytest.raises(MissingContentError, match=r"platforms missing content: linux/arm64 \("):
+        plan(graph, PlatformPolicy("all"), AMD64)
+
+
+def test_available_drops_the_attestation_of_a_dropped_platform(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    layer = first_layer(attested["arm"])
+    graph = graph_of(tmp_path, image_builder, attested["index"], drop={layer})
+    result = plan(graph, PlatformPolicy("available"), AMD64)
+    entries = top_entries(result)
+    assert [e["digest"] for e in entries] == [attested["amd"].digest, attested["amd-att"].digest]
+    # Kept entries stay verbatim: platform unknown/unknown and the reference annotations.
+    assert entries[1] == attested["index"].json()["manifests"][2]
+    assert result.platforms == [AMD64]
+    assert result.attestations == 1
+    assert layer not in result.blobs
+    assert not set(result.blobs) & {d["digest"] for d in attested["arm-att"].json()["layers"]}
+
+
+def test_available_keeps_a_platform_whose_attestation_is_missing(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    statement = first_layer(attested["amd-att"])
+    graph = graph_of(tmp_path, image_builder, attested["index"], drop={statement})
+    result = plan(graph, PlatformPolicy("available"), AMD64)
+    assert [e["digest"] for e in top_entries(result)] == [
+        attested[k].digest for k in ("amd", "arm", "arm-att")
+    ]
+    assert result.platforms == [AMD64, ARM64]
+    assert result.attestations == 1
+
+
+def test_available_with_only_attestations_complete_pushes_nothing(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    drop = {first_layer(attested["amd"]), first_layer(attested["arm"])}
+    graph = graph_of(tmp_path, image_builder, attested["index"], drop=drop)
+    with pytest.raises(MissingContentError, match=r"no platform of .* is complete"):
+        plan(graph, PlatformPolicy("available"), AMD64)
+
+
+def test_available_complete_keeps_the_index_verbatim(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    result = plan(
+        graph_of(tmp_path, image_builder, attested["index"]), PlatformPolicy("available"), AMD64
+    )
+    assert result.top is not None
+    assert result.top.descriptor.digest == attested["index"].digest
+
+
+def test_host_pushes_a_reduced_index_of_its_manifest_and_attestation(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    graph = graph_of(tmp_path, image_builder, attested["index"])
+    result = plan(graph, PlatformPolicy("host"), ARM64)
+    assert result.top is not None
+    assert result.top.descriptor.media_type == OCI_INDEX
+    assert [e["digest"] for e in top_entries(result)] == [
+        attested["arm"].digest,
+        attested["arm-att"].digest,
+    ]
+    assert result.platforms == [ARM64]
+    assert result.attestations == 1
+    assert result.top.descriptor.digest == ("sha256:" + hashlib.sha256(result.top.data).hexdigest())
+
+
+def test_host_without_attestations_pushes_the_plain_manifest(
+    tmp_path: Path, image_builder: ImageBuilder
+) -> None:
+    b = image_builder
+    amd = b.image([3000], "plain/amd")
+    arm = b.image([2000], "plain/arm", architecture="arm64")
+    result = plan(graph_of(tmp_path, b, b.index([amd, arm])), PlatformPolicy("host"), AMD64)
+    assert pushed(result) == [amd.digest]
+    assert result.attestations == 0
+
+
+def test_host_whose_attestation_is_missing_pushes_the_plain_manifest(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    statement = first_layer(attested["amd-att"])
+    graph = graph_of(tmp_path, image_builder, attested["index"], drop={statement})
+    result = plan(graph, PlatformPolicy("host"), AMD64)
+    assert pushed(result) == [attested["amd"].digest]
+    assert result.platforms == [AMD64]
+
+
+def test_host_never_takes_an_attestation_for_the_host_manifest(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    layer = first_layer(attested["amd"])
+    graph = graph_of(tmp_path, image_builder, attested["index"], drop={layer})
+    with pytest.raises(MissingContentError) as info:
+        plan(graph, PlatformPolicy("host"), AMD64)
+    assert "host platform linux/amd64; the image has linux/amd64, linux/arm64" in str(info.value)
+    assert "unknown" not in str(info.value)
+
+
+def test_platform_list_takes_the_attestations_of_the_listed_platforms(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    graph = graph_of(tmp_path, image_builder, attested["index"])
+    result = plan(graph, PlatformPolicy.parse("linux/arm64"), AMD64)
+    assert [e["digest"] for e in top_entries(result)] == [
+        attested["arm"].digest,
+        attested["arm-att"].digest,
+    ]
+    assert result.platforms == [ARM64]
+    assert result.attestations == 1
+
+
+def test_platform_list_with_a_missing_attestation_keeps_the_platform(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    statement = first_layer(attested["arm-att"])
+    graph = graph_of(tmp_path, image_builder, attested["index"], drop={statement})
+    result = plan(graph, PlatformPolicy.parse("linux/amd64,linux/arm64"), AMD64)
+    assert [e["digest"] for e in top_entries(result)] == [
+        attested[k].digest for k in ("amd", "arm", "amd-att")
+    ]
+
+
+def test_unknown_unknown_is_not_a_platform_to_ask_for(
+    tmp_path: Path, image_builder: ImageBuilder, attested: dict[str, Blob]
+) -> None:
+    graph = graph_of(tmp_path, image_builder, attested["index"])
+    with pytest.raises(MissingContentError, match="the image has no unknown/unknown manifest"):
+        plan(graph, PlatformPolicy.parse("unknown/unknown"), AMD64)
+
+
+def test_an_orphan_attestation_goes_only_with_all(
+    tmp_path: Path, image_builder: ImageBuilder
+) -> None:
+    b = image_builder
+    amd = b.image([3000], "orphan/amd")
+    elsewhere = b.image([100], "orphan/elsewhere", architecture="arm64")
+    orphan = b.attestation(elsewhere)  # names a manifest the index does not hold
+    root = b.index([amd, orphan])
+    graph = graph_of(tmp_path, b, root, drop={elsewhere.digest})
+    assert pushed(plan(graph, PlatformPolicy("all"), AMD64))[-1] == root.digest
+    available = plan(graph, PlatformPolicy("available"), AMD64)
+    assert [e["digest"] for e in top_entries(available)] == [amd.digest]
+    assert available.attestations == 0
+
+
+# ---------------------------------------------------------------------- planning: other blobs
+
+
+def test_non_manifest_children_follow_the_walk_presence(
+    tmp_path: Path, image_builder: ImageBuilder
+) -> None:
+    b = image_builder
+    amd = b.image([3000], "other/amd")
+    extra = b.json_blob("application/vnd.example.thing+json", {"thing": 1})
+    root = b.index([amd, extra])
+    present = plan(graph_of(tmp_path / "a", b, root), PlatformPolicy("available"), AMD64)
+    assert present.top is not None and present.top.descriptor.digest == root.digest
+    assert extra.digest in present.blobs
+
+    graph = graph_of(tmp_path / "b", b, root, drop={extra.digest})
+    reduced = plan(graph, PlatformPolicy("available"), AMD64)
+    assert [e["digest"] for e in top_entries(reduced)] == [amd.digest]
+    with pytest.raises(MissingContentError, match=f"image {root.digest} is missing content"):
+        plan(graph, PlatformPolicy("all"), AMD64)

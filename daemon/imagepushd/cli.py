@@ -104,6 +104,7 @@ class _TargetRow:
     """
 
     __slots__ = (
+        "attestations",
         "complete",
         "digest",
         "error",
@@ -123,6 +124,7 @@ class _TargetRow:
         self.media_type = target.media_type
         self.size = graph.size if graph else target.size
         self.platforms = [str(p) for p in graph.platforms()] if graph else []
+        self.attestations = len(graph.attestations()) if graph else 0
         self.complete = bool(graph and graph.complete)
         self.missing = [d.digest for d in graph.missing] if graph else []
         self.error = error
@@ -131,6 +133,7 @@ class _TargetRow:
             "media_type": self.media_type,
             "size": self.size,
             "platforms": self.platforms,
+            "attestations": self.attestations,
             "complete": self.complete,
             "missing": self.missing,
         }
@@ -148,6 +151,7 @@ def _image_row(record: ImageRecord, shared: _TargetRow) -> dict[str, Any]:
         "media_type": shared.media_type,
         "size": shared.size,
         "platforms": list(shared.platforms),
+        "attestations": shared.attestations,
         "complete": shared.complete,
         "missing": list(shared.missing),
         "created": record.created_at.isoformat() if record.created_at else None,

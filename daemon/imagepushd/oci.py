@@ -24,6 +24,12 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 
+# BuildKit's attestation manifests: index entries of platform unknown/unknown whose
+# annotations name the image manifest they describe (docs: "attestation storage").
+ANNOTATION_REFERENCE_TYPE = "vnd.docker.reference.type"
+ANNOTATION_REFERENCE_DIGEST = "vnd.docker.reference.digest"
+ATTESTATION_MANIFEST = "attestation-manifest"
+
 # Registries cap manifests at 4 MiB; configs can be larger (long histories), so allow more.
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_CONFIG_SIZE = 16 << 20
@@ -96,6 +102,18 @@ class Descriptor:
             else {}
         )
         return cls(media_type, digest, size, Platform.from_json(obj.get("platform")), annotations)
+
+    @property
+    def is_attestation(self) -> bool:
+        """Whether this index entry is a BuildKit attestation manifest (not an image)."""
+        return self.annotations.get(ANNOTATION_REFERENCE_TYPE) == ATTESTATION_MANIFEST
+
+    @property
+    def attests(self) -> str | None:
+        """For an attestation manifest, the digest of the manifest it describes."""
+        if not self.is_attestation:
+            return None
+        return self.annotations.get(ANNOTATION_REFERENCE_DIGEST) or None
 
     def to_json(self) -> dict[str, Any]:
         """The descriptor as an OCI JSON object."""

@@ -3,6 +3,14 @@
 Order matters to registries: every blob first (with bounded concurrency, each digest once),
 then image manifests by digest, then nested indexes deepest first, then the top level by tag.
 The ``platforms`` policy decides what an index with missing platforms becomes.
+
+BuildKit's attestation manifests (SBOM, provenance: index entries of platform
+``unknown/unknown`` naming the manifest they describe) are part of the image, not platforms:
+``all`` pushes them (and refuses if one is incomplete, like any gap); ``available`` and a
+platform list keep a complete attestation exactly when the manifest it describes is kept;
+``host`` pushes the host's manifest alone when it has no complete attestation (a plain
+manifest, as without attestations), else a reduced index of the manifest and its attestations,
+so they are not lost.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from imagepushd.containerd.content import (
     ManifestNode,
 )
 from imagepushd.errors import ManifestError, MissingContentError, UsageError
-from imagepushd.oci import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_SIZE, Descriptor, Platform
+from imagepushd.oci import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Platform
 from imagepushd.reference import Reference
 from imagepushd.registry.client import RegistryClient
 from imagepushd.registry.upload import BlobUploader, Outcome, UploadResult
@@ -113,6 +121,7 @@ class PushResult:
     digest: str
     media_type: str
     platforms: list[str] = field(default_factory=list)
+    attestations: int = 0
     pushed_blobs: int = 0
     skipped_blobs: int = 0
     mounted_blobs: int = 0
@@ -127,6 +136,7 @@ class PushResult:
             "digest": self.digest,
             "media_type": self.media_type,
             "platforms": self.platforms,
+            "attestations": self.attestations,
             "pushed_blobs": self.pushed_blobs,
             "skipped_blobs": self.skipped_blobs,
             "mounted_blobs": self.mounted_blobs,
@@ -137,7 +147,7 @@ class PushResult:
 
 
 @dataclass(frozen=True)
-class _Manifest:
+class PlannedManifest:
     """A manifest or index to PUT: its descriptor and exact bytes."""
 
     descriptor: Descriptor
@@ -145,13 +155,189 @@ class _Manifest:
 
 
 @dataclass
-class _Plan:
+class Plan:
     """What to push: blobs, child manifests (children before parents), and the top level."""
 
     blobs: dict[str, Descriptor] = field(default_factory=dict)
-    children: list[_Manifest] = field(default_factory=list)
+    children: list[PlannedManifest] = field(default_factory=list)
     platforms: list[Platform] = field(default_factory=list)
-    top: _Manifest | None = None
+    attestations: int = 0
+    top: PlannedManifest | None = None
+
+
+def plan(graph: ImageGraph, policy: PlatformPolicy, host: Platform) -> Plan:
+    """What pushing ``graph`` under ``policy`` sends, from what the graph walk found and read.
+
+    Nothing is read again: manifest bytes come from the walk, presence from its missing list.
+    Raises :class:`MissingContentError` when the policy refuses the gaps or keeps nothing.
+    """
+    out = Plan()
+    root = graph.root
+    if isinstance(root, ManifestNode):
+        if not graph.complete:
+            raise MissingContentError(
+                f"image {root.descriptor.digest}", [d.digest for d in graph.missing]
+            )
+        wanted = policy.platforms if policy.mode == "list" else (host,)
+        if policy.mode in ("list", "host") and not any(_matches(p, root.platform) for p in wanted):
+            raise MissingContentError(
+                f"image is {root.platform or 'of unknown platform'}, not {policy}", []
+            )
+        _add_manifest(out, root)
+        out.top = out.children.pop()
+        return out
+    if not isinstance(root, IndexNode):
+        raise ManifestError(f"{root.descriptor.digest}: not an image manifest or index")
+    kept = _select(graph, policy, host)
+    chosen = [m for m in graph.manifests() if m.descriptor.digest in kept]
+    if policy.mode == "host" and not any(m.is_attestation for m in chosen):
+        # Without attestations the host's manifest goes alone, as a plain manifest.
+        _add_manifest(out, chosen[0])
+        out.top = out.children.pop()
+        return out
+    top = _add_index(out, graph, root, kept)
+    if top is None:
+        raise MissingContentError(f"no platform of {root.descriptor.digest} is complete", [])
+    out.top = top
+    out.children.remove(top)
+    return out
+
+
+def _select(graph: ImageGraph, policy: PlatformPolicy, host: Platform) -> set[str]:
+    """The digests of the manifests ``policy`` keeps: image manifests and their attestations.
+
+    An attestation goes along only with the manifest it describes, and only if complete:
+    a reduced index never holds an attestation of a manifest it dropped.
+    """
+    manifests = graph.manifests()
+    complete = graph.manifest_complete
+    if policy.mode == "all":
+        if not graph.complete:
+            absent = [m for m in manifests if not complete(m)]
+            what = (
+                "platforms missing content: " + ", ".join(_describe(graph, m) for m in absent)
+                if absent
+                else f"image {graph.root.descriptor.digest} is missing content"
+            )
+            raise MissingContentError(
+                f'{what} (use platforms = "available" or --platform available to push the rest)',
+                [d.digest for d in graph.missing],
+            )
+        return {m.descriptor.digest for m in manifests}
+    images = [m for m in manifests if not m.is_attestation]
+    if policy.mode == "available":
+        chosen = [m for m in images if complete(m)]
+    elif policy.mode == "host":
+        here = next((m for m in images if complete(m) and _matches(host, m.platform)), None)
+        if here is None:
+            raise MissingContentError(
+                f"no complete manifest for the host platform {host}; the image has "
+                + (", ".join(str(p) for p in graph.platforms()) or "no platforms"),
+                [],
+            )
+        chosen = [here]
+    else:
+        wanted = policy.platforms
+        for want in wanted:
+            candidates = [m for m in images if _matches(want, m.platform)]
+            if not candidates:
+                raise MissingContentError(f"the image has no {want} manifest", [])
+            if not any(complete(m) for m in candidates):
+                raise MissingContentError(
+                    f"platform {want} is missing content",
+                    sorted({d.digest for d in graph.missing}),
+                )
+        chosen = [m for m in images if complete(m) and any(_matches(w, m.platform) for w in wanted)]
+    subjects = {m.descriptor.digest for m in chosen}
+    attestations = {
+        m.descriptor.digest
+        for m in manifests
+        if m.is_attestation and m.attests in subjects and complete(m)
+    }
+    return subjects | attestations
+
+
+def _describe(graph: ImageGraph, node: ManifestNode) -> str:
+    """A manifest for messages: its platform, or which platform's attestation it is."""
+    if not node.is_attestation:
+        return str(node.platform or node.descriptor.digest)
+    subject = next(
+        (m for m in graph.manifests() if m.descriptor.digest == node.attests and m.platform),
+        None,
+    )
+    if subject is None:
+        return f"attestation {node.descriptor.digest}"
+    return f"attestation of {subject.platform}"
+
+
+def _add_manifest(out: Plan, node: ManifestNode) -> None:
+    assert node.manifest is not None and node.data is not None
+    for blob in (node.manifest.config, *node.manifest.layers):
+        out.blobs.setdefault(blob.digest, blob)
+    if node.is_attestation:
+        out.attestations += 1
+    elif node.platform is not None:
+        out.platforms.append(node.platform)
+    out.children.append(PlannedManifest(node.descriptor, node.data))
+
+
+def _add_index(
+    out: Plan, graph: ImageGraph, node: IndexNode, kept: set[str]
+) -> PlannedManifest | None:
+    """Add what ``node`` keeps; return its manifest (rewritten if children were dropped)."""
+    if node.index is None or node.data is None:
+        return None
+    children: list[Descriptor] = []
+    changed = False
+    for child in node.children:
+        descriptor = _add_child(out, graph, child, kept)
+        if descriptor is None:
+            changed = True
+            continue
+        changed = changed or descriptor.digest != child.descriptor.digest
+        children.append(descriptor)
+    if not children:
+        return None
+    data = node.data
+    if changed:
+        data = _rewrite_index(data, children)
+        descriptor = _descriptor_for(node.descriptor, data)
+        log.info(
+            "index %s reduced to %d of %d children: %s",
+            node.descriptor.digest,
+            len(children),
+            len(node.children),
+            descriptor.digest,
+        )
+    else:
+        descriptor = node.descriptor
+    manifest = PlannedManifest(descriptor, data)
+    out.children.append(manifest)
+    return manifest
+
+
+def _add_child(out: Plan, graph: ImageGraph, child: GraphNode, kept: set[str]) -> Descriptor | None:
+    if isinstance(child, ManifestNode):
+        if child.descriptor.digest not in kept:
+            return None
+        _add_manifest(out, child)
+        return child.descriptor
+    if isinstance(child, IndexNode):
+        nested = _add_index(out, graph, child, kept)
+        if nested is None:
+            return None
+        return Descriptor(
+            nested.descriptor.media_type,
+            nested.descriptor.digest,
+            nested.descriptor.size,
+            child.descriptor.platform,
+            child.descriptor.annotations,
+        )
+    assert isinstance(child, BlobNode)
+    if not graph.present(child.descriptor):
+        return None
+    out.blobs.setdefault(child.descriptor.digest, child.descriptor)
+    return child.descriptor
 
 
 class Pusher:
@@ -187,11 +373,15 @@ class Pusher:
         mount_sources: Callable[[Descriptor], Sequence[str]] = lambda d: (),
     ) -> PushResult:
         """Push ``graph`` to ``target`` under ``policy``; return what was done."""
-        plan = self._plan(graph, policy)
-        assert plan.top is not None
-        top = plan.top.descriptor
+        planned = plan(graph, policy, self._host)
+        assert planned.top is not None
+        top = planned.top.descriptor
         result = PushResult(
-            str(target), top.digest, top.media_type, [str(p) for p in plan.platforms]
+            str(target),
+            top.digest,
+            top.media_type,
+            [str(p) for p in planned.platforms],
+            attestations=planned.attestations,
         )
         repository = target.repository
         reference = target.tag or top.digest
@@ -204,162 +394,13 @@ class Pusher:
         if self._client.manifest_digest(repository, reference, accept) == top.digest:
             log.info("%s already holds %s", target, top.digest)
             result.up_to_date = True
-            result.skipped_blobs = len(plan.blobs)
+            result.skipped_blobs = len(planned.blobs)
             return result
-        self._push_blobs(repository, list(plan.blobs.values()), mount_sources, result)
-        for manifest in plan.children:
+        self._push_blobs(repository, list(planned.blobs.values()), mount_sources, result)
+        for manifest in planned.children:
             self._put(repository, manifest.descriptor.digest, manifest, result)
-        self._put(repository, reference, plan.top, result)
+        self._put(repository, reference, planned.top, result)
         return result
-
-    # ---- planning ----------------------------------------------------------------------
-
-    def _read(self, descriptor: Descriptor) -> bytes:
-        return self._content.read_bytes(descriptor, MAX_MANIFEST_SIZE)
-
-    def _plan(self, graph: ImageGraph, policy: PlatformPolicy) -> _Plan:
-        plan = _Plan()
-        root = graph.root
-        if isinstance(root, ManifestNode):
-            if not graph.complete:
-                raise MissingContentError(
-                    f"image {root.descriptor.digest}", [d.digest for d in graph.missing]
-                )
-            wanted = policy.platforms if policy.mode == "list" else (self._host,)
-            if policy.mode in ("list", "host") and not any(
-                _matches(p, root.platform) for p in wanted
-            ):
-                raise MissingContentError(
-                    f"image is {root.platform or 'of unknown platform'}, not {policy}", []
-                )
-            self._add_manifest(plan, root)
-            plan.top = plan.children.pop()
-            return plan
-        if not isinstance(root, IndexNode):
-            raise ManifestError(f"{root.descriptor.digest}: not an image manifest or index")
-        keep = self._selector(graph, policy)
-        if policy.mode == "host":
-            chosen = next((m for m in graph.manifests() if keep(m)), None)
-            if chosen is None:
-                raise MissingContentError(
-                    f"no complete manifest for the host platform {self._host}; the image has "
-                    + (", ".join(str(p) for p in graph.platforms()) or "no platforms"),
-                    [],
-                )
-            self._add_manifest(plan, chosen)
-            plan.top = plan.children.pop()
-            return plan
-        top = self._add_index(plan, root, keep)
-        if top is None:
-            raise MissingContentError(f"no platform of {root.descriptor.digest} is complete", [])
-        plan.top = top
-        plan.children.remove(top)
-        return plan
-
-    def _selector(
-        self, graph: ImageGraph, policy: PlatformPolicy
-    ) -> Callable[[ManifestNode], bool]:
-        missing = {d.digest for d in graph.missing}
-
-        def complete(node: ManifestNode) -> bool:
-            if node.manifest is None:
-                return False
-            parts = (node.manifest.config, *node.manifest.layers)
-            return not any(d.digest in missing for d in parts)
-
-        manifests = graph.manifests()
-        if policy.mode == "all":
-            absent = [m for m in manifests if not complete(m)]
-            if absent:
-                names = ", ".join(str(m.platform or m.descriptor.digest) for m in absent)
-                raise MissingContentError(
-                    f'platforms missing content: {names} (use platforms = "available" or '
-                    "--platform available to push the rest)",
-                    [d.digest for d in graph.missing],
-                )
-            return complete
-        if policy.mode == "available":
-            return complete
-        if policy.mode == "host":
-            return lambda m: complete(m) and _matches(self._host, m.platform)
-        wanted = policy.platforms
-        for want in wanted:
-            candidates = [m for m in manifests if _matches(want, m.platform)]
-            if not candidates:
-                raise MissingContentError(f"the image has no {want} manifest", [])
-            if not any(complete(m) for m in candidates):
-                raise MissingContentError(
-                    f"platform {want} is missing content",
-                    sorted({d.digest for d in graph.missing}),
-                )
-        return lambda m: complete(m) and any(_matches(w, m.platform) for w in wanted)
-
-    def _add_manifest(self, plan: _Plan, node: ManifestNode) -> None:
-        assert node.manifest is not None
-        for blob in (node.manifest.config, *node.manifest.layers):
-            plan.blobs.setdefault(blob.digest, blob)
-        if node.platform is not None:
-            plan.platforms.append(node.platform)
-        plan.children.append(_Manifest(node.descriptor, self._read(node.descriptor)))
-
-    def _add_index(
-        self, plan: _Plan, node: IndexNode, keep: Callable[[ManifestNode], bool]
-    ) -> _Manifest | None:
-        """Add what ``node`` keeps; return its manifest (rewritten if children were dropped)."""
-        if node.index is None:
-            return None
-        kept: list[Descriptor] = []
-        changed = False
-        for child in node.children:
-            descriptor = self._add_child(plan, child, keep)
-            if descriptor is None:
-                changed = True
-                continue
-            changed = changed or descriptor.digest != child.descriptor.digest
-            kept.append(descriptor)
-        if not kept:
-            return None
-        data = self._read(node.descriptor)
-        if changed:
-            data = _rewrite_index(data, kept)
-            descriptor = _descriptor_for(node.descriptor, data)
-            log.info(
-                "index %s reduced to %d of %d children: %s",
-                node.descriptor.digest,
-                len(kept),
-                len(node.children),
-                descriptor.digest,
-            )
-        else:
-            descriptor = node.descriptor
-        manifest = _Manifest(descriptor, data)
-        plan.children.append(manifest)
-        return manifest
-
-    def _add_child(
-        self, plan: _Plan, child: GraphNode, keep: Callable[[ManifestNode], bool]
-    ) -> Descriptor | None:
-        if isinstance(child, ManifestNode):
-            if not keep(child):
-                return None
-            self._add_manifest(plan, child)
-            return child.descriptor
-        if isinstance(child, IndexNode):
-            nested = self._add_index(plan, child, keep)
-            if nested is None:
-                return None
-            return Descriptor(
-                nested.descriptor.media_type,
-                nested.descriptor.digest,
-                nested.descriptor.size,
-                child.descriptor.platform,
-                child.descriptor.annotations,
-            )
-        assert isinstance(child, BlobNode)
-        if not self._content.has(child.descriptor):
-            return None
-        plan.blobs.setdefault(child.descriptor.digest, child.descriptor)
-        return child.descriptor
 
     # ---- pushing -----------------------------------------------------------------------
 
@@ -403,7 +444,7 @@ class Pusher:
                     raise error
 
     def _put(
-        self, repository: str, reference: str, manifest: _Manifest, result: PushResult
+        self, repository: str, reference: str, manifest: PlannedManifest, result: PushResult
     ) -> None:
         self._client.manifest_put(
             repository, reference, manifest.descriptor.media_type, manifest.data

@@ -28,6 +28,7 @@ from imagepushd.containerd.metadata import META_DB, ImageRecord, MetadataSnapsho
 from imagepushd.errors import (
     ContainerdError,
     ImagepushdError,
+    MissingContentError,
     PushInterrupted,
     RootNotFoundError,
 )
@@ -35,7 +36,7 @@ from imagepushd.logs import push_fields
 from imagepushd.notify import Notifier, watchdog_interval
 from imagepushd.oci import Descriptor
 from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide
-from imagepushd.push import Pusher, PushResult
+from imagepushd.push import Pusher, PushResult, host_platform, plan
 from imagepushd.reference import parse_reference
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import (
@@ -74,25 +75,25 @@ def image_view(
     def missing() -> str | None:
         try:
             graph = content.walk(record.target, snap.blobs.get(record.namespace, {}))
+            if graph.complete or _partial_ok(graph, config):
+                return None
         except ImagepushdError as exc:
             return str(exc)
-        if graph.complete or _partial_ok(graph, config):
-            return None
         return f"{len(graph.missing)} blob(s) missing, e.g. {graph.missing[0].digest}"
 
     return ImageView(record.namespace, record.name, record.target.digest, missing)
 
 
 def _partial_ok(graph: ImageGraph, config: Config) -> bool:
-    """Whether the platforms policy can push something from an incomplete index."""
-    if config.push.platforms.mode == "all":
+    """Whether the platforms policy can push something from an incomplete index.
+
+    The push's own planner decides, so attestations and the host platform count as they will.
+    """
+    try:
+        plan(graph, config.push.platforms, host_platform())
+    except MissingContentError:
         return False
-    missing = {d.digest for d in graph.missing}
-    return any(
-        m.manifest is not None
-        and not any(d.digest in missing for d in (m.manifest.config, *m.manifest.layers))
-        for m in graph.manifests()
-    )
+    return True
 
 
 def _plan_inputs(

@@ -36,6 +36,10 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 
+IN_TOTO = "application/vnd.in-toto+json"
+PREDICATE_SPDX = "https://spdx.dev/Document"
+PREDICATE_SLSA = "https://slsa.dev/provenance/v0.2"
+
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 
@@ -137,6 +141,23 @@ def _platform(os: str, architecture: str, variant: str | None) -> dict[str, str]
     return plat
 
 
+def _predicate(predicate_type: str, subject: str) -> dict[str, Any]:
+    """A small predicate of the kind BuildKit writes (SPDX SBOM or SLSA provenance)."""
+    if predicate_type == PREDICATE_SPDX:
+        return {
+            "spdxVersion": "SPDX-2.3",
+            "SPDXID": "SPDXRef-DOCUMENT",
+            "name": f"sbom-{subject}",
+            "packages": [{"name": "busybox", "versionInfo": "1.36.1", "SPDXID": "SPDXRef-1"}],
+        }
+    return {
+        "buildType": "https://mobyproject.org/buildkit@v1",
+        "builder": {"id": ""},
+        "invocation": {"parameters": {"frontend": "dockerfile.v0"}},
+        "metadata": {"buildInvocationID": subject},
+    }
+
+
 def _diff_id(layer: Content) -> str:
     # Any sha256 will do for tests; derive one from the layer digest so configs are stable.
     return sha256_digest(b"diff-id:" + layer.digest.encode())
@@ -148,6 +169,7 @@ class ImageBuilder:
     def __init__(self) -> None:
         self._blobs: dict[str, Content] = {}
         self._platforms: dict[str, dict[str, str]] = {}
+        self._annotations: dict[str, dict[str, str]] = {}
 
     # ------------------------------------------------------------------ content
     def add(self, blob: Content) -> Content:
@@ -255,6 +277,54 @@ class ImageBuilder:
         self._platforms[blob.digest] = _platform(os, architecture, variant)
         return blob
 
+    def attestation(
+        self,
+        subject: Blob,
+        predicate_types: Sequence[str] = (PREDICATE_SPDX, PREDICATE_SLSA),
+        name: str = "pkg:docker/example.com/app",
+    ) -> Blob:
+        """A BuildKit attestation manifest for the image manifest ``subject``; return it.
+
+        As ``docker buildx build --attest type=sbom --attest type=provenance`` writes it: one
+        in-toto statement layer per predicate (annotated with its predicate type) and an
+        ``unknown/unknown`` config; :meth:`index` gives its entry platform ``unknown/unknown``
+        and the ``vnd.docker.reference.*`` annotations naming ``subject``.
+        """
+        layers: list[dict[str, Any]] = []
+        for predicate_type in predicate_types:
+            statement = {
+                "_type": "https://in-toto.io/Statement/v0.1",
+                "predicateType": predicate_type,
+                "subject": [{"name": name, "digest": {"sha256": subject.hex}}],
+                "predicate": _predicate(predicate_type, subject.digest),
+            }
+            blob = self.json_blob(IN_TOTO, statement)
+            layers.append(
+                blob.descriptor(annotations={"in-toto.io/predicate-type": predicate_type})
+            )
+        config = self.json_blob(
+            OCI_CONFIG,
+            {
+                "architecture": "unknown",
+                "os": "unknown",
+                "config": {},
+                "rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in layers]},
+            },
+        )
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config.descriptor(),
+            "layers": layers,
+        }
+        blob = self.json_blob(OCI_MANIFEST, doc)
+        self._platforms[blob.digest] = _platform("unknown", "unknown", None)
+        self._annotations[blob.digest] = {
+            "vnd.docker.reference.digest": subject.digest,
+            "vnd.docker.reference.type": "attestation-manifest",
+        }
+        return blob
+
     def index(
         self,
         children: Sequence[Content],
@@ -272,7 +342,11 @@ class ImageBuilder:
             "schemaVersion": 2,
             "mediaType": DOCKER_MANIFEST_LIST if docker else OCI_INDEX,
             "manifests": [
-                child.descriptor(platform=self._platforms.get(child.digest)) for child in children
+                child.descriptor(
+                    platform=self._platforms.get(child.digest),
+                    annotations=self._annotations.get(child.digest),
+                )
+                for child in children
             ],
         }
         if annotations:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
@@ -199,20 +200,39 @@ class BlobNode:
 
 @dataclass(frozen=True)
 class ManifestNode:
-    """An image manifest, its platform, and its content (None when the manifest is absent)."""
+    """An image manifest, its platform, and its content (None when the manifest is absent).
+
+    ``data`` holds the verified bytes the walk parsed (at most ``MAX_MANIFEST_SIZE``), so a
+    push sends them without reading and hashing the blob again.
+    """
 
     descriptor: Descriptor
     platform: Platform | None
     manifest: Manifest | None
+    data: bytes | None = field(default=None, repr=False)
+
+    @property
+    def attests(self) -> str | None:
+        """For a BuildKit attestation manifest, the digest of the manifest it describes."""
+        return self.descriptor.attests
+
+    @property
+    def is_attestation(self) -> bool:
+        """Whether this is a BuildKit attestation manifest (platform ``unknown/unknown``)."""
+        return self.descriptor.is_attestation
 
 
 @dataclass(frozen=True)
 class IndexNode:
-    """An index and its children (none when the index blob itself is absent)."""
+    """An index and its children (none when the index blob itself is absent).
+
+    ``data`` holds the verified bytes of the index, as for :class:`ManifestNode`.
+    """
 
     descriptor: Descriptor
     index: Index | None
     children: tuple[GraphNode, ...]
+    data: bytes | None = field(default=None, repr=False)
 
 
 GraphNode = BlobNode | ManifestNode | IndexNode
@@ -230,6 +250,21 @@ class ImageGraph:
         """Whether every reachable blob is present."""
         return not self.missing
 
+    @cached_property
+    def _missing_digests(self) -> frozenset[str]:
+        return frozenset(d.digest for d in self.missing)
+
+    def present(self, descriptor: Descriptor) -> bool:
+        """Whether the walk found ``descriptor``'s blob (so nobody needs to look again)."""
+        return descriptor.digest not in self._missing_digests
+
+    def manifest_complete(self, node: ManifestNode) -> bool:
+        """Whether ``node``'s manifest, config and every layer are present."""
+        if node.manifest is None:
+            return False
+        parts = (node.manifest.config, *node.manifest.layers)
+        return all(self.present(d) for d in parts)
+
     def nodes(self) -> Iterator[GraphNode]:
         """Every node, parents before children."""
         stack: list[GraphNode] = [self.root]
@@ -244,8 +279,21 @@ class ImageGraph:
         return [n for n in self.nodes() if isinstance(n, ManifestNode)]
 
     def platforms(self) -> list[Platform]:
-        """The distinct platforms of the image's manifests, sorted."""
-        return sorted({m.platform for m in self.manifests() if m.platform is not None})
+        """The distinct platforms of the image's manifests, sorted.
+
+        Attestation manifests say ``unknown/unknown``: they are not a platform of the image.
+        """
+        return sorted(
+            {
+                m.platform
+                for m in self.manifests()
+                if m.platform is not None and not m.is_attestation
+            }
+        )
+
+    def attestations(self) -> list[ManifestNode]:
+        """The BuildKit attestation manifests, in index order."""
+        return [m for m in self.manifests() if m.is_attestation]
 
     def descriptors(self) -> list[Descriptor]:
         """Every reachable blob once: configs and layers, then manifests, then indexes."""
@@ -311,14 +359,15 @@ class _Walker:
             if is_index:
                 return IndexNode(desc, None, ())
             return ManifestNode(desc, platform, None)
-        parsed = parse_manifest(self._store.read_bytes(desc, MAX_MANIFEST_SIZE), desc)
+        data = self._store.read_bytes(desc, MAX_MANIFEST_SIZE)
+        parsed = parse_manifest(data, desc)
         if isinstance(parsed, Index):
             children = tuple(self._visit(c, c.platform, depth + 1) for c in parsed.manifests)
-            return IndexNode(desc, parsed, children)
+            return IndexNode(desc, parsed, children, data)
         config_present = self._present(parsed.config)
         for layer in parsed.layers:
             self._present(layer)
         if platform is None and config_present:
-            data = self._store.read_bytes(parsed.config, MAX_CONFIG_SIZE)
-            platform = config_platform(data, parsed.config.digest)
-        return ManifestNode(desc, platform, parsed)
+            config = self._store.read_bytes(parsed.config, MAX_CONFIG_SIZE)
+            platform = config_platform(config, parsed.config.digest)
+        return ManifestNode(desc, platform, parsed, data)
