@@ -8,8 +8,8 @@ memory, and imports it into a private containerd (tests/support/containerd.py) w
 ``ctr images import --no-unpack`` (the archive and the layer files are deleted right after).
 One real docker-registry (tests/support/registry.py) then receives, per size and round:
 
-- ``imagepushd push IMAGE HOST/repo:latest --root ROOT --plain-http --json`` (default 16 MiB
-  chunks), and the same with ``--chunk-size 64MiB`` (variant ``ipd64``);
+- ``imagepushd push IMAGE HOST/repo:latest --root ROOT --plain-http --json`` (default: adaptive
+  chunks, 8 MiB growing to 64 MiB), and the same with ``--chunk-size 64MiB`` (variant ``ipd64``);
 - ``ctr -a SOCK images push --plain-http HOST/repo:latest IMAGE``;
 
 alternating the order every round (round 1: imagepushd first, round 2: ctr first). Every run

@@ -69,6 +69,7 @@ def test_defaults_and_state_directory():
     assert config.state_path == Path("/var/lib/imagepushd/state.db")
     assert config.rules == () and config.push.on_start == "new-only"
     assert config.push.settle == 1.0 and config.push.concurrency == 3
+    assert config.push.chunk_size is None  # adaptive chunks unless configured
 
 
 def test_every_problem_is_reported_with_path_and_line():

@@ -774,6 +774,102 @@ def test_last_chunk_kept_registry_rejects_inverted_range(rig: Rig, tmp_path: Pat
     assert [r.method for r in rig.fake.calls()][-2:] == ["GET", "PUT"]
 
 
+# ---- adaptive chunks (the default) and what a cut costs on each kind of registry ----------
+
+
+def patch_sizes(fake: FakeRegistry) -> list[int]:
+    return [int(p.headers["content-length"]) for p in fake.patches()]
+
+
+def test_default_is_one_put_up_to_16_mib(rig: Rig, tmp_path: Path) -> None:
+    source = source_for(tmp_path, data_of(16 * MiB))
+
+    rig.uploader().upload(REPO, source)
+
+    assert [r.method for r in rig.fake.calls()] == ["HEAD", "POST", "PUT"]
+
+
+def test_default_chunks_grow_to_a_quarter_of_the_blob(rig: Rig, tmp_path: Path) -> None:
+    source = source_for(tmp_path, data_of(40 * MiB))
+
+    rig.uploader(clock=lambda: 0.0).upload(REPO, source)  # an infinitely fast link
+
+    assert patch_sizes(rig.fake) == [m * MiB for m in (8, 10, 10, 10, 2)]
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+
+
+def test_default_chunks_follow_a_slow_link(rig: Rig, tmp_path: Path) -> None:
+    # The clock says the registry receives 1 MiB/s: after the first 5 MiB chunk (a quarter of
+    # the blob) took 5 s, chunks carry 2 s of transfer.
+    def clock() -> float:
+        return sum(r.received for r in rig.fake.requests) / MiB
+
+    source = source_for(tmp_path, data_of(20 * MiB))
+
+    rig.uploader(clock=clock).upload(REPO, source)
+
+    assert patch_sizes(rig.fake) == [5 * MiB] + [2 * MiB] * 7 + [MiB]
+
+
+def test_configured_chunk_size_is_not_adapted(rig: Rig, tmp_path: Path) -> None:
+    source = source_for(tmp_path, data_of(20 * MiB))
+
+    rig.uploader(chunk_size=4 * MiB, clock=lambda: 0.0).upload(REPO, source)
+
+    assert patch_sizes(rig.fake) == [4 * MiB] * 5
+
+
+@pytest.mark.parametrize(
+    ("on_break", "resent", "sessions"),
+    [
+        # distribution 3.x: GET status reports the kept bytes; nothing is sent twice.
+        pytest.param("keep", 0, 1, id="keeps the partial chunk"),
+        # acknowledged chunks kept, the partial one dropped: at most one chunk is lost.
+        pytest.param("drop", 7 * MiB, 1, id="drops the partial chunk"),
+        # distribution 2.8: the session is refused from then on; all of it is lost.
+        pytest.param("invalidate", 25 * MiB, 2, id="invalidates the session"),
+    ],
+)
+def test_cut_at_five_eighths_of_the_blob(
+    rig: Rig, tmp_path: Path, on_break: str, resent: int, sessions: int
+) -> None:
+    """Default chunks 8, 10, 10... MiB of a 40 MiB blob; the third is cut 7 MiB in (25 MiB)."""
+    rig.fake.on_break = on_break
+    rig.fake.breaks = [None, None, 7 * MiB]
+    data = data_of(40 * MiB)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(clock=lambda: 0.0).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    received = sum(r.received for r in rig.fake.calls())
+    assert received == len(data) + resent
+    assert result.bytes_sent == received
+    assert len(rig.fake.calls("POST")) == sessions
+    broken_at = next(i for i, r in enumerate(rig.fake.calls()) if not r.completed)
+    after = [(r.method, r.status) for r in rig.fake.calls()[broken_at + 1 :]]
+    if sessions == 1:
+        assert after[0] == ("GET", 204)
+        resumed = rig.fake.calls()[broken_at + 2]
+        assert resumed.headers["content-range"].startswith(f"{25 * MiB - resent}-")
+        assert received <= 1.25 * len(data)
+    else:
+        assert after[:3] == [("GET", 404), ("HEAD", 404), ("POST", 202)]
+
+
+def test_status_beyond_the_blob_starts_a_new_session(rig: Rig, tmp_path: Path) -> None:
+    rig.fake.breaks = [None, 1000]
+    rig.fake.status_range = lambda session: f"0-{10 * MiB}"  # more than the 3 MiB blob
+    source = source_for(tmp_path, data_of(3 * MiB))
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    assert len(rig.fake.calls("POST")) == 2
+
+
 # ---- sessions saved across restarts, and stopping between chunks --------------------------
 
 

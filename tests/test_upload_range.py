@@ -1,10 +1,18 @@
-"""``parse_range`` (the registry's ``Range`` header) and ``registry_limits`` (per-host chunks)."""
+"""``parse_range`` (the registry's ``Range`` header), ``registry_limits`` (per-host chunks) and
+``chunk_sizer`` (fixed or adaptive chunk sizes within those limits)."""
 
 from __future__ import annotations
 
 import pytest
 
-from imagepushd.registry.upload import ChunkLimits, MiB, parse_range, registry_limits
+from imagepushd.registry.upload import (
+    ChunkLimits,
+    ChunkSizer,
+    MiB,
+    chunk_sizer,
+    parse_range,
+    registry_limits,
+)
 
 
 @pytest.mark.parametrize(
@@ -81,3 +89,80 @@ def test_default_limits_allow_any_chunk() -> None:
     assert limits.minimum == 0
     assert limits.maximum is None
     assert limits.chunked is True
+
+
+def chunks_of(sizer: ChunkSizer, size: int, seconds_per_mib: float = 0.0) -> list[int]:
+    """The chunk sizes a whole blob gets, each chunk taking ``seconds_per_mib`` per MiB."""
+    sizes, offset = [], 0
+    while offset < size:
+        chunk = min(sizer.chunk, size - offset)
+        sizes.append(chunk)
+        sizer.observe(chunk, chunk / MiB * seconds_per_mib)
+        offset += chunk
+    return sizes
+
+
+def test_adaptive_grows_from_8_mib_to_a_quarter_of_the_blob() -> None:
+    # A fast link: each chunk at most doubles, and none exceeds 96/4 = 24 MiB, so a cut loses
+    # at most a quarter of the blob where the registry keeps acknowledged chunks.
+    sizer = chunk_sizer(96 * MiB, None, ChunkLimits())
+    assert sizer.adaptive
+    assert chunks_of(sizer, 96 * MiB) == [m * MiB for m in (8, 16, 24, 24, 24)]
+
+
+def test_adaptive_stops_at_64_mib_on_large_blobs() -> None:
+    sizer = chunk_sizer(1024 * MiB, None, ChunkLimits())
+    assert chunks_of(sizer, 1024 * MiB)[:6] == [m * MiB for m in (8, 16, 32, 64, 64, 64)]
+
+
+def test_adaptive_follows_a_slow_link_down_to_1_mib() -> None:
+    # 8 MiB took 8 s (1 MiB/s): the next chunk is what 2 s carry; at 0.25 MiB/s, the floor.
+    sizer = chunk_sizer(96 * MiB, None, ChunkLimits())
+    sizer.observe(8 * MiB, 8.0)
+    assert sizer.chunk == 2 * MiB
+    sizer.observe(2 * MiB, 8.0)
+    assert sizer.chunk == MiB
+    # ... and back up, at most doubling, when the link recovers.
+    sizer.observe(MiB, 0.001)
+    assert sizer.chunk == 2 * MiB
+
+
+def test_a_short_last_chunk_does_not_change_the_size() -> None:
+    sizer = chunk_sizer(96 * MiB, None, ChunkLimits())
+    sizer.observe(MiB, 100.0)  # less than the 8 MiB asked: the end of the blob
+    assert sizer.chunk == 8 * MiB
+
+
+def test_configured_chunk_size_is_fixed() -> None:
+    sizer = chunk_sizer(96 * MiB, 4 * MiB, ChunkLimits())
+    assert not sizer.adaptive
+    assert chunks_of(sizer, 96 * MiB, seconds_per_mib=10.0) == [4 * MiB] * 24
+
+
+@pytest.mark.parametrize(
+    ("host", "size", "expected"),
+    [
+        ("ghcr.io", 96 * MiB, [4 * MiB] * 24),  # the registry's maximum wins
+        # ECR's 5 MiB minimum raises the floor above a quarter of a 12 MiB blob.
+        ("123456789012.dkr.ecr.us-east-1.amazonaws.com", 12 * MiB, [5 * MiB, 5 * MiB, 2 * MiB]),
+        ("127.0.0.1:5000", 20 * MiB, [5 * MiB] * 4),  # a quarter of the blob from the start
+    ],
+)
+def test_adaptive_within_registry_limits(host: str, size: int, expected: list[int]) -> None:
+    assert chunks_of(chunk_sizer(size, None, registry_limits(host)), size) == expected
+
+
+def test_adaptive_respects_the_announced_minimum_and_the_part_count() -> None:
+    assert chunk_sizer(96 * MiB, None, ChunkLimits(), announced_min=32 * MiB).chunk == 32 * MiB
+    huge = 4000 * 64 * MiB * 2  # 4000 parts of 64 MiB would not cover it
+    assert chunk_sizer(huge, None, ChunkLimits()).chunk == -(-huge // 4000)
+
+
+def test_shrink_halves_and_keeps_later_chunks_that_small() -> None:
+    sizer = chunk_sizer(96 * MiB, None, ChunkLimits())
+    assert sizer.shrink() and sizer.chunk == 4 * MiB
+    sizer.observe(4 * MiB, 0.0)
+    assert sizer.chunk == 4 * MiB
+    while sizer.shrink():
+        pass
+    assert sizer.chunk == 256 << 10  # the floor

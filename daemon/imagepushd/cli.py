@@ -42,7 +42,7 @@ from imagepushd.reference import Reference, parse_reference
 from imagepushd.registry import login as registry_login
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import Credentials, CredentialStore
-from imagepushd.registry.upload import DEFAULT_CHUNK_SIZE, BlobUploader
+from imagepushd.registry.upload import BlobUploader
 from imagepushd.service import Service, plan_preview
 from imagepushd.state import OPEN_STATUSES, State
 from imagepushd.units import human_size, parse_size
@@ -664,8 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument(
         "--chunk-size",
         type=_size,
-        default=DEFAULT_CHUNK_SIZE,
-        help="upload chunk size (default 64MiB)",
+        default=None,
+        help="upload chunk size; blobs up to it go in one PUT (default: adaptive)",
     )
     push.add_argument(
         "--concurrency", type=_positive, default=3, help="blobs in flight (default 3)"

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 
 from imagepushd.errors import ImagepushdError, UsageError
 from imagepushd.push import PlatformPolicy
-from imagepushd.registry.upload import DEFAULT_CHUNK_SIZE
 from imagepushd.rules import Glob, Rule, check_template
 from imagepushd.units import parse_duration, parse_size
 
@@ -53,7 +52,7 @@ class PushSettings:
 
     concurrency: int = 3
     parallel_images: int = 2
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_size: int | None = None  # None: adaptive (registry.upload.chunk_sizer)
     platforms: PlatformPolicy = field(default_factory=PlatformPolicy)
     on_start: str = "new-only"
     settle: float = 1.0

@@ -13,6 +13,8 @@ from tests.support.registry import Registry
 
 pytestmark = pytest.mark.e2e
 
+MiB = 1 << 20
+
 
 def test_records_are_complete_as_soon_as_the_client_has_its_answers(
     registry: Registry, proxy: FaultProxy
@@ -45,3 +47,24 @@ def test_a_client_gone_mid_body_is_recorded_not_raised(
     assert patches, "the cut request was never recorded"
     [record] = patches
     assert (record.status, record.fault, record.received_bytes) == (0, "client-gone", 65536)
+
+
+def test_reset_at_total_cuts_where_the_bodies_add_up(registry: Registry, proxy: FaultProxy) -> None:
+    """Two 4 MiB PATCHes and a cut at 6 MiB: the second is cut 2 MiB in, once."""
+    rule = proxy.reset_at_total(6 * MiB)
+    body = bytes(4 * MiB)
+    with httpx.Client(base_url=f"http://{proxy.host}", timeout=30) as client:
+        started = client.post("/v2/cut/blobs/uploads/", headers={"Content-Length": "0"})
+        first = client.patch(started.headers["location"], content=body)
+        assert first.status_code == 202
+        with pytest.raises(httpx.TransportError):
+            client.patch(first.headers["location"], content=body)
+        again = client.post("/v2/cut/blobs/uploads/", headers={"Content-Length": "0"})
+        assert client.patch(again.headers["location"], content=body).status_code == 202
+    patches = proxy.requests("PATCH")
+    assert [(r.status, r.body_bytes, r.fault) for r in patches] == [
+        (202, 4 * MiB, None),
+        (0, 2 * MiB, "reset"),
+        (202, 4 * MiB, None),
+    ]
+    assert (rule.fired, rule.counted) == (1, 12 * MiB)

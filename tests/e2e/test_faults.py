@@ -109,6 +109,57 @@ def test_reset_in_the_middle_of_a_patch_body(
     print(f"PATCH reset at 9.5 MiB: {sent / big.size:.3f} x the blob size forwarded")
 
 
+def test_default_chunks_and_a_cut_at_five_eighths_of_the_layer(
+    containerd: Containerd,
+    registry: Registry,
+    proxy: FaultProxy,
+    image_builder: ImageBuilder,
+    tmp_path: Path,
+) -> None:
+    """Default (adaptive) chunks of a 40 MiB layer, the connection cut 25 MiB into it.
+
+    The chunks start at 8 MiB and stay within a quarter of the layer. distribution 2.8 then
+    refuses the cut session (404 BLOB_UPLOAD_INVALID: it kept the partial bytes, which its
+    signed ``_state`` does not cover), so the 25 MiB sent into it are lost whatever the chunk
+    size, and the least any client can send is 25 + 40 MiB (1.625x; a registry that reports
+    what it kept, like distribution 3.x, would cost 1.0x, see tests/test_upload.py). Checked:
+    exactly that, in one new session, nothing more.
+    """
+    b = image_builder
+    size = 40 * MiB
+    big = b.layer_file(tmp_path / "big.layer", size, "adaptive/big")
+    root = b.manifest([big, b.layer(1000, "adaptive/small")])
+    load(containerd, b, tmp_path, "example.com/adaptive:1", root)
+    cut = size * 5 // 8
+    rule = proxy.reset_at_total(cut, method="PATCH")
+
+    outcome = push(containerd, "example.com/adaptive:1", f"{proxy.host}/adaptive:1", home=tmp_path)
+
+    records = proxy.records
+    log = describe(records)
+    assert outcome.code == 0, outcome.stderr + log
+    assert outcome.result["digest"] == root.digest
+    registry.verify_image("adaptive:1", root.digest, tmp_path)
+    assert rule.fired == 1
+    patches = sorted(proxy.requests("PATCH"), key=lambda r: r.started)
+    sessions = list(dict.fromkeys(r.path for r in patches))
+    assert len(sessions) == 2, log
+    for session in sessions:
+        chunks = [r.received_bytes for r in patches if r.path == session and r.status == 202]
+        assert chunks[0] == 8 * MiB, log
+        assert max(chunks) <= size // 4, log
+    reset = next(r for r in records if r.fault == "reset")
+    following = [r for r in records if r.started > reset.answered and r.path == reset.path]
+    assert [(r.method, r.status) for r in following] == [("GET", 404)], log
+    sent = proxy.body_bytes("PATCH") + proxy.body_bytes("PUT", big.hex)
+    print(
+        f"adaptive chunks, cut at {cut / MiB:.0f} of {size / MiB:.0f} MiB: {sent / MiB:.1f} MiB "
+        f"sent = {sent / size:.3f} x the layer; chunks {[r.body_bytes // MiB for r in patches]}"
+    )
+    assert proxy.body_bytes("PATCH", sessions[1]) == size
+    assert sent == cut + size
+
+
 def test_reset_before_any_patch_byte_resumes_the_session(
     containerd: Containerd,
     registry: Registry,

@@ -242,6 +242,7 @@ class Session:
     hasher: Any = field(default_factory=hashlib.sha256)
     size: int = 0
     before: int = 0  # size before the last PATCH
+    invalid: bool = False  # distribution 2.8 after a cut: every request is refused
 
     def append(self, data: bytes) -> None:
         self.hasher.update(data)
@@ -283,6 +284,10 @@ class FakeRegistry:
     - ``chunked`` and ``refuse_chunked_status``: False refuses any ``Content-Range`` PATCH;
     - ``breaks``: for each next PATCH or PUT with a body, None or the number of its bytes to keep
       before the connection breaks with ``break_error``;
+    - ``on_break``: what the session makes of those bytes: ``"keep"`` (distribution 3.x: they
+      count, GET status reports them), ``"drop"`` (discarded: the session stays at its last
+      acknowledged size), ``"invalidate"`` (distribution 2.8: kept on disk but out of step with
+      the signed state, so every later request on the session gets 404 BLOB_UPLOAD_INVALID);
     - ``mount_status``: answer mount attempts with this error status;
     - ``auth``: a :class:`FakeTokenServer` whose tokens are required (Bearer);
     - ``hooks``: called with each request first; a response they return is the answer.
@@ -313,6 +318,7 @@ class FakeRegistry:
         self.refuse_chunked_status = 405
         self.breaks: list[int | None] = []
         self.break_error: type[httpx.TransportError] = httpx.ReadError
+        self.on_break = "keep"
         self.mount_status: int | None = None
         self.ping_headers: dict[str, str] = {}
         self._serial = itertools.count(1)
@@ -375,6 +381,8 @@ class FakeRegistry:
             session = self.sessions.get(uuid)
             if session is None or session.repository != repo:
                 return error(404, "BLOB_UPLOAD_UNKNOWN")
+            if session.invalid:
+                return error(404, "BLOB_UPLOAD_INVALID")
             if request.method == "PATCH":
                 return self._patch(request, rec, session)
             if request.method == "PUT":
@@ -478,11 +486,16 @@ class FakeRegistry:
         received = 0
         stream = request.stream
         assert isinstance(stream, Iterable)
+        acknowledged = (session.hasher.copy(), session.size)
         for piece in stream:
             if keep is not None and received + len(piece) >= keep:
                 part = piece[: keep - received]
                 session.append(part)
                 rec.received += len(part)
+                if self.on_break == "drop":
+                    session.hasher, session.size = acknowledged
+                elif self.on_break == "invalidate":
+                    session.invalid = True
                 raise self.break_error(f"connection reset after {keep} body bytes")
             session.append(piece)
             received += len(piece)

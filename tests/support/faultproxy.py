@@ -13,6 +13,8 @@ fires wins, and every rule counts the requests its filter matches even when anot
 - :meth:`FaultProxy.reset_body`: forward only ``after`` bytes of the n-th matching request's
   body, then close the upstream connection (the registry sees a truncated request) and reset
   the client connection (TCP RST);
+- :meth:`FaultProxy.reset_at_total`: the same cut, placed by the bodies of all matching
+  requests together (``Content-Length``): "60 MiB into the upload", whatever its chunks;
 - :meth:`FaultProxy.fail_randomly`: answer 500/502/503 to a fraction of requests, from a
   seeded RNG, without forwarding them;
 - :meth:`FaultProxy.respond`: answer a fixed status (e.g. 429 with ``Retry-After``) to the
@@ -131,6 +133,10 @@ class Rule:
     challenge: bool = False
     #: ``reset``: body bytes to forward before resetting.
     after: int = 0
+    #: ``reset`` once: at this many body bytes of all matching requests (sets ``after``).
+    total: int | None = None
+    #: Body bytes (``Content-Length``) of the matching requests seen so far.
+    counted: int = 0
     #: Requests that matched the filter so far.
     seen: int = 0
     #: Times the rule fired.
@@ -385,6 +391,13 @@ class FaultProxy:
         """
         return self.add_rule(Rule("reset", method=method, match=match, nth=nth, after=after))
 
+    def reset_at_total(
+        self, total: int, *, method: str | None = "PATCH", match: str | None = None
+    ) -> Rule:
+        """Cut (as :meth:`reset_body`) the matching request during which the bodies of all
+        matching requests so far pass ``total`` bytes; once."""
+        return self.add_rule(Rule("reset", method=method, match=match, total=total))
+
     def fail_randomly(
         self,
         fraction: float,
@@ -445,7 +458,7 @@ class FaultProxy:
             Rule("respond", method=method, match=match, nth=nth, statuses=(401,), challenge=True)
         )
 
-    def _choose(self, method: str, uri: str) -> tuple[Rule | None, int]:
+    def _choose(self, method: str, uri: str, length: int) -> tuple[Rule | None, int]:
         """Count matches and pick the first rule that fires (and its status)."""
         chosen: Rule | None = None
         status = 0
@@ -454,8 +467,13 @@ class FaultProxy:
                 if not rule.matches(method, uri):
                     continue
                 rule.seen += 1
+                counted, rule.counted = rule.counted, rule.counted + length
                 if chosen is not None:
                     continue
+                if rule.total is not None:
+                    if rule.fired or counted + length <= rule.total:
+                        continue
+                    rule.after = rule.total - counted
                 if rule.nth is not None and rule.seen != rule.nth:
                     continue
                 if rule.first is not None and rule.seen > rule.first:
@@ -590,7 +608,8 @@ class FaultProxy:
             method, _, rest = head.start.partition(" ")
             target = rest.rsplit(" ", 1)[0]
             path, _, query = target.partition("?")
-            rule, status = self._choose(method, target)
+            length = head.get("content-length")
+            rule, status = self._choose(method, target, int(length) if length else 0)
             base = _Start(method, path, query, started)
             if rule is not None and rule.action == "respond":
                 answer = self._error_answer(method, status, rule)

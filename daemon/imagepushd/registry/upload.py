@@ -7,6 +7,13 @@ Bodies are streamed from file offsets in small reads, so memory does not grow wi
 Every byte is hashed as it is read for sending; the hash state is kept at the last offset the
 registry acknowledged, so resuming after a broken chunk rehashes at most the bytes the
 registry kept beyond it (read locally, never sent twice).
+
+What a broken chunk costs depends on the registry. distribution 3.x answers GET status with
+the bytes it really kept, so nothing is sent twice. distribution 2.8 keeps the partial bytes
+but refuses every later request on the session (its signed ``_state`` offset no longer matches
+the data: 404 ``BLOB_UPLOAD_INVALID``), so everything sent into that session is lost whatever
+the chunk size. Registries that keep acknowledged chunks and drop a partial one lose at most
+that chunk: which is what the adaptive chunk size (:class:`ChunkSizer`) bounds.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import enum
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,10 +41,21 @@ READ_SIZE = 256 << 10
 SESSION_ATTEMPTS = 3
 MAX_MOUNT_SOURCES = 3
 MAX_PARTS = 4000
-# Each PATCH costs a registry round trip; distribution fsyncs every chunk before answering
-# (~80 ms here), so 16 MiB chunks made 1 GiB pushes slower than ctr's single PUT. 64 MiB keeps
-# the round trips few while a stop or failure still loses at most one chunk.
-DEFAULT_CHUNK_SIZE = 64 * MiB
+# Adaptive chunks, used unless a chunk size is configured. Each PATCH costs a registry round
+# trip and distribution fsyncs every chunk before answering (~80 ms here), so fast links want
+# large chunks (fixed 16 MiB chunks made 1 GiB pushes slower than ctr's single PUT; 64 MiB did
+# not); a slow link or a cut wants small ones (a chunk is what a stop waits for and, on
+# registries that keep acknowledged chunks, the most a cut loses). So: start at 8 MiB, aim for
+# chunks that take 2 s at the throughput just seen, at most doubling, never above 64 MiB nor a
+# quarter of the blob (one lost chunk costs at most 25% more), never below 1 MiB. On a 1 GiB
+# push (bench/push.py) that was no slower than fixed 64 MiB chunks.
+ADAPTIVE_START = 8 * MiB
+ADAPTIVE_MAX = 64 * MiB
+ADAPTIVE_MIN = 1 * MiB
+ADAPTIVE_SECONDS = 2.0
+ADAPTIVE_PARTS = 4
+# Without a configured chunk size, blobs up to this size go in one PUT (a cut costs them all).
+MONOLITHIC_MAX = 16 * MiB
 OCTET_STREAM = "application/octet-stream"
 
 
@@ -106,6 +125,65 @@ def parse_range(value: str | None, own: int) -> int | None:
 def _push_scopes(repository: str) -> tuple[str, ...]:
     """The token scopes every upload request needs."""
     return (repository_scope(repository, "pull", "push"),)
+
+
+@dataclass
+class ChunkSizer:
+    """The size of each next chunk of one upload session.
+
+    Fixed when a chunk size is configured (``adaptive`` False); otherwise :meth:`observe`
+    sets each next chunk from the throughput of the last one, within ``[low, cap]``.
+    ``floor`` is the smallest chunk the registry takes (a 413 halves down to it).
+    """
+
+    chunk: int
+    cap: int
+    floor: int = 1
+    low: int = 1
+    adaptive: bool = False
+
+    def observe(self, sent: int, seconds: float) -> None:
+        """A chunk of ``sent`` bytes was acknowledged ``seconds`` after it was started."""
+        if not self.adaptive or sent < self.chunk:
+            return  # a short (last) chunk says little about the link
+        target = 2 * self.chunk
+        if seconds > 0:
+            target = min(target, int(sent / seconds * ADAPTIVE_SECONDS))
+        target -= target % READ_SIZE
+        self.chunk = min(self.cap, max(self.low, target))
+
+    def shrink(self) -> bool:
+        """Halve the chunk (and keep later ones that small) after a 413; False at the floor."""
+        if self.chunk <= self.floor:
+            return False
+        self.chunk = self.cap = max(self.floor, self.chunk // 2)
+        self.low = min(self.low, self.chunk)
+        return True
+
+
+def chunk_sizer(
+    size: int, configured: int | None, limits: ChunkLimits, announced_min: int = 0
+) -> ChunkSizer:
+    """The chunk sizes for a blob of ``size`` bytes: ``configured``, or adaptive when None.
+
+    Registry bounds apply to both: at least the registry's (or announced) minimum and enough
+    to stay under ``MAX_PARTS`` parts; at most the registry's maximum, which wins.
+    """
+    minimum = max(limits.minimum, announced_min, -(-size // MAX_PARTS), 1)
+    maximum = limits.maximum
+
+    def bounded(value: int) -> int:
+        value = max(value, minimum)
+        return max(1, value if maximum is None else min(value, maximum))
+
+    floor = bounded(max(limits.minimum, announced_min, 256 << 10))
+    if configured is not None:
+        chunk = bounded(configured)
+        return ChunkSizer(chunk=chunk, cap=chunk, floor=min(floor, chunk))
+    cap = bounded(min(ADAPTIVE_MAX, -(-size // ADAPTIVE_PARTS)))
+    low = min(bounded(ADAPTIVE_MIN), cap)
+    start = min(bounded(ADAPTIVE_START), cap)
+    return ChunkSizer(chunk=start, cap=cap, floor=min(floor, start), low=low, adaptive=True)
 
 
 class _SessionSignal(Exception):
@@ -218,25 +296,32 @@ class SessionStore(Protocol):
 class BlobUploader:
     """Uploads blobs to one registry with bounded memory; safe to share between threads.
 
-    ``sessions`` persists chunked sessions across restarts; ``should_stop`` is polled between
-    chunks so a stopping daemon leaves a resumable session instead of a half-sent chunk.
+    ``chunk_size`` None (the default) means adaptive chunks (:func:`chunk_sizer`) and one PUT
+    for blobs up to ``MONOLITHIC_MAX``; a configured size is used as it is, and blobs up to it
+    go in one PUT. ``sessions`` persists chunked sessions across restarts; ``should_stop`` is
+    polled between chunks so a stopping daemon leaves a resumable session instead of a
+    half-sent chunk; ``clock`` times chunks for the adaptive size.
     """
 
     def __init__(
         self,
         client: RegistryClient,
         *,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
         monolithic_max: int | None = None,
         sessions: SessionStore | None = None,
         should_stop: Callable[[], bool] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.sessions = sessions
         self._should_stop = should_stop or (lambda: False)
+        self.clock = clock
         self._limits = registry_limits(client.host)
         self._chunk_size = chunk_size
-        self._monolithic_max = chunk_size if monolithic_max is None else monolithic_max
+        if monolithic_max is None:
+            monolithic_max = MONOLITHIC_MAX if chunk_size is None else chunk_size
+        self._monolithic_max = monolithic_max
 
     def upload(
         self,
@@ -409,15 +494,15 @@ class BlobUploader:
             location = self.client.session_url(response)
         self._close(repository, transfer, location)
 
-    def _chunk_for(self, transfer: _Transfer, response: httpx.Response | None) -> int:
-        chunk = self._chunk_size
+    def _sizer_for(self, transfer: _Transfer, response: httpx.Response | None) -> ChunkSizer:
         headers = response.headers if response is not None else {}
         announced = headers.get("oci-chunk-min-length", "")
-        minimum = max(self._limits.minimum, int(announced) if announced.isdigit() else 0)
-        chunk = max(chunk, minimum, -(-transfer.size // MAX_PARTS))
-        if self._limits.maximum is not None:
-            chunk = min(chunk, self._limits.maximum)
-        return max(chunk, 1)
+        return chunk_sizer(
+            transfer.size,
+            self._chunk_size,
+            self._limits,
+            int(announced) if announced.isdigit() else 0,
+        )
 
     def _chunked(
         self,
@@ -429,11 +514,10 @@ class BlobUploader:
     ) -> None:
         client = self.client
         session = _ChunkSession(
-            self, repository, transfer, location, self._chunk_for(transfer, start)
+            self, repository, transfer, location, self._sizer_for(transfer, start)
         )
         # A saved session starts by asking the registry where it stands.
         session.resync = resuming
-        floor = max(self._limits.minimum, 256 << 10)
         range_errors = 0
         first = not resuming
         while session.acked < transfer.size:
@@ -446,9 +530,8 @@ class BlobUploader:
                     f"{client.host}: upload {transfer.descriptor.digest}", session.next_chunk
                 )
             except RegistryError as exc:
-                if exc.status == 413 and session.chunk > floor:
-                    session.chunk = max(floor, session.chunk // 2)
-                    log.info("%s: chunk too large, now %d bytes", client.host, session.chunk)
+                if exc.status == 413 and session.sizer.shrink():
+                    log.info("%s: chunk too large, now %d bytes", client.host, session.sizer.chunk)
                     continue
                 if exc.status == 416:
                     range_errors += 1
@@ -509,31 +592,56 @@ class _ChunkSession:
         repository: str,
         transfer: _Transfer,
         location: httpx.URL,
-        chunk: int,
+        sizer: ChunkSizer,
     ) -> None:
         self._uploader = uploader
         self._client = uploader.client
         self._repository = repository
         self._transfer = transfer
         self.location = location
-        self.chunk = chunk
+        self.sizer = sizer
         self.acked = 0
         self.snapshot = transfer.new_hasher()
         self.resync = False
 
+    def resume(self) -> None:
+        """Continue where the registry says the session stands: the one place a resume happens.
+
+        Bytes the registry kept beyond our acknowledged offset are hashed from the local file,
+        not sent again; a session it can no longer continue raises :class:`_RestartSession`.
+        """
+        transfer = self._transfer
+        acked = self.acked
+        self.location, offset = self._uploader.status(self._repository, self.location, acked)
+        if offset > transfer.size:
+            raise _RestartSession(
+                RegistryError(
+                    f"{self._client.host}: upload session of {transfer.descriptor.digest} "
+                    f"reports {offset} bytes, more than the blob's {transfer.size}"
+                )
+            )
+        self.snapshot = transfer.hasher_at(offset, acked, self.snapshot)
+        self.acked = offset
+        self.resync = False
+        log.info(
+            "%s: upload of %s resumes at %d bytes (acknowledged %d)",
+            self._client.host,
+            transfer.descriptor.digest,
+            offset,
+            acked,
+        )
+
     def next_chunk(self) -> None:
         """Send the next chunk, first asking the registry where it stands after a failure."""
         transfer = self._transfer
-        offset, hasher = self.acked, self.snapshot
         if self.resync:
-            self.location, offset = self._uploader.status(self._repository, self.location, offset)
-            hasher = transfer.hasher_at(offset, self.acked, self.snapshot)
-            self.acked, self.snapshot = offset, hasher
-            self.resync = False
-            if offset >= transfer.size:
+            self.resume()
+            if self.acked >= transfer.size:
                 return  # the registry kept everything: only the closing PUT is left
-        end = min(offset + self.chunk, transfer.size)
+        offset, hasher = self.acked, self.snapshot
+        end = min(offset + self.sizer.chunk, transfer.size)
         body = _Body(transfer, offset, end, hasher, verify_at_end=False)
+        started = self._uploader.clock()
         try:
             response = self._client.send(
                 "PATCH",
@@ -551,6 +659,7 @@ class _ChunkSession:
         except RegistryError:
             self.resync = True
             raise
+        self.sizer.observe(end - offset, self._uploader.clock() - started)
         if response.headers.get("location"):
             self.location = self._client.session_url(response)
         reported = parse_range(response.headers.get("range"), offset)
