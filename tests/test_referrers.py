@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,13 @@ from imagepushd.push import Pusher
 from imagepushd.reference import parse_reference
 from imagepushd.referrers import (
     ReferrerFinder,
+    ReferrersResult,
     fallback_tag,
     merge_index,
     push_referrers,
     repush_jobs,
 )
+from imagepushd.registry.client import RegistryClient
 from imagepushd.registry.upload import BlobUploader
 from imagepushd.rules import Glob, Rule
 from imagepushd.state import Pushed
@@ -203,13 +206,13 @@ def test_a_manifest_outside_the_namespace_or_absent_is_not_read(
     finder = ReferrerFinder(store_with(tmp_path, b, app))  # bom's manifest file is absent
     assert finder.referrers(snap, "default", app.digest) == []
     # Once the file is there it is found: absence is not remembered.
-    store_with(tmp_path, b, bom)
+    store = store_with(tmp_path, b, bom)
     assert [r.descriptor.digest for r in finder.referrers(snap, "default", app.digest)] == [
         bom.digest
     ]
     # A namespace whose blob records lack the manifest does not see it.
     hidden = MetadataSnapshot(1, 3, ("default",), snap.images, {"default": {}})
-    assert ReferrerFinder(finder._content).referrers(hidden, "default", app.digest) == []
+    assert ReferrerFinder(store).referrers(hidden, "default", app.digest) == []
 
 
 # ---------------------------------------------------------------------- the tag-schema index
@@ -327,132 +330,117 @@ class Manifests:
         return httpx.Response(200, json=body, headers={"Content-Type": OCI_INDEX})
 
 
-def pushed_subject(
-    tmp_path: Path, b: ImageBuilder, api: bool
-) -> tuple[FakeRegistry, Manifests, Pusher, ContentStore, MetadataSnapshot, Blob, dict[str, Blob]]:
+@dataclass
+class Setup:
+    """An image with a cosign signature and an SBOM in a content store, and a fake registry."""
+
+    fake: FakeRegistry
+    manifests: Manifests
+    client: RegistryClient
+    store: ContentStore
+    snap: MetadataSnapshot
+    app: Blob
+    sig: Blob
+    bom: Blob
+
+    def push(self, target: str = f"{HOST}/mirror/app:1", **kwargs: Any) -> ReferrersResult:
+        """Push the referrers of ``app`` (found as the daemon finds them) next to ``target``."""
+        found = ReferrerFinder(self.store).referrers(
+            self.snap, "default", self.app.digest, "team/app"
+        )
+        return push_referrers(
+            found,
+            content=self.store,
+            known=self.snap.blobs["default"],
+            pusher=Pusher(self.store, self.client, BlobUploader(self.client)),
+            client=self.client,
+            target=parse_reference(target),
+            subject=self.app.digest,
+            **kwargs,
+        )
+
+
+def setup(tmp_path: Path, b: ImageBuilder, *, api: bool) -> Setup:
     app = b.image([100], "app")
-    hex_ = app.digest.removeprefix("sha256:")
+    sig, bom = signature(b, app, "s"), sbom(b, app, "bom")
     images = {
         "example.com/team/app:1": app,
-        f"example.com/team/app:sha256-{hex_}.sig": signature(b, app, "s"),
-        f"example.com/team/app@sha256:{'0' * 64}": sbom(b, app, "bom"),
+        f"example.com/team/app:sha256-{app.digest.removeprefix('sha256:')}.sig": sig,
+        f"example.com/team/app@{bom.digest}": bom,
     }
     store = store_with(tmp_path, b, *images.values())
     fake = FakeRegistry(HOST)
     manifests = Manifests(fake, api=api)
-    client = make_client(Network(fake))
-    pusher = Pusher(store, client, BlobUploader(client))
-    return fake, manifests, pusher, store, snapshot(b, images), app, images
+    return Setup(
+        fake, manifests, make_client(Network(fake)), store, snapshot(b, images), app, sig, bom
+    )
 
 
 def test_a_registry_with_the_referrers_api_gets_no_fallback_tag(
     tmp_path: Path, image_builder: ImageBuilder
 ) -> None:
     b = image_builder
-    fake, manifests, pusher, store, snap, app, images = pushed_subject(tmp_path, b, api=True)
-    target = parse_reference(f"{HOST}/mirror/app:1")
-    found = ReferrerFinder(store).referrers(snap, "default", app.digest, "team/app")
+    s = setup(tmp_path, b, api=True)
     recorded: list[str] = []
 
-    result = push_referrers(
-        found,
-        content=store,
-        known=snap.blobs["default"],
-        pusher=pusher,
-        client=pusher._client,
-        target=target,
-        subject=app.digest,
-        on_pushed=lambda p: recorded.append(str(p.target)),
-    )
+    result = s.push(on_pushed=lambda p: recorded.append(str(p.target)))
 
-    sig_name = f"example.com/team/app:sha256-{app.digest.removeprefix('sha256:')}.sig"
-    bom = images[f"example.com/team/app@sha256:{'0' * 64}"]
+    tag = f"sha256-{s.app.digest.removeprefix('sha256:')}.sig"
     assert result.api is True and result.index is None
     assert sorted(recorded) == sorted(
-        [f"{HOST}/mirror/app:{sig_name.rpartition(':')[2]}", f"{HOST}/mirror/app@{bom.digest}"]
+        [f"{HOST}/mirror/app:{tag}", f"{HOST}/mirror/app@{s.bom.digest}"]
     )
-    assert sorted(manifests.puts) == sorted(
-        [f"mirror/app:{sig_name.rpartition(':')[2]}", f"mirror/app:{bom.digest}"]
-    )
-    for blob in b.blobs_of(bom)[1:] + b.blobs_of(images[sig_name])[1:]:
-        assert fake.has_blob("mirror/app", blob.digest)
-    assert not any(p.endswith(fallback_tag(app.digest)) for p in manifests.puts)
+    assert sorted(s.manifests.puts) == sorted([f"mirror/app:{tag}", f"mirror/app:{s.bom.digest}"])
+    for blob in b.blobs_of(s.bom)[1:] + b.blobs_of(s.sig)[1:]:
+        assert s.fake.has_blob("mirror/app", blob.digest)
 
 
 def test_a_registry_without_it_gets_the_fallback_index_merged(
     tmp_path: Path, image_builder: ImageBuilder
 ) -> None:
-    b = image_builder
-    _fake, manifests, pusher, store, snap, app, images = pushed_subject(tmp_path, b, api=False)
-    target = parse_reference(f"{HOST}/mirror/app:1")
-    tag = fallback_tag(app.digest)
+    s = setup(tmp_path, image_builder, api=False)
+    tag = fallback_tag(s.app.digest)
     theirs = {"mediaType": OCI_MANIFEST, "digest": "sha256:" + "e" * 64, "size": 5}
     existing = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [theirs]}
-    manifests.stored[("mirror/app", tag)] = (OCI_INDEX, json.dumps(existing).encode())
-    found = ReferrerFinder(store).referrers(snap, "default", app.digest, "team/app")
+    s.manifests.stored[("mirror/app", tag)] = (OCI_INDEX, json.dumps(existing).encode())
 
-    def run() -> Any:
-        return push_referrers(
-            found,
-            content=store,
-            known=snap.blobs["default"],
-            pusher=pusher,
-            client=pusher._client,
-            target=target,
-            subject=app.digest,
-        )
+    result = s.push()
 
-    result = run()
-
-    bom = images[f"example.com/team/app@sha256:{'0' * 64}"]
     assert result.api is False
     assert str(result.index) == f"{HOST}/mirror/app:{tag}"
-    media_type, data = manifests.stored[("mirror/app", tag)]
+    media_type, data = s.manifests.stored[("mirror/app", tag)]
     assert media_type == OCI_INDEX
     assert json.loads(data)["manifests"] == [
         theirs,
         {
             "mediaType": OCI_MANIFEST,
-            "digest": bom.digest,
-            "size": bom.size,
+            "digest": s.bom.digest,
+            "size": s.bom.size,
             "artifactType": SPDX,
             "annotations": {"org.example.seed": "bom"},
         },
     ]
     # The tag-schema index goes after the referrer it lists.
-    assert manifests.puts.index(f"mirror/app:{tag}") > manifests.puts.index(
-        f"mirror/app:{bom.digest}"
-    )
+    puts = s.manifests.puts
+    assert puts.index(f"mirror/app:{tag}") > puts.index(f"mirror/app:{s.bom.digest}")
     # Again: everything is there, nothing is written.
-    puts = len(manifests.puts)
-    again = run()
+    before = len(puts)
+    again = s.push()
     assert again.index is None and all(p.result.up_to_date for p in again.pushed)
-    assert len(manifests.puts) == puts
+    assert len(puts) == before
 
 
 def test_a_referrer_with_missing_content_fails_after_the_others(
     tmp_path: Path, image_builder: ImageBuilder
 ) -> None:
-    b = image_builder
-    _fake, manifests, pusher, store, snap, app, images = pushed_subject(tmp_path, b, api=False)
-    bom = images[f"example.com/team/app@sha256:{'0' * 64}"]
-    layer = bom.json()["layers"][0]["digest"]
-    store.path(layer).unlink()
-    found = ReferrerFinder(store).referrers(snap, "default", app.digest, "team/app")
+    s = setup(tmp_path, image_builder, api=False)
+    s.store.path(s.bom.json()["layers"][0]["digest"]).unlink()
 
     with pytest.raises(MissingContentError):
-        push_referrers(
-            found,
-            content=store,
-            known=snap.blobs["default"],
-            pusher=pusher,
-            client=pusher._client,
-            target=parse_reference(f"{HOST}/mirror/app:1"),
-            subject=app.digest,
-        )
+        s.push()
 
     # The signature went; the incomplete SBOM and therefore the index did not.
-    assert [p.rpartition(":")[2].endswith(".sig") for p in manifests.puts] == [True]
+    assert [p.endswith(".sig") for p in s.manifests.puts] == [True]
 
 
 # ---------------------------------------------------------------------- re-push jobs
