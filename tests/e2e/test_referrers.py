@@ -22,6 +22,7 @@ from tests.support.cli import Outcome, run_cli
 from tests.support.containerd import Containerd
 from tests.support.daemon import Daemon, render_config
 from tests.support.images import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Blob, ImageBuilder
+from tests.support.process import wait_until
 from tests.support.registry import Registry
 
 pytestmark = pytest.mark.e2e
@@ -353,3 +354,29 @@ def test_daemon_rule_without_referrers_pushes_only_the_image(
     assert once.returncode == 0, once.stderr
     check_not_pushed(registry, image_builder, signed, "mirror/app")
     assert daemon.status()["pushed_count"] == 1
+
+
+def test_running_daemon_pushes_a_signature_tagged_after_its_image(
+    containerd: Containerd,
+    registry: Registry,
+    daemon: Daemon,
+    image_builder: ImageBuilder,
+    tmp_path: Path,
+) -> None:
+    """The build tags the image, the daemon pushes it; then the signature is tagged."""
+    b = image_builder
+    app = b.image([3000], "referrers/late")
+    sig = cosign_signature(b, app, "example.com/team/app")
+    load(containerd, b, tmp_path, {"build/app:1": app, "build/app:sig": sig})
+    configure(daemon, containerd, registry.host, referrers=True)
+    daemon.start()
+    daemon.wait_notify("READY", "1")
+
+    containerd.tag("build/app:1", SOURCE)
+    assert wait_until(lambda: registry.tags("mirror/app") == ["1"], timeout=10)
+    registry.verify_image("mirror/app:1", app.digest)
+    containerd.tag("build/app:sig", f"example.com/team/app:{cosign_tag(app)}")
+
+    assert wait_until(lambda: len(registry.tags("mirror/app")) == 2, timeout=10)
+    registry.verify_image(f"mirror/app:{cosign_tag(app)}", sig.digest, tmp_path / "pull")
+    daemon.wait_log("again for a new referrer")
