@@ -142,11 +142,15 @@ class ReferrerFinder:
             if target.digest in self._refers:
                 return self._refers[target.digest]
         try:
-            refers = _refers(self._content.read_bytes(target, MAX_MANIFEST_SIZE), target)
+            data = self._content.read_bytes(target, MAX_MANIFEST_SIZE)
         except ImagepushdError as exc:
             # Absent or unreadable now (maybe later): not remembered, and not a referrer today.
             log.debug("%s: not read for referrers: %s", target.digest, exc)
             return None
+        try:
+            refers = _refers(data, target)
+        except ManifestError:
+            refers = None  # verified bytes that are not a JSON object never will be
         with self._lock:
             self._refers[target.digest] = refers
         return refers
