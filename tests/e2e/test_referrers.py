@@ -280,6 +280,36 @@ def test_push_without_referrers_pushes_only_the_image(
     check_not_pushed(registry, image_builder, signed, "mirror/app")
 
 
+def test_referrers_of_an_index_reduced_by_the_platform_policy_are_refused(
+    containerd: Containerd, registry: Registry, image_builder: ImageBuilder, tmp_path: Path
+) -> None:
+    """The target gets a reduced index, a digest the signature does not name: one-line error."""
+    b = image_builder
+    amd = b.image([1000], "reduced/amd")
+    arm = b.image([1000], "reduced/arm", architecture="arm64")
+    index = b.index([amd, arm])
+    sig = cosign_signature(b, index, "example.com/team/app")
+    load(containerd, b, tmp_path, {SOURCE: index, f"example.com/team/app:{cosign_tag(index)}": sig})
+
+    outcome = push(
+        containerd,
+        f"{registry.host}/mirror/app:1",
+        "--referrers",
+        "--platform",
+        "linux/amd64",
+        home=tmp_path,
+    )
+
+    assert outcome.code == 1
+    [line] = outcome.error_lines
+    assert line.startswith("imagepushd: error: --referrers: ")
+    assert f"not {index.digest}, which the referrers refer to" in line
+    reduced = registry.skopeo_inspect_digest("mirror/app:1")
+    assert reduced != index.digest
+    registry.verify_image("mirror/app:1", reduced, tmp_path / "pull")
+    assert registry.tags("mirror/app") == ["1"]
+
+
 # ---------------------------------------------------------------------- the daemon
 
 
