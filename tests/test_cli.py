@@ -210,3 +210,9 @@ def test_images_json_rows_are_json_dumps_of_the_rows():
         ]
         for row in rows:
             assert _image_json(record, row) == json.dumps(_image_row(record, row))
+
+
+def test_referrers_with_an_archive_is_a_usage_error(tmp_path: Path):
+    code, _, err = cli("push", "--archive", str(tmp_path / "x.tar"), "r.test/app:1", "--referrers")
+    assert code == 2
+    assert_one_line(err, "--referrers reads them from containerd; not with --archive")

@@ -16,9 +16,10 @@ from imagepushd.errors import (
     RegistryConnectionError,
     RegistryError,
 )
-from imagepushd.oci import OCI_MANIFEST, Descriptor
+from imagepushd.oci import OCI_INDEX, OCI_MANIFEST, Descriptor
 from imagepushd.registry.client import RegistryClient, is_loopback
 from imagepushd.registry.credentials import Credentials
+from imagepushd.registry.retry import RetryPolicy
 from tests.support.fakeregistry import (
     FakeRegistry,
     FakeTokenServer,
@@ -433,6 +434,51 @@ def test_manifest_digest_head(clients: Callable[..., RegistryClient]) -> None:
 
     assert client.manifest_digest(REPO, "v1", [OCI_MANIFEST]) == digest
     assert client.manifest_digest(REPO, "v2", [OCI_MANIFEST]) is None
+
+
+def test_manifest_get_returns_media_type_and_exact_bytes(
+    clients: Callable[..., RegistryClient],
+) -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        assert request.method == "GET"
+        assert request.headers["accept"] == OCI_INDEX
+        if request.url.path.endswith("/v1"):
+            return httpx.Response(
+                200, content=MANIFEST, headers={"Content-Type": f"{OCI_INDEX}; charset=utf-8"}
+            )
+        return error(404, "MANIFEST_UNKNOWN")
+
+    client = clients(ping_ok(handle))
+
+    assert client.manifest_get(REPO, "v1", [OCI_INDEX]) == (OCI_INDEX, MANIFEST)
+    assert client.manifest_get(REPO, "v2", [OCI_INDEX]) is None
+
+
+def test_referrers_get(clients: Callable[..., RegistryClient]) -> None:
+    """200 with an index: the API exists; 404 (distribution 2.8's plain text): it does not."""
+    subject = "sha256:" + "a" * 64
+    listed = {"mediaType": OCI_MANIFEST, "digest": sha256_digest(MANIFEST), "size": 3}
+    answers = {
+        "api": httpx.Response(200, json={"schemaVersion": 2, "manifests": [listed]}),
+        "none": httpx.Response(404, text="404 page not found"),
+        "broken": httpx.Response(200, json={"schemaVersion": 2}),
+        "down": error(503, "UNAVAILABLE"),
+    }
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        repo, _, digest = request.url.path.removeprefix("/v2/").partition("/referrers/")
+        assert digest == subject and request.headers["accept"] == OCI_INDEX
+        return answers[repo]
+
+    client = clients(ping_ok(handle), policy=RetryPolicy(attempts=1))
+
+    assert client.referrers_get("api", subject) == (Descriptor(OCI_MANIFEST, listed["digest"], 3),)
+    assert client.referrers_get("none", subject) is None
+    with pytest.raises(ManifestError, match="without a manifests list"):
+        client.referrers_get("broken", subject)
+    with pytest.raises(RegistryError) as exc:
+        client.referrers_get("down", subject)
+    assert exc.value.status == 503
 
 
 # ---- blob existence and redirects ---------------------------------------------------------

@@ -36,6 +36,7 @@ targets = ["mirror.example.com/{repository}:{tag}", "{image}"]
 [[rule]]
 match = "**"
 target = "localhost:5000/{namespace}/{repository}:{tag}"
+referrers = true
 
 [registries."registry.example.com"]
 ca_file = "/etc/imagepushd/ca.pem"
@@ -59,6 +60,7 @@ def test_full_config():
     assert [g.pattern for g in first.exclude] == ["**:latest"]
     assert first.targets == ("mirror.example.com/{repository}:{tag}", "{image}")
     assert second.targets == ("localhost:5000/{namespace}/{repository}:{tag}",)
+    assert (first.referrers, second.referrers) == (False, True)
     registry = config.registry("registry.example.com")
     assert registry.password_credential == "robot-password" and registry.chunk_size == 8 << 20
     assert config.registry("other.io").plain_http is False
@@ -126,6 +128,10 @@ password_file = "/x"
             "rule[0] (line 1): set target or targets, not both",
         ),
         ("rule = 3", "rule (line 1): must be an array of tables"),
+        (
+            '[[rule]]\nmatch = "a/**"\nreferrers = "yes"',
+            "rule[0].referrers (line 3): must be a bool, not a string",
+        ),
         (
             "[containerd]\nnamespaces = [1]",
             "containerd.namespaces (line 2): must be a string or a list of strings",

@@ -37,8 +37,9 @@ from imagepushd.logs import configure_logging
 from imagepushd.notify import Notifier
 from imagepushd.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
 from imagepushd.progress import ProgressRenderer
-from imagepushd.push import PlatformPolicy, Pusher
+from imagepushd.push import PlatformPolicy, Pusher, PushResult
 from imagepushd.reference import Reference, parse_reference
+from imagepushd.referrers import ReferrerFinder, ReferrersResult, push_referrers
 from imagepushd.registry import login as registry_login
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import Credentials, CredentialStore
@@ -288,6 +289,8 @@ def cmd_push(args: argparse.Namespace, ctx: Context) -> int:
     """Push one image from containerd's content store (or an archive) to a registry."""
     policy = PlatformPolicy.parse(args.platform)
     if args.archive is not None:
+        if args.referrers:
+            raise UsageError("--referrers reads them from containerd; not with --archive")
         return _push_archive(args, ctx, policy)
     store = _Store(args, ctx)
     namespace = _namespace(args, ctx)
@@ -303,8 +306,35 @@ def cmd_push(args: argparse.Namespace, ctx: Context) -> int:
         blob = blobs.get(descriptor.digest)
         return blob.sources_on(target.registry) if blob is not None else []
 
+    def referrers(pusher: Pusher, client: RegistryClient, result: PushResult) -> ReferrersResult:
+        if result.digest != record.target.digest:
+            raise ImagepushdError(
+                f"--referrers: {target} now holds {result.digest} (platform policy {policy}), "
+                f"not {record.target.digest}, which the referrers refer to"
+            )
+        source = parse_reference(record.name, default_tag=None)
+        found = ReferrerFinder(store.content).referrers(
+            snap, namespace, record.target.digest, source.repository
+        )
+        return push_referrers(
+            found,
+            content=store.content,
+            known=blobs,
+            pusher=pusher,
+            client=client,
+            target=target,
+            subject=record.target.digest,
+        )
+
     return _push_graph(
-        args, ctx, store.content, graph, target=target, policy=policy, mount_sources=mount_sources
+        args,
+        ctx,
+        store.content,
+        graph,
+        target=target,
+        policy=policy,
+        mount_sources=mount_sources,
+        referrers=referrers if args.referrers else None,
     )
 
 
@@ -330,8 +360,9 @@ def _push_graph(
     target: Reference,
     policy: PlatformPolicy,
     mount_sources: Callable[[Descriptor], Sequence[str]] = lambda d: (),
+    referrers: Callable[[Pusher, RegistryClient, PushResult], ReferrersResult] | None = None,
 ) -> int:
-    """Push ``graph`` from ``content`` to ``target`` and print the result."""
+    """Push ``graph`` from ``content`` to ``target`` (then ``referrers``) and print the result."""
     settings = HostSettings(plain_http=args.plain_http, ca_file=args.ca_file)
     credentials = _credentials(args, ctx, target.registry)
     renderer = None if args.json else ProgressRenderer(ctx.stderr, ctx.stderr.isatty())
@@ -340,11 +371,15 @@ def _push_graph(
         pusher = Pusher(content, client, uploader, concurrency=args.concurrency, on_event=renderer)
         try:
             result = pusher.push(graph, target, policy, mount_sources)
+            extra = None if referrers is None else referrers(pusher, client, result)
         finally:
             if renderer is not None:
                 renderer.close()
     if args.json:
-        json.dump(result.to_json(), ctx.stdout, indent=2)
+        doc = result.to_json()
+        if extra is not None:
+            doc["referrers"] = extra.to_json()
+        json.dump(doc, ctx.stdout, indent=2)
         ctx.stdout.write("\n")
         return 0
     state = "up to date" if result.up_to_date else "pushed"
@@ -353,6 +388,11 @@ def _push_graph(
         f"{result.mounted_blobs} mounted, {result.skipped_blobs} already there, "
         f"{human_size(result.bytes_sent)} sent\n"
     )
+    for pushed in extra.pushed if extra is not None else ():
+        state = "up to date" if pushed.result.up_to_date else "pushed"
+        ctx.stdout.write(f"{state} referrer {pushed.target} {pushed.result.digest}\n")
+    if extra is not None and extra.index is not None:
+        ctx.stdout.write(f"updated referrers index {extra.index}\n")
     return 0
 
 
@@ -672,6 +712,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("--username", help="registry user (with --password-stdin)")
     push.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    push.add_argument(
+        "--referrers",
+        action="store_true",
+        help="also push the image's cosign signatures/attestations and OCI referrers",
+    )
     push.add_argument("--json", action="store_true", help="print the result as JSON")
     push.set_defaults(func=cmd_push)
 

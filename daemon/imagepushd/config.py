@@ -359,7 +359,9 @@ def _rules(check: _Checker, raw: object) -> tuple[Rule, ...]:
         if not isinstance(table, dict):
             check.problem(p, "must be a table")
             continue
-        check.unknown(table, p, {"match", "exclude", "namespaces", "target", "targets"})
+        check.unknown(
+            table, p, {"match", "exclude", "namespaces", "target", "targets", "referrers"}
+        )
         patterns = check.strings(table, p, "match")
         if not patterns:
             check.problem(f"{p}.match", "is required (one or more name patterns)")
@@ -378,7 +380,10 @@ def _rules(check: _Checker, raw: object) -> tuple[Rule, ...]:
                 check_template(template)
             except ValueError as exc:
                 check.problem(f"{p}.{key}", str(exc))
-        rules.append(Rule(index, match, exclude, check.strings(table, p, "namespaces"), templates))
+        referrers = check.get(table, p, "referrers", kind=bool, default=False, convert=_same)
+        rules.append(
+            Rule(index, match, exclude, check.strings(table, p, "namespaces"), templates, referrers)
+        )
     return tuple(rules)
 
 

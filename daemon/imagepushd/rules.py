@@ -89,13 +89,18 @@ def render_target(template: str, source: Reference, namespace: str) -> Reference
 
 @dataclass(frozen=True)
 class Rule:
-    """One ``[[rule]]``: what to match, in which namespaces, and where to push it."""
+    """One ``[[rule]]``: what to match, in which namespaces, and where to push it.
+
+    ``referrers``: also push the signatures, attestations and SBOMs in containerd that refer
+    to a pushed image (``referrers.py``).
+    """
 
     index: int
     match: tuple[Glob, ...]
     exclude: tuple[Glob, ...] = ()
     namespaces: tuple[str, ...] | None = None
     targets: tuple[str, ...] = ("{image}",)
+    referrers: bool = False
 
     def selects(self, namespace: str, name: str) -> bool:
         """Whether the image ``name`` (normalised) in ``namespace`` falls under this rule."""

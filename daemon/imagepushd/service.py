@@ -38,6 +38,7 @@ from imagepushd.oci import Descriptor
 from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide
 from imagepushd.push import Pusher, PushResult, host_platform, plan
 from imagepushd.reference import parse_reference
+from imagepushd.referrers import ReferrerFinder, ReferrerPushed, push_referrers, repush_jobs
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import (
     Credentials,
@@ -47,7 +48,7 @@ from imagepushd.registry.credentials import (
 )
 from imagepushd.registry.retry import Retrier, RetryPolicy
 from imagepushd.registry.upload import BlobUploader
-from imagepushd.state import OPEN_STATUSES, JobRecord, State
+from imagepushd.state import OPEN_STATUSES, RUNNING, JobRecord, State
 from imagepushd.units import human_size
 from imagepushd.watcher import MetaWatcher
 
@@ -218,6 +219,8 @@ class Service:
         self._scan_error = ""
         self.stuck = 0
         self._last_scan = 0.0
+        # Running jobs to run again when they end: a referrer of theirs came during the push.
+        self._rerun: set[int] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -232,6 +235,7 @@ class Service:
             log.warning("%s; waiting for containerd at %s", exc, root)
         self._metadata = MetadataStore.at_root(root, reuse_records=True)
         self._content = ContentStore(root)
+        self._finder = ReferrerFinder(self._content)
         with State(config.state_path, clock=self._clock) as state:
             self._state = state
             requeued = state.requeue_running()
@@ -383,6 +387,7 @@ class Service:
         settle = 0.0 if self._once else config.push.settle
         decision = _decide(snap, self._content, config, state, now=self._clock(), settle=settle)
         self._apply(decision)
+        self._queue_referrers(snap, decision.seen_changed)
         if state.get_flag("baseline_done") is None:
             state.set_flag("baseline_done", str(self._clock()))
 
@@ -449,10 +454,15 @@ class Service:
             log.info("job %d cancelled: %s", job.id, outcome.cancelled)
         elif outcome.result is not None:
             self._state.finish(job.id)
+            if job.id in self._rerun:
+                self._state.enqueue(
+                    job.namespace, job.name, job.digest, job.target, job.rule, reopen=True
+                )
         elif isinstance(outcome.error, PushInterrupted):
             log.info("job %d paused for shutdown: %s", job.id, outcome.error)
         elif outcome.error is not None:
             self._fail(job.id, str(outcome.error), job.attempts)
+        self._rerun.discard(job.id)  # a failed job's retry, like a rerun, sees the new referrer
 
     def _fail(self, job_id: int, error: str, attempts: int) -> None:
         push = self._config.push
@@ -533,7 +543,87 @@ class Service:
         state.record_blobs(
             target.registry, target.repository, [d.digest for d in graph.descriptors()]
         )
+        rule = next((r for r in config.rules if r.index == job.rule), None)
+        if rule is not None and rule.referrers:
+            self._push_referrers(job, result, pusher, client)
         return result, duration
+
+    def _push_referrers(
+        self, job: JobRecord, result: PushResult, pusher: Pusher, client: RegistryClient
+    ) -> None:
+        """Push what refers to the image just pushed; each referrer is recorded as a push."""
+        if result.digest != job.digest:
+            log.warning(
+                "referrers of %s/%s not pushed: %s holds %s, which they do not refer to",
+                job.namespace,
+                job.name,
+                job.target,
+                result.digest,
+            )
+            return
+        # The newest snapshot, not the job's: a referrer tagged during the push is seen too
+        # (or the scan that sees it finds this push recorded, see _queue_referrers).
+        snap = self._snapshot
+        assert snap is not None
+        target = parse_reference(job.target)
+        source = parse_reference(job.name, default_tag=None)
+        found = self._finder.referrers(snap, job.namespace, job.digest, source.repository)
+        if not found:
+            return
+
+        def record(pushed: ReferrerPushed) -> None:
+            self._state.record_push(
+                str(pushed.target),
+                pushed.result.digest,
+                pushed.referrer.namespace,
+                pushed.referrer.name,
+                bytes=pushed.result.bytes_sent,
+                duration=pushed.duration,
+            )
+
+        push_referrers(
+            found,
+            content=self._content,
+            known=snap.blobs.get(job.namespace, {}),
+            pusher=pusher,
+            client=client,
+            target=target,
+            subject=job.digest,
+            on_pushed=record,
+        )
+
+    def _queue_referrers(
+        self, snap: MetadataSnapshot, changed: Mapping[tuple[str, str], object]
+    ) -> None:
+        """Push again, for its referrer step, an image whose referrer was tagged after its push.
+
+        Only new or moved names are looked at, so each arrival asks for one run at most.
+        """
+        if not changed or not any(r.referrers for r in self._config.rules):
+            return
+        new = self._finder.among((r for r in snap.images if (r.namespace, r.name) in changed), snap)
+        if not new:
+            return
+        state = self._state
+        jobs = repush_jobs(new, state.pushed(), state.holdings(), self._config.rules, snap)
+        open_jobs = {
+            (j.namespace, j.name, j.digest, j.target): j for j in state.jobs(OPEN_STATUSES)
+        }
+        for job in jobs:
+            current = open_jobs.get((job.namespace, job.name, job.digest, job.target))
+            if current is None:
+                state.enqueue(
+                    job.namespace, job.name, job.digest, job.target, job.rule, reopen=True
+                )
+                log.info(
+                    "queued %s/%s → %s again for a new referrer",
+                    job.namespace,
+                    job.name,
+                    job.target,
+                )
+            elif current.status == RUNNING:
+                self._rerun.add(current.id)
+            # A queued or failing job takes the newest snapshot's referrers when it runs.
 
     def _registry(self, host: str) -> tuple[RegistryClient, BlobUploader]:
         with self._clients_lock:

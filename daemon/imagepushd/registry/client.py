@@ -26,7 +26,7 @@ from imagepushd.errors import (
     RegistryConnectionError,
     RegistryError,
 )
-from imagepushd.oci import MAX_MANIFEST_SIZE, Descriptor
+from imagepushd.oci import MAX_MANIFEST_SIZE, OCI_INDEX, Descriptor, load_object
 from imagepushd.registry.auth import Authenticator, repository_scope
 from imagepushd.registry.credentials import Credentials
 from imagepushd.registry.retry import Retrier, parse_retry_after
@@ -390,3 +390,52 @@ class RegistryClient:
                 f"{reported}, the bytes sent hash to {digest}"
             )
         return digest
+
+    def manifest_get(
+        self, repository: str, reference: str, media_types: Collection[str]
+    ) -> tuple[str, bytes] | None:
+        """The media type and exact bytes held at ``reference``, or None when there is none."""
+        response = self.send(
+            "GET",
+            self.url(f"/v2/{repository}/manifests/{reference}"),
+            scopes=(repository_scope(repository, "pull", "push"),),
+            ok={200, 404},
+            headers={"Accept": ", ".join(media_types)},
+            retry=True,
+        )
+        if response.status_code == 404:
+            return None
+        if len(response.content) > MAX_MANIFEST_SIZE:
+            raise ManifestError(f"manifest {repository}:{reference} is over 4 MiB")
+        media_type = response.headers.get("content-type", "").split(";")[0].strip()
+        return media_type, response.content
+
+    # ---- referrers ---------------------------------------------------------------------
+
+    def referrers_get(self, repository: str, digest: str) -> tuple[Descriptor, ...] | None:
+        """The referrers of ``digest`` from the OCI 1.1 referrers API; None if there is no API.
+
+        A registry without the API answers 404 (distribution 2.8: a plain-text 404 for the
+        unknown route); its clients keep the ``sha256-<hex>`` tag-schema index instead.
+        Only the first page is read: callers ask whether the API exists.
+        """
+        what = f"GET /v2/{repository}/referrers/{digest}"
+        response = self.send(
+            "GET",
+            self.url(f"/v2/{repository}/referrers/{digest}"),
+            scopes=(repository_scope(repository, "pull", "push"),),
+            ok={200, 404},
+            headers={"Accept": OCI_INDEX},
+            what=what,
+            retry=True,
+        )
+        if response.status_code == 404:
+            return None
+        doc = load_object(response.content, f"{self.host}: {what}")
+        manifests = doc.get("manifests")
+        if not isinstance(manifests, list):
+            raise ManifestError(f"{self.host}: {what}: answer without a manifests list")
+        return tuple(
+            Descriptor.from_json(m, f"{self.host}: {what} manifests[{i}]")
+            for i, m in enumerate(manifests)
+        )
