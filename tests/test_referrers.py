@@ -360,7 +360,7 @@ class Setup:
         )
 
 
-def setup(tmp_path: Path, b: ImageBuilder, *, api: bool) -> Setup:
+def pushed_world(tmp_path: Path, b: ImageBuilder, *, api: bool) -> Setup:
     app = b.image([100], "app")
     sig, bom = signature(b, app, "s"), sbom(b, app, "bom")
     images = {
@@ -380,7 +380,7 @@ def test_a_registry_with_the_referrers_api_gets_no_fallback_tag(
     tmp_path: Path, image_builder: ImageBuilder
 ) -> None:
     b = image_builder
-    s = setup(tmp_path, b, api=True)
+    s = pushed_world(tmp_path, b, api=True)
     recorded: list[str] = []
 
     result = s.push(on_pushed=lambda p: recorded.append(str(p.target)))
@@ -398,7 +398,7 @@ def test_a_registry_with_the_referrers_api_gets_no_fallback_tag(
 def test_a_registry_without_it_gets_the_fallback_index_merged(
     tmp_path: Path, image_builder: ImageBuilder
 ) -> None:
-    s = setup(tmp_path, image_builder, api=False)
+    s = pushed_world(tmp_path, image_builder, api=False)
     tag = fallback_tag(s.app.digest)
     theirs = {"mediaType": OCI_MANIFEST, "digest": "sha256:" + "e" * 64, "size": 5}
     existing = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [theirs]}
@@ -433,7 +433,7 @@ def test_a_registry_without_it_gets_the_fallback_index_merged(
 def test_a_referrer_with_missing_content_fails_after_the_others(
     tmp_path: Path, image_builder: ImageBuilder
 ) -> None:
-    s = setup(tmp_path, image_builder, api=False)
+    s = pushed_world(tmp_path, image_builder, api=False)
     s.store.path(s.bom.json()["layers"][0]["digest"]).unlink()
 
     with pytest.raises(MissingContentError):
