@@ -104,6 +104,17 @@ def test_scrape_over_tcp_counts_the_pushes(
         after = scrape(client)
         ended_wall = time.time()
 
+        # A reload takes a new rule (its series appear at 0) but not a new address.
+        mark = daemon.log_mark()
+        text = daemon.config_path.read_text().replace(str(port), str(free_port()))
+        daemon.write_config(text + '\n[[rule]]\nmatch = ["y/**"]\n')
+        daemon.reload()
+        daemon.wait_log("reloaded", since=mark)
+        assert "[metrics] changes take effect when the daemon restarts" in daemon.log_text(mark)
+        reloaded = scrape(client)
+        assert pushes(reloaded, "2", "pushed") == 0
+        assert pushes(reloaded, "0", "pushed") == 2
+
     assert pushes(after, "0", "pushed") == 2
     assert pushes(after, "0", "failed") == 0
     assert pushes(after, "1", "pushed") == 0
