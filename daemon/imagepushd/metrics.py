@@ -115,7 +115,7 @@ class Metrics:
         reg = self.registry
         self._pushes = Counter(
             "imagepushd_pushes",
-            "Push jobs run, by rule (index in the config) and how they ended.",
+            "Pushes run, by rule (index in the config) and how they ended; referrers included.",
             ["rule", "result"],
             registry=reg,
         )

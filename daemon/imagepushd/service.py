@@ -606,6 +606,9 @@ class Service:
                 bytes=pushed.result.bytes_sent,
                 duration=pushed.duration,
             )
+            self._metrics.push_count(
+                job.rule, "pushed", bytes_sent=pushed.result.bytes_sent, at=self._clock()
+            )
 
         push_referrers(
             found,

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.test_daemon import FAST_RETRY, configure, load, small, wait_served
+from tests.e2e.test_referrers import SOURCE, cosign_signature, cosign_tag
 from tests.support.containerd import Containerd
 from tests.support.daemon import Daemon
 from tests.support.faultproxy import FaultProxy, describe
@@ -180,6 +181,37 @@ def test_scrape_over_a_unix_socket_counts_a_retry_and_a_resume(
     # The refused chunk was sent once more; resuming (not restarting) keeps it at that.
     assert blob_bytes(b, root) <= sent <= blob_bytes(b, root) + 4 * MiB
     print(f"\nbytes sent {sent:.0f} for {blob_bytes(b, root)} bytes of blobs")
+
+
+def test_a_referrer_pushed_after_its_image_counts_as_a_push_of_the_rule(
+    containerd: Containerd,
+    registry: Registry,
+    daemon: Daemon,
+    image_builder: ImageBuilder,
+    tmp_path: Path,
+) -> None:
+    b = image_builder
+    app = small(b, "metrics/signed")
+    sig = cosign_signature(b, app, "example.com/team/app")
+    load(containerd, b, tmp_path, {"build/app:1": app, "build/app:sig": sig})
+    rule = {"match": [SOURCE], "target": f"{registry.host}/mirror/app:{{tag}}", "referrers": True}
+    configure(daemon, containerd, registry.host, [rule])
+    port = free_port()
+    with_metrics(daemon, f"127.0.0.1:{port}")
+    daemon.start()
+    containerd.tag("build/app:sig", f"example.com/team/app:{cosign_tag(app)}")
+    started = time.monotonic()
+    containerd.tag("build/app:1", SOURCE)
+    wait_served(registry, [f"mirror/app:{cosign_tag(app)}"], sig.digest, started=started)
+    registry.verify_image("mirror/app:1", app.digest)
+    registry.verify_image(f"mirror/app:{cosign_tag(app)}", sig.digest, tmp_path / "pull")
+    daemon.wait_notify("STATUS", "idle · 2 pushed")
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+        got = scrape(client)
+    assert pushes(got, "0", "pushed") == 2
+    sent = got[("imagepushd_bytes_sent_total", (("rule", "0"),))]
+    assert sent == blob_bytes(b, app) + blob_bytes(b, sig)
 
 
 def test_daemon_with_the_metrics_port_taken_exits_with_one_line(
