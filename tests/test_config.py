@@ -108,7 +108,8 @@ password_file = "/x"
         "repository, tag, namespace)",
         'registries."r.io".username (line 14): is required with a password',
         'registries."r.io".plain_http (line 15): must be a bool, not a string',
-        "extra (line 18): unknown key (expected one of: containerd, push, registries, rule, state)",
+        "extra (line 18): unknown key "
+        "(expected one of: containerd, metrics, push, registries, rule, state)",
     ]
     assert str(exc.value).startswith("/etc/imagepushd/config.toml: 8 problem(s): ")
 

@@ -235,6 +235,22 @@ def test_only_temporary_registry_errors_are_retried(error: BaseException, retrie
         assert sleeps == []
 
 
+def test_on_retry_is_called_before_each_retry_and_not_when_giving_up() -> None:
+    retries: list[int] = []
+    retrier = Retrier(
+        RetryPolicy(attempts=3), sleep=lambda _: None, on_retry=lambda: retries.append(1)
+    )
+
+    assert retrier.call("x", failing([RegistryError("busy", status=503)])) == "done"
+    assert len(retries) == 1
+    with pytest.raises(RegistryError):
+        retrier.call("x", failing([RegistryError("busy", status=503)] * 3))
+    assert len(retries) == 3  # two more: the third failure is the last attempt
+    with pytest.raises(RegistryError):
+        retrier.call("x", failing([RegistryError("denied", status=403)]))
+    assert len(retries) == 3
+
+
 def test_each_attempt_is_logged_with_its_reason(
     clients: Callable[..., RegistryClient], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -923,6 +923,32 @@ def test_stop_between_chunks_then_resume_the_saved_session(rig: Rig, tmp_path: P
     assert (REPO, digest) not in sessions.saved
 
 
+def test_on_resume_counts_uploads_continued_from_the_registry_offset(
+    rig: Rig, tmp_path: Path
+) -> None:
+    resumes: list[int] = []
+    sessions = MemorySessions()
+    source = source_for(tmp_path, data_of(4 * MiB + 9))
+
+    def uploader(**kwargs: object) -> BlobUploader:
+        return rig.uploader(chunk_size=MiB, on_resume=lambda: resumes.append(1), **kwargs)
+
+    uploader().upload(REPO, source_for(tmp_path, data_of(3 * MiB, seed=2)))
+    assert resumes == []
+    rig.fake.breaks = [None, 300_000]
+    uploader().upload(REPO, source_for(tmp_path, data_of(3 * MiB, seed=3)))
+    assert len(resumes) == 1
+    stop_at = len(rig.fake.patches()) + 2
+    with pytest.raises(PushInterrupted):
+        uploader(sessions=sessions, should_stop=lambda: len(rig.fake.patches()) == stop_at).upload(
+            REPO, source
+        )
+    assert len(resumes) == 1
+    uploader(sessions=sessions).upload(REPO, source)
+    assert len(resumes) == 2
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+
+
 def test_saved_session_gone_starts_a_new_one(rig: Rig, tmp_path: Path) -> None:
     sessions = MemorySessions()
     data = data_of(2 * MiB + 1)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imagepushd.errors import ImagepushdError, UsageError
+from imagepushd.metrics import Listen, parse_listen
 from imagepushd.push import PlatformPolicy
 from imagepushd.rules import Glob, Rule, check_template
 from imagepushd.units import parse_duration, parse_size
@@ -78,6 +79,13 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics]``: where to serve Prometheus metrics (None: not served)."""
+
+    listen: Listen | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -87,6 +95,7 @@ class Config:
     rules: tuple[Rule, ...] = ()
     registries: Mapping[str, RegistrySettings] = field(default_factory=dict)
     source: str = "<defaults>"
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def registry(self, host: str) -> RegistrySettings:
         """Settings for ``host`` (defaults when it has no section)."""
@@ -262,7 +271,7 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
     check = _Checker(_locate(text))
-    check.unknown(doc, "", {"containerd", "state", "push", "rule", "registries"})
+    check.unknown(doc, "", {"containerd", "state", "push", "rule", "registries", "metrics"})
 
     ctr = check.table(doc, "", "containerd")
     check.unknown(ctr, "containerd", {"root", "namespaces"})
@@ -280,9 +289,21 @@ def parse_config(text: str, source: str, env: Mapping[str, str]) -> Config:
     push = _push_settings(check, check.table(doc, "", "push"))
     rules = _rules(check, doc.get("rule", []))
     registries = _registries(check, check.table(doc, "", "registries"))
+    metrics = _metrics(check, doc)
     if check.problems:
         raise ConfigError(source, check.problems)
-    return Config(containerd, state_path, push, rules, registries, source)
+    return Config(containerd, state_path, push, rules, registries, source, metrics)
+
+
+def _metrics(check: _Checker, doc: Mapping[str, Any]) -> MetricsSettings:
+    if "metrics" not in doc:
+        return MetricsSettings()
+    table = check.table(doc, "", "metrics")
+    check.unknown(table, "metrics", {"listen"})
+    if "listen" not in table and isinstance(doc["metrics"], dict):
+        check.problem("metrics.listen", 'is required in [metrics] (e.g. "127.0.0.1:9464")')
+    listen = check.get(table, "metrics", "listen", kind=str, default=None, convert=parse_listen)
+    return MetricsSettings(listen)
 
 
 def _push_settings(check: _Checker, table: Mapping[str, Any]) -> PushSettings:

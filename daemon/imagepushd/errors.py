@@ -22,6 +22,7 @@
     │   ├── RegistryAuthError       credentials missing, rejected, or insufficient
     │   └── RegistryConnectionError no HTTP answer: refused, reset, timed out, TLS failure
     ├── StateError                  the state file is corrupt, unreadable, or from a newer version
+    ├── ListenError                 the metrics endpoint cannot listen (address taken, bad path)
     └── OutputError                 writing an export or other output failed
 
 The CLI turns any ``ImagepushdError`` into one line on stderr and its ``exit_code``.
@@ -186,6 +187,10 @@ class StateError(ImagepushdError):
     The message names the file, the problem and the recovery command; the file itself is never
     reset or deleted to get past the problem, since it may be the only record of what was pushed.
     """
+
+
+class ListenError(ImagepushdError):
+    """The metrics endpoint cannot listen where the configuration says (checked at start)."""
 
 
 class OutputError(ImagepushdError):

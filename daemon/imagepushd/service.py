@@ -8,6 +8,8 @@ STATUS= is kept current.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import random
 import signal
@@ -33,6 +35,7 @@ from imagepushd.errors import (
     RootNotFoundError,
 )
 from imagepushd.logs import push_fields
+from imagepushd.metrics import Metrics, MetricsServer
 from imagepushd.notify import Notifier, watchdog_interval
 from imagepushd.oci import Descriptor
 from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide
@@ -182,6 +185,7 @@ class Service:
     """``imagepushd run``: everything the daemon does, built from the configuration.
 
     ``transport`` (httpx) and ``clock`` are injected for tests; ``once`` makes one pass.
+    ``metrics`` collects what it does; ``[metrics] listen`` serves them while it runs.
     """
 
     def __init__(
@@ -195,6 +199,7 @@ class Service:
         clock: Callable[[], float] = time.time,
         transport: httpx.BaseTransport | None = None,
         install_signals: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config_path = config_path
         self._env = env
@@ -205,6 +210,8 @@ class Service:
         self._transport = transport
         self._install_signals = install_signals
         self._config = load_config(config_path, env)
+        self._metrics = metrics or Metrics()
+        self._metrics.rules_known(rule.index for rule in self._config.rules)
         self._stop = threading.Event()
         self._reload = False
         self._clients: dict[str, tuple[RegistryClient, BlobUploader]] = {}
@@ -236,7 +243,7 @@ class Service:
         self._metadata = MetadataStore.at_root(root, reuse_records=True)
         self._content = ContentStore(root)
         self._finder = ReferrerFinder(self._content)
-        with State(config.state_path, clock=self._clock) as state:
+        with State(config.state_path, clock=self._clock) as state, self._metrics_server():
             self._state = state
             requeued = state.requeue_running()
             if requeued:
@@ -268,6 +275,10 @@ class Service:
                 self._metadata.close()
                 watch_bolt.close()
         return 1 if self._once and self._failures else 0
+
+    def _metrics_server(self) -> contextlib.AbstractContextManager[object]:
+        listen = self._config.metrics.listen
+        return contextlib.nullcontext() if listen is None else MetricsServer(listen, self._metrics)
 
     def _signals(self) -> dict[int, object]:
         if not self._install_signals:
@@ -360,7 +371,10 @@ class Service:
         except ImagepushdError as exc:
             log.error("reload: keeping the previous configuration: %s", exc)
         else:
+            if config.metrics != self._config.metrics:
+                log.warning("reload: [metrics] changes take effect when the daemon restarts")
             self._config = config
+            self._metrics.rules_known(rule.index for rule in config.rules)
             with self._clients_lock:
                 self._clients = {}
             log.info("reloaded %s: %d rule(s)", self._config_path, len(config.rules))
@@ -372,6 +386,7 @@ class Service:
     def _scan(self) -> None:
         config = self._config
         self._last_scan = self._clock()
+        started = time.monotonic()
         try:
             snap = self._metadata.read(config.containerd.namespaces, blobs=True)
         except ContainerdError as exc:
@@ -390,6 +405,7 @@ class Service:
         self._queue_referrers(snap, decision.seen_changed)
         if state.get_flag("baseline_done") is None:
             state.set_flag("baseline_done", str(self._clock()))
+        self._metrics.scan_observe(time.monotonic() - started)
 
     def _apply(self, decision: Decision) -> None:
         state = self._state
@@ -452,16 +468,26 @@ class Service:
         if outcome.cancelled is not None:
             self._state.cancel({job.id: outcome.cancelled})
             log.info("job %d cancelled: %s", job.id, outcome.cancelled)
+            self._metrics.push_count(job.rule, "cancelled")
         elif outcome.result is not None:
             self._state.finish(job.id)
             if job.id in self._rerun:
                 self._state.enqueue(
                     job.namespace, job.name, job.digest, job.target, job.rule, reopen=True
                 )
+            result = outcome.result
+            self._metrics.push_count(
+                job.rule,
+                "up_to_date" if result.up_to_date else "pushed",
+                bytes_sent=result.bytes_sent,
+                at=self._clock(),
+            )
         elif isinstance(outcome.error, PushInterrupted):
             log.info("job %d paused for shutdown: %s", job.id, outcome.error)
+            self._metrics.push_count(job.rule, "interrupted")
         elif outcome.error is not None:
             self._fail(job.id, str(outcome.error), job.attempts)
+            self._metrics.push_count(job.rule, "failed")
         self._rerun.discard(job.id)  # a failed job's retry, like a rerun, sees the new referrer
 
     def _fail(self, job_id: int, error: str, attempts: int) -> None:
@@ -580,6 +606,9 @@ class Service:
                 bytes=pushed.result.bytes_sent,
                 duration=pushed.duration,
             )
+            self._metrics.push_count(
+                job.rule, "pushed", bytes_sent=pushed.result.bytes_sent, at=self._clock()
+            )
 
         push_referrers(
             found,
@@ -640,6 +669,7 @@ class Service:
                 retrier=Retrier(
                     RetryPolicy(push.retry_attempts, push.retry_initial, push.retry_max),
                     sleep=self._retry_sleep,
+                    on_retry=functools.partial(self._metrics.retry_count, host),
                 ),
                 transport=self._transport,
             )
@@ -648,6 +678,7 @@ class Service:
                 chunk_size=settings.chunk_size or push.chunk_size,
                 sessions=self._state.upload_sessions(host),
                 should_stop=self._stop.is_set,
+                on_resume=functools.partial(self._metrics.resume_count, host),
             )
             self._clients[host] = (client, uploader)
             return client, uploader
@@ -673,6 +704,7 @@ class Service:
 
     def _report(self) -> None:
         counts = self._state.counts()
+        self._metrics.queue_set(counts.get("queued", 0) + counts.get("failed", 0))
         activity = f"pushing {len(self._running)}" if self._running else "idle"
         if self._scan_error:
             activity = "waiting for containerd"

@@ -8,12 +8,14 @@ package would (``/usr/bin/imagepushd``, its man page, the repository's unit file
 /etc/systemd/system, a config in /etc/imagepushd), and drives it only through systemctl,
 journalctl and ctr:
 
-- ``systemd-analyze verify`` is clean and ``systemd-analyze security`` exposure is at most 2.5;
+- ``systemd-analyze verify`` is clean and ``systemd-analyze security`` exposure is at most 2.0;
 - ``systemctl start`` waits in "activating" until READY=1 (Type=notify), then "active";
 - ``systemctl reload`` keeps the same main process, which re-reads its configuration;
 - a tag matching the rule is pushed within 10 s with the source digest (skopeo inside);
 - the journal has the push record with its structured fields, ``systemctl status`` the STATUS=;
-- ``systemctl stop`` ends the main process with exit status 0.
+- ``systemctl stop`` ends the main process with exit status 0;
+- ``[metrics]`` is scraped on TCP loopback, then (after a restart) on a unix socket in
+  ``/run/imagepushd``, which the stop removes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.images import ImageBuilder
 from tests.support.nspawn import DEFAULT_MASKS, INSIDE_ENV, REPO_ROOT, Machine, require_nspawn
@@ -42,7 +45,9 @@ TARGET = f"{REGISTRY}/team/app:1"
 SOURCE = "example.com/src/app:1"
 SHARE = "/mnt/imagepushd-e2e"
 PUSH_FIELDS = ("IMAGE", "TARGET", "DIGEST", "NAMESPACE", "BYTES", "DURATION_MS", "RULE")
-MAX_EXPOSURE = 2.5
+MAX_EXPOSURE = 2.0
+METRICS = "127.0.0.1:9464"
+METRICS_SOCKET = "/run/imagepushd/metrics.sock"
 
 VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
 MANPAGE_SCRIPT = REPO_ROOT / "packaging" / "manpage.py"
@@ -57,6 +62,9 @@ settle = "100ms"
 [[rule]]
 match = ["{REGISTRY}/team/**"]
 target = "{{image}}"
+
+[metrics]
+listen = "{METRICS}"
 
 [registries."{REGISTRY}"]
 plain_http = true
@@ -197,6 +205,25 @@ def security_exposure(machine: Machine) -> tuple[float, str]:
     return float(found.group(1)), found.group(0)
 
 
+def scrape(machine: Machine, uds: str | None = None) -> dict[tuple[str, str], float]:
+    """GET /metrics from inside the container (TCP, or the unix socket ``uds``) with httpx:
+    ``(name, labels as text) -> value``."""
+    url = f"http://{METRICS}/metrics" if uds is None else "http://imagepushd/metrics"
+    code = (
+        "import httpx, sys\n"
+        f"t = httpx.HTTPTransport(uds={uds!r})\n"
+        f"r = httpx.Client(transport=t).get({url!r})\n"
+        "r.raise_for_status()\n"
+        "sys.stdout.write(r.text)\n"
+    )
+    text = machine.run(VENV_PYTHON, "-c", code).stdout
+    return {
+        (s.name, ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def start_observed(machine: Machine) -> list[tuple[str, str, str]]:
     """``systemctl start`` (blocking) while polling the unit: the states seen, in order."""
     starter = subprocess.Popen(
@@ -305,6 +332,13 @@ def test_imagepushd_under_systemd(machine: Machine, tmp_path: Path) -> None:
     assert status, f"StatusText: {show(machine, 'StatusText')}{diagnostics(machine)}"
     assert 'Status: "idle · 1 pushed"' in text, text
 
+    # metrics on TCP loopback, through the unit's RestrictAddressFamilies= and IPAddress*=.
+    got = scrape(machine)
+    assert got[("imagepushd_pushes_total", "result=pushed,rule=0")] == 1, got
+    assert got[("imagepushd_bytes_sent_total", "rule=0")] == int(record["BYTES"]), got
+    assert got[("imagepushd_last_push_timestamp_seconds", "rule=0")] > time.time() - 60, got
+    assert got[("imagepushd_scan_duration_seconds_count", "")] >= 2, got
+
     # stop: the main process itself exits 0 (code=exited, not killed by the signal).
     machine.run("systemctl", "stop", UNIT)
     props = show(machine, "ActiveState", "Result", "ExecMainPID", "ExecMainCode", "ExecMainStatus")
@@ -319,6 +353,21 @@ def test_imagepushd_under_systemd(machine: Machine, tmp_path: Path) -> None:
         m.startswith("imagepushd.service: Deactivated successfully")
         for m in messages(journal(machine))
     )
+
+    # metrics on a unix socket in the RuntimeDirectory= (ProtectSystem=strict leaves /run
+    # read-only); the next stop removes it with the directory.
+    machine.write_file(
+        "/etc/imagepushd/config.toml",
+        CONFIG_RELOADED.replace(f'listen = "{METRICS}"', f'listen = "unix:{METRICS_SOCKET}"'),
+    )
+    machine.run("systemctl", "start", UNIT)
+    got = scrape(machine, uds=METRICS_SOCKET)
+    assert got[("imagepushd_pushes_total", "result=pushed,rule=1")] == 0, got
+    assert got[("imagepushd_queue_depth", "")] == 0, got
+    mode = machine.run("stat", "-c", "%a %U", METRICS_SOCKET).stdout.split()
+    assert mode == ["700", "root"], mode  # UMask=0077: only root may connect
+    machine.run("systemctl", "stop", UNIT)
+    assert machine.run("test", "-e", "/run/imagepushd", check=False).returncode == 1
 
     # last, so everything above is checked even when the unit file needs fixing.
     assert exposure <= MAX_EXPOSURE, exposure_line

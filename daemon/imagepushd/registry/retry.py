@@ -55,7 +55,10 @@ def _is_temporary(exc: BaseException) -> bool:
 
 
 class Retrier:
-    """Runs a callable under the policy; ``sleep`` and ``rand`` are injected for tests."""
+    """Runs a callable under the policy; ``sleep`` and ``rand`` are injected for tests.
+
+    ``on_retry`` is called before each retry's wait (the daemon counts retries with it).
+    """
 
     def __init__(
         self,
@@ -63,10 +66,12 @@ class Retrier:
         *,
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
+        on_retry: Callable[[], None] = lambda: None,
     ) -> None:
         self.policy = policy or RetryPolicy()
         self._sleep = sleep
         self._rand = rand
+        self._on_retry = on_retry
 
     def delay(self, attempt: int, error: BaseException | None) -> float:
         """The wait before attempt ``attempt + 1``: Retry-After wins, else jittered backoff."""
@@ -91,6 +96,7 @@ class Retrier:
                 error,
                 wait,
             )
+            self._on_retry()
 
         return report
 

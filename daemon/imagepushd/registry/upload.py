@@ -300,7 +300,8 @@ class BlobUploader:
     for blobs up to ``MONOLITHIC_MAX``; a configured size is used as it is, and blobs up to it
     go in one PUT. ``sessions`` persists chunked sessions across restarts; ``should_stop`` is
     polled between chunks so a stopping daemon leaves a resumable session instead of a
-    half-sent chunk; ``clock`` times chunks for the adaptive size.
+    half-sent chunk; ``clock`` times chunks for the adaptive size; ``on_resume`` is called
+    each time a chunked upload continues from the registry's offset.
     """
 
     def __init__(
@@ -312,8 +313,10 @@ class BlobUploader:
         sessions: SessionStore | None = None,
         should_stop: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_resume: Callable[[], None] = lambda: None,
     ) -> None:
         self.client = client
+        self.on_resume = on_resume
         self.sessions = sessions
         self._should_stop = should_stop or (lambda: False)
         self.clock = clock
@@ -623,6 +626,7 @@ class _ChunkSession:
         self.snapshot = transfer.hasher_at(offset, acked, self.snapshot)
         self.acked = offset
         self.resync = False
+        self._uploader.on_resume()
         log.info(
             "%s: upload of %s resumes at %d bytes (acknowledged %d)",
             self._client.host,
