@@ -10,7 +10,9 @@ once the PATCH bodies reach ``--cut-mib`` (``reset_at_total``). Each client runs
 fault and with the cut, each run to a fresh repository: the default (adaptive chunks) and
 ``--chunk-size 64MiB`` (the fixed size that was the default before). Printed per run: the
 layer bytes the client put on the wire (PATCH and PUT bodies the proxy read), the ratio to the
-layer size, wall time, the upload sessions and their chunk sizes. Each pushed image is checked
+layer size, wall time, the upload sessions and their chunk sizes. For comparison,
+``ctr images push`` of the same image through the same cut (ctr has no resume: it is run again
+once, as a build script would). Each pushed image is checked
 with ``skopeo copy`` (every blob verified) and its manifest digest against the source.
 
 Model part: the same blob, cut at the same offset, uploaded in-process by ``BlobUploader`` to
@@ -114,6 +116,42 @@ def push_real(
     return Run(client, cut is not None, sent, wall, sessions_of(records), result["bytes_sent"])
 
 
+def push_ctr(
+    cut: int | None, containerd: Containerd, registry: Registry, image: str
+) -> tuple[list[int], int, float, str]:
+    """``ctr images push`` of the same image through the proxy, run again once if it fails.
+
+    ctr sends a layer in one PUT, so the cut counts every body. Returns the exit statuses,
+    bytes, wall time and the first failure's last stderr line.
+    """
+    repo = f"bench/resume-ctr-{'cut' if cut is not None else 'clean'}"
+    ctr = shutil.which("ctr")
+    assert ctr is not None
+    cmd = [ctr, "-a", str(containerd.socket), "-n", "default", "images", "push", "--plain-http"]
+    statuses: list[int] = []
+    failure = ""
+    with FaultProxy(registry.host) as proxy:
+        if cut is not None:
+            proxy.reset_at_total(cut, method=None)
+        started = time.perf_counter()
+        for _attempt in range(2):
+            done = subprocess.run(
+                [*cmd, f"{proxy.host}/{repo}:1", image],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=600,
+            )
+            statuses.append(done.returncode)
+            if done.returncode == 0:
+                break
+            failure = failure or (done.stderr.strip().splitlines() or [""])[-1][:100]
+        wall = time.perf_counter() - started
+        records = proxy.records
+    sent = sum(r.received_bytes for r in records if r.method in ("PATCH", "PUT"))
+    return statuses, sent, wall, failure
+
+
 def cut_hook(fake: FakeRegistry, cut: int) -> Callable[[httpx.Request], httpx.Response | None]:
     """Break the PATCH during which the PATCH bodies pass ``cut`` bytes, once."""
     counted = [0, 0]  # bytes so far, fired
@@ -198,6 +236,14 @@ def main() -> int:
                 f"{r.sent / size:>9.3f}{r.wall:>8.2f}  "
                 + " | ".join(mib(s) for s in r.sessions)
                 + f"  (client counted {r.client_bytes / MiB:.1f} MiB, all blobs)"
+            )
+        print("ctr images push of the same image through the same proxy (run again if it fails):")
+        for fault in (None, cut):
+            statuses, sent, wall, failure = push_ctr(fault, containerd, registry, image)
+            outcome = "exit " + ", then ".join(map(str, statuses))
+            print(
+                f"  {'ctr images push':<20}{'cut' if fault else 'none':<7}{sent / MiB:>9.1f}"
+                f"{sent / size:>9.3f}{wall:>8.2f}  {outcome}" + (f" ({failure})" if failure else "")
             )
         print("median wall s over the rounds:")
         for client in CLIENTS:
