@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.containerd import Containerd
+from tests.support.daemon import Daemon
 from tests.support.faultproxy import FaultProxy
 from tests.support.images import ImageBuilder
 from tests.support.process import require_tools
@@ -29,6 +30,14 @@ def containerd(tmp_path: Path) -> Iterator[Containerd]:
         yield instance
     finally:
         instance.close()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """An ``imagepushd run`` harness (not started); it must have stopped cleanly afterwards."""
+    with Daemon(tmp_path / "daemon") as instance:
+        yield instance
+        assert not instance.running or instance.stop() == 0
 
 
 @pytest.fixture

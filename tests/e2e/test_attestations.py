@@ -14,7 +14,7 @@ manifest of the same index.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -286,12 +286,6 @@ def test_push_reads_nothing_the_walk_read(
 
 
 # ---------------------------------------------------------------------- the daemon
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    with Daemon(tmp_path / "daemon") as instance:
-        yield instance
 
 
 def configure(daemon: Daemon, containerd: Containerd, registry: Registry, platforms: str) -> None:

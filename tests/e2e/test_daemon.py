@@ -16,14 +16,14 @@ import socket
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support.containerd import Containerd
+from tests.support.containerd import Containerd, load
 from tests.support.daemon import Daemon, render_config
 from tests.support.faultproxy import FaultProxy, ProxyRecord, describe
 from tests.support.images import Blob, ImageBuilder
@@ -38,14 +38,6 @@ PUSH_WITHIN = 5.0
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    """An ``imagepushd run`` harness (not started); stopped and cleaned up afterwards."""
-    with Daemon(tmp_path / "daemon") as instance:
-        yield instance
-        assert not instance.running or instance.stop() == 0
 
 
 def configure(
@@ -81,16 +73,6 @@ def state_rows(daemon: Daemon, query: str) -> list[tuple[Any, ...]]:
         return list(conn.execute(query))
     finally:
         conn.close()
-
-
-def load(
-    containerd: Containerd, b: ImageBuilder, tmp_path: Path, images: Mapping[str, Blob]
-) -> None:
-    """Import ``images`` (name -> root) into containerd's default namespace."""
-    archive = tmp_path / "images.tar"
-    b.write_oci_archive(archive, images)
-    containerd.import_archive(archive)
-    archive.unlink()
 
 
 def small(b: ImageBuilder, seed: str) -> Blob:

@@ -10,16 +10,15 @@ from __future__ import annotations
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.test_daemon import FAST_RETRY, configure, load, small, wait_served
+from tests.e2e.test_daemon import FAST_RETRY, configure, small, wait_served
 from tests.e2e.test_referrers import SOURCE, cosign_signature, cosign_tag
-from tests.support.containerd import Containerd
+from tests.support.containerd import Containerd, load
 from tests.support.daemon import Daemon
 from tests.support.faultproxy import FaultProxy, describe
 from tests.support.images import Blob, ImageBuilder
@@ -29,14 +28,6 @@ pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    """An ``imagepushd run`` harness (not started); stopped and cleaned up afterwards."""
-    with Daemon(tmp_path / "daemon") as instance:
-        yield instance
-        assert not instance.running or instance.stop() == 0
 
 
 def with_metrics(daemon: Daemon, listen: str) -> None:

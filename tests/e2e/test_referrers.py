@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.cli import Outcome, run_cli
-from tests.support.containerd import Containerd
+from tests.support.containerd import Containerd, load
 from tests.support.daemon import Daemon, render_config
 from tests.support.images import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Blob, ImageBuilder
 from tests.support.process import wait_until
@@ -90,15 +90,6 @@ def sbom_artifact(b: ImageBuilder, subject: Blob, name: str) -> Blob:
 
 def cosign_tag(subject: Blob, suffix: str = "sig") -> str:
     return f"sha256-{subject.digest.removeprefix('sha256:')}.{suffix}"
-
-
-def load(
-    containerd: Containerd, b: ImageBuilder, tmp_path: Path, images: Mapping[str, Blob]
-) -> None:
-    archive = tmp_path / "images.tar"
-    b.write_oci_archive(archive, images)
-    containerd.import_archive(archive)
-    archive.unlink()
 
 
 def leaves(b: ImageBuilder, root: Blob) -> list[str]:
@@ -311,13 +302,6 @@ def test_referrers_of_an_index_reduced_by_the_platform_policy_are_refused(
 
 
 # ---------------------------------------------------------------------- the daemon
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    with Daemon(tmp_path / "daemon") as instance:
-        yield instance
-        assert not instance.running or instance.stop() == 0
 
 
 def configure(daemon: Daemon, containerd: Containerd, host: str, **rule: Any) -> None:

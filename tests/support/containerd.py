@@ -13,11 +13,15 @@ import socket as socketlib
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, TYPE_CHECKING, Self
 
 from tests.support.process import tail_log, terminate
+
+if TYPE_CHECKING:
+    from tests.support.images import Blob, ImageBuilder
 
 #: Plugins switched off: CRI (needs a CNI setup, and is not used), ``opt`` (would create
 #: ``/opt/containerd`` outside the private root), and the snapshotters that can only be skipped
@@ -371,3 +375,13 @@ def _parse_labels(text: str) -> dict[str, str]:
         key, _, value = item.partition("=")
         out[key] = value
     return out
+
+
+def load(
+    containerd: Containerd, b: ImageBuilder, workdir: Path, images: Mapping[str, Blob]
+) -> None:
+    """Import ``images`` (name -> root) into containerd's default namespace, via an archive."""
+    archive = workdir / "images.tar"
+    b.write_oci_archive(archive, images)
+    containerd.import_archive(archive)
+    archive.unlink()
