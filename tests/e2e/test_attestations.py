@@ -28,7 +28,7 @@ from imagepushd.reference import parse_reference
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.upload import BlobUploader
 from tests.support.cli import Outcome, run_cli
-from tests.support.containerd import Containerd
+from tests.support.containerd import Containerd, load
 from tests.support.daemon import Daemon, render_config
 from tests.support.images import IN_TOTO, Blob, ImageBuilder
 from tests.support.registry import Registry
@@ -89,20 +89,12 @@ def attested(image_builder: ImageBuilder) -> dict[str, Blob]:
     return images
 
 
-def load(containerd: Containerd, b: ImageBuilder, tmp_path: Path, root: Blob) -> Path:
-    """Import ``root`` as NAME with every platform; return the archive."""
-    archive = tmp_path / "attested.tar"
-    b.write_oci_archive(archive, {NAME: root})
-    containerd.import_archive(archive)
-    return archive
-
-
 @pytest.fixture
 def arm_gone(
     containerd: Containerd, image_builder: ImageBuilder, attested: dict[str, Blob], tmp_path: Path
 ) -> dict[str, Blob]:
     """Everything imported, then arm64's layer removed: its attestation stays, complete."""
-    load(containerd, image_builder, tmp_path, attested["index"])
+    load(containerd, image_builder, tmp_path, {NAME: attested["index"]})
     containerd.content_rm(layers(attested["arm"])[0])
     have = containerd.content_digests()
     assert all(d in have for d in [attested["arm-att"].digest, *blobs(attested["arm-att"])])
@@ -116,7 +108,7 @@ def test_all_pushes_the_index_with_its_attestations(
     attested: dict[str, Blob],
     tmp_path: Path,
 ) -> None:
-    load(containerd, image_builder, tmp_path, attested["index"])
+    load(containerd, image_builder, tmp_path, {NAME: attested["index"]})
     listing = run_cli(["images", "--root", str(containerd.root), "--json"], home=tmp_path)
     assert listing.code == 0, listing.stderr
     (row,) = [r for r in json.loads(listing.stdout) if r["name"] == NAME]
@@ -148,7 +140,7 @@ def test_all_refuses_a_missing_attestation(
     attested: dict[str, Blob],
     tmp_path: Path,
 ) -> None:
-    load(containerd, image_builder, tmp_path, attested["index"])
+    load(containerd, image_builder, tmp_path, {NAME: attested["index"]})
     statement = layers(attested["arm-att"])[1]
     containerd.content_rm(statement)
     mark = registry.log_mark()
@@ -202,7 +194,7 @@ def test_explicit_platform_takes_its_attestation_along(
     attested: dict[str, Blob],
     tmp_path: Path,
 ) -> None:
-    load(containerd, image_builder, tmp_path, attested["index"])
+    load(containerd, image_builder, tmp_path, {NAME: attested["index"]})
 
     result = push(containerd, registry, "att:arm", "linux/arm64", tmp_path).result
 
@@ -310,7 +302,7 @@ def test_daemon_waits_while_only_attestations_are_complete(
     tmp_path: Path,
 ) -> None:
     """``available``: an attestation alone is nothing to push, so the image waits (no job)."""
-    load(containerd, image_builder, tmp_path, attested["index"])
+    load(containerd, image_builder, tmp_path, {NAME: attested["index"]})
     containerd.content_rm(layers(attested["amd"])[0], layers(attested["arm"])[0])
     configure(daemon, containerd, registry, "available")
 
