@@ -14,7 +14,6 @@ manifest of the same index.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,10 @@ from imagepushd.push import PlatformPolicy, Pusher
 from imagepushd.reference import parse_reference
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.upload import BlobUploader
+from tests.e2e.test_daemon import configure as configure_daemon
 from tests.support.cli import Outcome, run_cli
 from tests.support.containerd import Containerd, load
-from tests.support.daemon import Daemon, render_config
+from tests.support.daemon import Daemon
 from tests.support.images import IN_TOTO, Blob, ImageBuilder
 from tests.support.registry import Registry
 
@@ -281,16 +281,8 @@ def test_push_reads_nothing_the_walk_read(
 
 
 def configure(daemon: Daemon, containerd: Containerd, registry: Registry, platforms: str) -> None:
-    rule: Mapping[str, Any] = {"match": [NAME], "target": f"{registry.host}/team:{{tag}}"}
-    daemon.write_config(
-        render_config(
-            root=containerd.root,
-            state=daemon.base_dir / "state.db",
-            push={"platforms": platforms, "on_start": "all", "settle": "100ms"},
-            rules=[rule],
-            registries={registry.host: {"plain_http": True}},
-        )
-    )
+    rules = [{"match": [NAME], "target": f"{registry.host}/team:{{tag}}"}]
+    configure_daemon(daemon, containerd, registry.host, rules, platforms=platforms, on_start="all")
 
 
 def test_daemon_waits_while_only_attestations_are_complete(

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.test_daemon import configure as configure_daemon
 from tests.support.cli import Outcome, run_cli
 from tests.support.containerd import Containerd, load
-from tests.support.daemon import Daemon, render_config
+from tests.support.daemon import Daemon
 from tests.support.images import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Blob, ImageBuilder
 from tests.support.process import wait_until
 from tests.support.registry import Registry
@@ -306,15 +307,8 @@ def test_referrers_of_an_index_reduced_by_the_platform_policy_are_refused(
 
 def configure(daemon: Daemon, containerd: Containerd, host: str, **rule: Any) -> None:
     """One rule for ``example.com/team/app:1`` only (not its cosign tags) to ``host``."""
-    daemon.write_config(
-        render_config(
-            root=containerd.root,
-            state=daemon.base_dir / "state.db",
-            push={"settle": "100ms", "on_start": "all"},
-            rules=[{"match": [SOURCE], "target": f"{host}/mirror/app:{{tag}}", **rule}],
-            registries={host: {"plain_http": True}},
-        )
-    )
+    rules = [{"match": [SOURCE], "target": f"{host}/mirror/app:{{tag}}", **rule}]
+    configure_daemon(daemon, containerd, host, rules, on_start="all")
 
 
 def test_daemon_rule_with_referrers_pushes_them_and_later_ones_too(
