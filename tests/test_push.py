@@ -322,6 +322,7 @@ def test_all_pushes_the_index_with_its_attestations(
     result = plan(graph_of(tmp_path, b, attested["index"]), PlatformPolicy("all"), AMD64)
     assert result.top is not None
     assert result.top.data == attested["index"].data  # verbatim, from the walk
+    assert result.reduced == []
     assert pushed(result) == [
         attested[k].digest for k in ("amd", "arm", "amd-att", "arm-att", "index")
     ]
@@ -372,6 +373,8 @@ def test_available_drops_the_attestation_of_a_dropped_platform(
     assert result.attestations == 1
     assert layer not in result.blobs
     assert not set(result.blobs) & {d["digest"] for d in attested["arm-att"].json()["layers"]}
+    assert result.top is not None
+    assert result.reduced == [(attested["index"].digest, 2, 4, result.top.descriptor.digest)]
 
 
 def test_available_keeps_a_platform_whose_attestation_is_missing(

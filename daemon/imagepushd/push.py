@@ -163,6 +163,9 @@ class Plan:
     platforms: list[Platform] = field(default_factory=list)
     attestations: int = 0
     top: PlannedManifest | None = None
+    #: Indexes that lost children: (original digest, kept, of, new digest). The push logs them;
+    #: planning alone (the daemon's wait-or-push check) stays silent.
+    reduced: list[tuple[str, int, int, str]] = field(default_factory=list)
 
 
 def plan(graph: ImageGraph, policy: PlatformPolicy, host: Platform) -> Plan:
@@ -302,12 +305,8 @@ def _add_index(
     if changed:
         data = _rewrite_index(data, children)
         descriptor = _descriptor_for(node.descriptor, data)
-        log.info(
-            "index %s reduced to %d of %d children: %s",
-            node.descriptor.digest,
-            len(children),
-            len(node.children),
-            descriptor.digest,
+        out.reduced.append(
+            (node.descriptor.digest, len(children), len(node.children), descriptor.digest)
         )
     else:
         descriptor = node.descriptor
@@ -375,6 +374,8 @@ class Pusher:
         """Push ``graph`` to ``target`` under ``policy``; return what was done."""
         planned = plan(graph, policy, self._host)
         assert planned.top is not None
+        for original, kept, of, reduced in planned.reduced:
+            log.info("index %s reduced to %d of %d children: %s", original, kept, of, reduced)
         top = planned.top.descriptor
         result = PushResult(
             str(target),
