@@ -148,6 +148,16 @@ class Metrics:
             buckets=SCAN_BUCKETS,
             registry=reg,
         )
+        self._records_read = Counter(
+            "imagepushd_image_records_read",
+            "Image records read from containerd's metadata (namespaces whose images changed).",
+            registry=reg,
+        )
+        self._planned = Counter(
+            "imagepushd_images_planned",
+            "Images the planner decided on (new, moved or removed names, and waiting ones).",
+            registry=reg,
+        )
         self._last_push = Gauge(
             "imagepushd_last_push_timestamp_seconds",
             "When a push of the rule last succeeded (unix time).",
@@ -187,6 +197,11 @@ class Metrics:
     def scan_observe(self, seconds: float) -> None:
         """One scan took ``seconds``."""
         self._scan.observe(seconds)
+
+    def scan_work(self, records_read: int, planned: int) -> None:
+        """One scan read ``records_read`` image records again and planned ``planned`` images."""
+        self._records_read.inc(records_read)
+        self._planned.inc(planned)
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The scrape body and its content type, negotiated from the ``Accept`` header."""

@@ -15,7 +15,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,7 @@ from imagepushd.errors import (
     MissingContentError,
     PushInterrupted,
     RootNotFoundError,
+    SnapshotBusyError,
 )
 from imagepushd.logs import push_fields
 from imagepushd.metrics import Metrics, MetricsServer
@@ -61,6 +62,11 @@ STOP_GRACE = 20.0
 MAX_LOOP_SLEEP = 5.0
 STALE_UPLOAD_AGE = 6 * 86400.0
 FINISHED_JOB_AGE = 30 * 86400.0
+#: A snapshot that failed because containerd kept committing is retried after this many
+#: seconds, doubling up to the maximum; it is reported only after ``BUSY_PATIENCE`` seconds.
+BUSY_RETRY_FIRST = 0.05
+BUSY_RETRY_MAX = 2.0
+BUSY_PATIENCE = 30.0
 
 
 def _txid(bolt: BoltFile) -> int | None:
@@ -101,11 +107,11 @@ def _partial_ok(graph: ImageGraph, config: Config) -> bool:
 
 
 def _plan_inputs(
-    state: State | None,
+    state: State | None, scope: Set[tuple[str, str]] | None = None
 ) -> tuple[dict[tuple[str, str], SeenImage], set[tuple[str, str]], list[OpenJob], bool]:
     if state is None:
         return {}, set(), [], True
-    seen = {k: SeenImage(v.digest, v.since, v.baseline) for k, v in state.seen().items()}
+    seen = {k: SeenImage(v.digest, v.since, v.baseline) for k, v in state.seen(scope).items()}
     open_jobs = [
         OpenJob(j.id, Job(j.namespace, j.name, j.digest, j.target, j.rule))
         for j in state.jobs(OPEN_STATUSES)
@@ -122,10 +128,17 @@ def _decide(
     *,
     now: float,
     settle: float,
+    scope: Set[tuple[str, str]] | None = None,
 ) -> Decision:
-    """The planner's decision for ``snap`` given what ``state`` remembers (None: nothing)."""
-    views = [image_view(r, snap, content, config) for r in snap.images]
-    seen, pushed, open_jobs, first = _plan_inputs(state)
+    """The planner's decision for ``snap`` given what ``state`` remembers (None: nothing).
+
+    ``scope`` limits it to those (namespace, name) (see :func:`decide`).
+    """
+    records = snap.images
+    if scope is not None:
+        records = tuple(r for r in records if (r.namespace, r.name) in scope)
+    views = [image_view(r, snap, content, config) for r in records]
+    seen, pushed, open_jobs, first = _plan_inputs(state, scope)
     return decide(
         views,
         seen,
@@ -135,6 +148,7 @@ def _decide(
         now=now,
         settle=settle,
         baseline=first and config.push.on_start == "new-only",
+        scope=scope,
     )
 
 
@@ -226,6 +240,10 @@ class Service:
         self._scan_error = ""
         self.stuck = 0
         self._last_scan = 0.0
+        self._last_full = 0.0
+        self._planned_config: Config | None = None
+        self._busy_since: float | None = None
+        self._busy_retries = 0
         # Running jobs to run again when they end: a referrer of theirs came during the push.
         self._rerun: set[int] = set()
 
@@ -240,7 +258,7 @@ class Service:
             # containerd may simply not have started yet: watch where its root will be.
             root = config.containerd.root or DEFAULT_ROOT
             log.warning("%s; waiting for containerd at %s", exc, root)
-        self._metadata = MetadataStore.at_root(root, reuse_records=True)
+        self._metadata = MetadataStore.at_root(root, reuse_buckets=True)
         self._content = ContentStore(root)
         self._finder = ReferrerFinder(self._content)
         with State(config.state_path, clock=self._clock) as state, self._metrics_server():
@@ -384,11 +402,28 @@ class Service:
     # ---- scanning and planning -----------------------------------------------------------
 
     def _scan(self) -> None:
+        """Read containerd's metadata and plan what changed since the last scan.
+
+        Only names that moved, or that wait on something that may have changed (their
+        namespace's blobs, or the clock), are planned again; every other keeps its decision.
+        A full pass (every bucket read, every image planned) comes first, after a reload, and
+        every ``resync_interval`` as a safety net.
+        """
         config = self._config
-        self._last_scan = self._clock()
+        now = self._clock()
+        self._last_scan = now
+        previous = self._snapshot
+        full = (
+            previous is None
+            or self._planned_config is not config
+            or now - self._last_full >= config.push.resync_interval
+        )
         started = time.monotonic()
         try:
-            snap = self._metadata.read(config.containerd.namespaces, blobs=True)
+            snap = self._metadata.read(config.containerd.namespaces, blobs=True, full=full)
+        except SnapshotBusyError as exc:
+            self._retry_busy(exc, now)
+            return
         except ContainerdError as exc:
             if str(exc) != self._scan_error:
                 log.error("cannot read containerd's metadata: %s", exc)
@@ -397,17 +432,64 @@ class Service:
         if self._scan_error:
             log.info("containerd's metadata is readable again")
             self._scan_error = ""
+        self._busy_since = None
         self._snapshot = snap
+        scope: set[tuple[str, str]] | None = None
+        if not full and previous is not None:
+            scope = snap.moved(previous)
+            blobs = snap.blobs_changed
+            if self._wake_at is not None and now >= self._wake_at:
+                self._wake_at = None
+                scope.update(self._reasons)
+            else:
+                scope.update(k for k in self._reasons if blobs is None or k[0] in blobs)
+        changed = snap.images_changed
+        read = len(snap.images)
+        if changed is not None:
+            read = sum(r.namespace in changed for r in snap.images) if changed else 0
+        if scope is not None and not scope:
+            self._metrics.scan_work(read, 0)
+            self._metrics.scan_observe(time.monotonic() - started)
+            return
         state = self._state
         settle = 0.0 if self._once else config.push.settle
-        decision = _decide(snap, self._content, config, state, now=self._clock(), settle=settle)
-        self._apply(decision)
+        decision = _decide(
+            snap, self._content, config, state, now=self._clock(), settle=settle, scope=scope
+        )
+        self._apply(decision, scope)
         self._queue_referrers(snap, decision.seen_changed)
-        if state.get_flag("baseline_done") is None:
-            state.set_flag("baseline_done", str(self._clock()))
+        if full:
+            self._planned_config = config
+            self._last_full = now
+            if state.get_flag("baseline_done") is None:
+                state.set_flag("baseline_done", str(self._clock()))
+        planned = len(snap.images) if scope is None else len(scope)
+        self._metrics.scan_work(read, planned)
         self._metrics.scan_observe(time.monotonic() - started)
 
-    def _apply(self, decision: Decision) -> None:
+    def _retry_busy(self, exc: SnapshotBusyError, now: float) -> None:
+        """Try again soon, quietly: containerd committed during every snapshot attempt.
+
+        A busy containerd (thousands of tags in a burst) is no error; only if it lasts
+        ``BUSY_PATIENCE`` seconds is it said, once, until a snapshot succeeds.
+        """
+        if self._busy_since is None:
+            self._busy_since, self._busy_retries = now, 0
+        delay = min(BUSY_RETRY_MAX, BUSY_RETRY_FIRST * 2**self._busy_retries)
+        self._busy_retries += 1
+        retry = now + delay
+        self._wake_at = retry if self._wake_at is None else min(self._wake_at, retry)
+        if now - self._busy_since >= BUSY_PATIENCE and not self._scan_error:
+            log.warning(
+                "containerd's metadata changed during every read for %.0fs; still trying (%s)",
+                now - self._busy_since,
+                exc,
+            )
+            self._scan_error = str(exc)
+        else:
+            log.debug("containerd is busy; reading its metadata again in %.2fs: %s", delay, exc)
+
+    def _apply(self, decision: Decision, scope: Set[tuple[str, str]] | None = None) -> None:
         state = self._state
         state.update_seen(decision.seen_changed, decision.seen_removed)
         if decision.cancel:
@@ -421,8 +503,12 @@ class Service:
         for key, reason in reasons.items():
             if self._reasons.get(key) != reason.split(" (")[0]:
                 log.info("%s/%s waits: %s", key[0], key[1], reason)
-        self._reasons = {k: v.split(" (")[0] for k, v in reasons.items()}
-        self._wake_at = decision.wake_at
+        kept = {} if scope is None else {k: v for k, v in self._reasons.items() if k not in scope}
+        self._reasons = kept | {k: v.split(" (")[0] for k, v in reasons.items()}
+        wake_at = decision.wake_at
+        if scope is not None and self._wake_at is not None:
+            wake_at = self._wake_at if wake_at is None else min(wake_at, self._wake_at)
+        self._wake_at = wake_at
 
     # ---- jobs ----------------------------------------------------------------------------
 

@@ -63,6 +63,8 @@ _SQLITE_CORRUPT = 11
 _SQLITE_FULL = 13
 _SQLITE_CANTOPEN = 14
 _SQLITE_NOTADB = 26
+#: Up to this many keys, ``State.seen`` looks each up rather than reading the whole table.
+_SEEN_LOOKUPS = 256
 
 
 def _v1_initial(conn: sqlite3.Connection) -> None:
@@ -496,14 +498,24 @@ class State:
 
     # ------------------------------------------------------------------ seen images
 
-    def seen(self) -> dict[tuple[str, str], Seen]:
-        """Every (namespace, name) last seen and the digest it pointed at."""
+    def seen(self, keys: Collection[tuple[str, str]] | None = None) -> dict[tuple[str, str], Seen]:
+        """Every (namespace, name) last seen and the digest it pointed at; only ``keys``'s.
+
+        A daemon re-planning what changed asks for a few keys out of thousands: each is looked
+        up; past ``_SEEN_LOOKUPS`` keys one pass over the table is cheaper.
+        """
+        select = "SELECT namespace, name, digest, since, baseline FROM seen"
         with self._transaction(write=False) as conn:
-            rows = conn.execute("SELECT namespace, name, digest, since, baseline FROM seen")
-            return {
+            if keys is None or len(keys) > _SEEN_LOOKUPS:
+                rows: Iterable[Sequence[Any]] = conn.execute(select)
+            else:
+                where = f"{select} WHERE namespace = ? AND name = ?"
+                rows = [row for key in keys for row in conn.execute(where, key)]
+            found = {
                 (str(ns), str(name)): Seen(str(digest), float(since), bool(baseline))
                 for ns, name, digest, since, baseline in rows
             }
+        return found if keys is None else {k: v for k, v in found.items() if k in keys}
 
     def update_seen(
         self, changed: Mapping[tuple[str, str], SeenLike], removed: Iterable[tuple[str, str]]

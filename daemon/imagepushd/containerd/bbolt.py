@@ -412,19 +412,41 @@ class Tx:
         """Interpret a sub-bucket value: a page-backed root or an inline page image."""
         found = self.bucket_value(value, where)
         if isinstance(found, Leaf):
-            return Bucket(self, 0, found)
+            return Bucket(self, 0, found, value)
         return Bucket(self, found, None)
 
 
 class Bucket:
-    """A bucket: ordered keys mapping to values or to nested buckets."""
+    """A bucket: ordered keys mapping to values or to nested buckets.
 
-    __slots__ = ("_inline", "_root", "_tx")
+    ``value`` is an inline bucket's value (header and page image), for :meth:`fingerprint`.
+    """
 
-    def __init__(self, tx: Tx, root: int, inline: Leaf | None) -> None:
+    __slots__ = ("_inline", "_root", "_tx", "_value")
+
+    def __init__(self, tx: Tx, root: int, inline: Leaf | None, value: bytes = b"") -> None:
         self._tx = tx
         self._root = root
         self._inline = inline
+        self._value = value
+
+    def fingerprint(self) -> bytes:
+        """Bytes that stay equal while the bucket's data does, for comparing transactions.
+
+        An inline bucket's value holds all its data. A page-backed bucket gives its root page id
+        and the bytes of that page: bbolt is copy-on-write, so a commit that changes anything
+        in a bucket writes the changed pages and every page above them, up to the bucket's root,
+        to pages that were free, and never writes a page in use. Between two consecutive
+        transactions an unchanged root page id therefore means unchanged data. Across several
+        commits a freed root page can be reused for the same bucket; comparing its bytes (child
+        page ids, keys, counts) catches that unless every page on the way down was reused in the
+        same places too, which is why a reader relying on this should still read everything now
+        and then. Costs one page read (none for an inline bucket).
+        """
+        if self._inline is not None:
+            return self._value
+        buf, _flags, _count = self._tx.read_page(self._root)
+        return self._root.to_bytes(8, "little") + buf
 
     def _where(self) -> str:
         return "inline bucket" if self._inline is not None else f"bucket at page {self._root}"
