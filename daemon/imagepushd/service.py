@@ -39,6 +39,7 @@ from imagepushd.logs import push_fields
 from imagepushd.metrics import Metrics, MetricsServer
 from imagepushd.notify import Notifier, watchdog_interval
 from imagepushd.oci import Descriptor
+from imagepushd.pacing import BusyPatience, VerifyBudget
 from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide
 from imagepushd.push import Pusher, PushResult, host_platform, plan
 from imagepushd.reference import parse_reference
@@ -62,11 +63,13 @@ STOP_GRACE = 20.0
 MAX_LOOP_SLEEP = 5.0
 STALE_UPLOAD_AGE = 6 * 86400.0
 FINISHED_JOB_AGE = 30 * 86400.0
-#: A snapshot that failed because containerd kept committing is retried after this many
-#: seconds, doubling up to the maximum; it is reported only after ``BUSY_PATIENCE`` seconds.
-BUSY_RETRY_FIRST = 0.05
-BUSY_RETRY_MAX = 2.0
-BUSY_PATIENCE = 30.0
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    """The earlier of two optional times."""
+    if a is None or b is None:
+        return b if a is None else a
+    return min(a, b)
 
 
 def _txid(bolt: BoltFile) -> int | None:
@@ -242,8 +245,9 @@ class Service:
         self._last_scan = 0.0
         self._last_full = 0.0
         self._planned_config: Config | None = None
-        self._busy_since: float | None = None
-        self._busy_retries = 0
+        self._busy = BusyPatience()
+        self._verify = VerifyBudget()
+        self._verify_at: float | None = None
         # Running jobs to run again when they end: a referrer of theirs came during the push.
         self._rerun: set[int] = set()
 
@@ -406,18 +410,21 @@ class Service:
 
         Only names that moved, or that wait on something that may have changed (their
         namespace's blobs, or the clock), are planned again; every other keeps its decision.
-        A full pass (every bucket read, every image planned) comes first, after a reload, and
-        every ``resync_interval`` as a safety net.
+        Every image is planned on the first scan, after a reload, and every
+        ``resync_interval`` as a safety net. A snapshot that may hide a change (records carried
+        over across several commits, see ``MetadataSnapshot.unverified``) is followed by a full
+        read as soon as the time budget for them allows.
         """
         config = self._config
         now = self._clock()
         self._last_scan = now
         previous = self._snapshot
-        full = (
+        replan = (
             previous is None
             or self._planned_config is not config
             or now - self._last_full >= config.push.resync_interval
         )
+        full = replan or (self._verify_at is not None and now >= self._verify_at)
         started = time.monotonic()
         try:
             snap = self._metadata.read(config.containerd.namespaces, blobs=True, full=full)
@@ -432,10 +439,12 @@ class Service:
         if self._scan_error:
             log.info("containerd's metadata is readable again")
             self._scan_error = ""
-        self._busy_since = None
+        if full:
+            self._verify.spent(now, time.monotonic() - started)
+        self._busy.succeeded()
         self._snapshot = snap
         scope: set[tuple[str, str]] | None = None
-        if not full and previous is not None:
+        if not replan and previous is not None:
             scope = snap.moved(previous)
             blobs = snap.blobs_changed
             if self._wake_at is not None and now >= self._wake_at:
@@ -447,10 +456,21 @@ class Service:
         read = len(snap.images)
         if changed is not None:
             read = sum(r.namespace in changed for r in snap.images) if changed else 0
-        if scope is not None and not scope:
-            self._metrics.scan_work(read, 0)
-            self._metrics.scan_observe(time.monotonic() - started)
-            return
+        if scope is None or scope:
+            self._plan(snap, scope, replan=replan)
+        if not snap.unverified:
+            self._verify_at = None
+        elif self._verify_at is None:
+            self._verify_at = self._verify.due(now)
+        self._wake_at = _earliest(self._wake_at, self._verify_at)
+        self._metrics.scan_work(read, len(snap.images) if scope is None else len(scope))
+        self._metrics.scan_observe(time.monotonic() - started)
+
+    def _plan(
+        self, snap: MetadataSnapshot, scope: set[tuple[str, str]] | None, *, replan: bool
+    ) -> None:
+        """Plan ``scope`` (None: every image) of ``snap`` and apply the decision."""
+        config = self._config
         state = self._state
         settle = 0.0 if self._once else config.push.settle
         decision = _decide(
@@ -458,33 +478,18 @@ class Service:
         )
         self._apply(decision, scope)
         self._queue_referrers(snap, decision.seen_changed)
-        if full:
+        if replan:
             self._planned_config = config
-            self._last_full = now
+            self._last_full = self._clock()
             if state.get_flag("baseline_done") is None:
                 state.set_flag("baseline_done", str(self._clock()))
-        planned = len(snap.images) if scope is None else len(scope)
-        self._metrics.scan_work(read, planned)
-        self._metrics.scan_observe(time.monotonic() - started)
 
     def _retry_busy(self, exc: SnapshotBusyError, now: float) -> None:
-        """Try again soon, quietly: containerd committed during every snapshot attempt.
-
-        A busy containerd (thousands of tags in a burst) is no error; only if it lasts
-        ``BUSY_PATIENCE`` seconds is it said, once, until a snapshot succeeds.
-        """
-        if self._busy_since is None:
-            self._busy_since, self._busy_retries = now, 0
-        delay = min(BUSY_RETRY_MAX, BUSY_RETRY_FIRST * 2**self._busy_retries)
-        self._busy_retries += 1
-        retry = now + delay
-        self._wake_at = retry if self._wake_at is None else min(self._wake_at, retry)
-        if now - self._busy_since >= BUSY_PATIENCE and not self._scan_error:
-            log.warning(
-                "containerd's metadata changed during every read for %.0fs; still trying (%s)",
-                now - self._busy_since,
-                exc,
-            )
+        """Scan again soon; say so only if containerd has been too busy to read for long."""
+        delay, report = self._busy.failed(now)
+        self._wake_at = _earliest(self._wake_at, now + delay)
+        if report:
+            log.warning("containerd's metadata changed during every read for a while: %s", exc)
             self._scan_error = str(exc)
         else:
             log.debug("containerd is busy; reading its metadata again in %.2fs: %s", delay, exc)
@@ -506,9 +511,7 @@ class Service:
         kept = {} if scope is None else {k: v for k, v in self._reasons.items() if k not in scope}
         self._reasons = kept | {k: v.split(" (")[0] for k, v in reasons.items()}
         wake_at = decision.wake_at
-        if scope is not None and self._wake_at is not None:
-            wake_at = self._wake_at if wake_at is None else min(wake_at, self._wake_at)
-        self._wake_at = wake_at
+        self._wake_at = wake_at if scope is None else _earliest(self._wake_at, wake_at)
 
     # ---- jobs ----------------------------------------------------------------------------
 

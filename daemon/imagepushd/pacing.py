@@ -1,0 +1,79 @@
+"""When the daemon reads containerd's metadata again, besides "it changed".
+
+Two cases need pacing. containerd can be too busy to snapshot (it committed during every
+attempt): :class:`BusyPatience` says when to try again and when that is worth a log line. And a
+cheap snapshot can carry records over across several commits, which may hide a change (see
+``MetadataSnapshot.unverified``): :class:`VerifyBudget` says when to settle that with a full
+read, as soon as possible while full reads are rare, less often when they would add up.
+Both are plain arithmetic on times the caller passes in.
+"""
+
+from __future__ import annotations
+
+
+class BusyPatience:
+    """When to read again, and whether to say so, while containerd is too busy to snapshot.
+
+    A snapshot fails with ``SnapshotBusyError`` when containerd committed during each attempt
+    (thousands of tags in a burst). That is no error: the next read comes after ``first``
+    seconds, doubling up to ``maximum``, and the failure is worth a line only once it has
+    lasted ``patience`` seconds, and then once until a snapshot succeeds.
+    """
+
+    def __init__(self, first: float = 0.05, maximum: float = 2.0, patience: float = 30.0) -> None:
+        self._first = first
+        self._maximum = maximum
+        self._patience = patience
+        self._since: float | None = None
+        self._failures = 0
+        self._reported = False
+
+    def failed(self, now: float) -> tuple[float, bool]:
+        """One more busy snapshot at ``now``: seconds until the next try, and whether to say so."""
+        if self._since is None:
+            self._since, self._failures = now, 0
+        delay = min(self._maximum, self._first * 2**self._failures)
+        self._failures += 1
+        report = not self._reported and now - self._since >= self._patience
+        self._reported = self._reported or report
+        return delay, report
+
+    def succeeded(self) -> None:
+        """A snapshot was taken: the next busy spell starts afresh."""
+        self._since = None
+        self._reported = False
+
+
+class VerifyBudget:
+    """When to take the full read that settles an unverified snapshot.
+
+    Full reads may use ``share`` of the wall-clock time (a token bucket holding at most
+    ``burst`` seconds): on a quiet host a change hidden by page reuse (a tag deleted and made
+    again) is seen at once, while a containerd that commits all the time gets a full read of
+    10,000 images (~30 ms) every few seconds, not after every commit.
+    """
+
+    def __init__(self, share: float = 0.005, burst: float = 0.25) -> None:
+        self._share = share
+        self._burst = burst
+        self._tokens = burst
+        self._at: float | None = None
+        self._cost = 0.0
+
+    def _refill(self, now: float) -> None:
+        if self._at is not None:
+            gained = max(0.0, now - self._at) * self._share
+            self._tokens = min(self._burst, self._tokens + gained)
+        self._at = now
+
+    def spent(self, now: float, seconds: float) -> None:
+        """A full read ending at ``now`` took ``seconds``: the expected cost of the next one."""
+        self._refill(now)
+        self._tokens -= seconds
+        self._cost = seconds
+
+    def due(self, now: float) -> float:
+        """The earliest time from ``now`` at which a full read fits in the budget."""
+        self._refill(now)
+        missing = min(self._cost, self._burst) - self._tokens
+        return now if missing <= 0 else now + missing / self._share
