@@ -148,9 +148,9 @@ class Metrics:
             buckets=SCAN_BUCKETS,
             registry=reg,
         )
-        self._records_read = Counter(
-            "imagepushd_image_records_read",
-            "Image records read from containerd's metadata (namespaces whose images changed).",
+        self._decoded = Counter(
+            "imagepushd_image_records_decoded",
+            "Image records decoded from containerd's metadata (new or changed ones).",
             registry=reg,
         )
         self._planned = Counter(
@@ -198,9 +198,9 @@ class Metrics:
         """One scan took ``seconds``."""
         self._scan.observe(seconds)
 
-    def scan_work(self, records_read: int, planned: int) -> None:
-        """One scan read ``records_read`` image records again and planned ``planned`` images."""
-        self._records_read.inc(records_read)
+    def scan_work(self, decoded: int, planned: int) -> None:
+        """One scan decoded ``decoded`` image records and planned ``planned`` images."""
+        self._decoded.inc(decoded)
         self._planned.inc(planned)
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:

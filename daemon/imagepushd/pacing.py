@@ -50,21 +50,24 @@ class VerifyBudget:
     Full reads may use ``share`` of the wall-clock time (a token bucket holding at most
     ``burst`` seconds): on a quiet host a change hidden by page reuse (a tag deleted and made
     again) is seen at once, while a containerd that commits all the time gets a full read of
-    10,000 images (~30 ms) every few seconds, not after every commit.
+    10,000 images (~30 ms) every 15 s or so, not after every commit (at most 0.12 s per
+    minute).
     """
 
-    def __init__(self, share: float = 0.005, burst: float = 0.25) -> None:
+    def __init__(self, share: float = 0.002, burst: float = 0.25) -> None:
         self._share = share
         self._burst = burst
         self._tokens = burst
         self._at: float | None = None
         self._cost = 0.0
 
-    def _refill(self, now: float) -> None:
-        if self._at is not None:
-            gained = max(0.0, now - self._at) * self._share
-            self._tokens = min(self._burst, self._tokens + gained)
-        self._at = now
+    def _refill(self, now: float) -> float:
+        """Add what the time since the last call earned; the budget's time (never going back)."""
+        if self._at is None or now > self._at:
+            if self._at is not None:
+                self._tokens = min(self._burst, self._tokens + (now - self._at) * self._share)
+            self._at = now
+        return self._at
 
     def spent(self, now: float, seconds: float) -> None:
         """A full read ending at ``now`` took ``seconds``: the expected cost of the next one."""
@@ -74,6 +77,6 @@ class VerifyBudget:
 
     def due(self, now: float) -> float:
         """The earliest time from ``now`` at which a full read fits in the budget."""
-        self._refill(now)
+        at = self._refill(now)
         missing = min(self._cost, self._burst) - self._tokens
-        return now if missing <= 0 else now + missing / self._share
+        return now if missing <= 0 else at + missing / self._share

@@ -248,6 +248,7 @@ class Service:
         self._busy = BusyPatience()
         self._verify = VerifyBudget()
         self._verify_at: float | None = None
+        self._decoded = 0
         # Running jobs to run again when they end: a referrer of theirs came during the push.
         self._rerun: set[int] = set()
 
@@ -452,10 +453,6 @@ class Service:
                 scope.update(self._reasons)
             else:
                 scope.update(k for k in self._reasons if blobs is None or k[0] in blobs)
-        changed = snap.images_changed
-        read = len(snap.images)
-        if changed is not None:
-            read = sum(r.namespace in changed for r in snap.images) if changed else 0
         if scope is None or scope:
             self._plan(snap, scope, replan=replan)
         if not snap.unverified:
@@ -463,7 +460,10 @@ class Service:
         elif self._verify_at is None:
             self._verify_at = self._verify.due(now)
         self._wake_at = _earliest(self._wake_at, self._verify_at)
-        self._metrics.scan_work(read, len(snap.images) if scope is None else len(scope))
+        decoded = self._metadata.images_decoded
+        planned = len(snap.images) if scope is None else len(scope)
+        self._metrics.scan_work(decoded - self._decoded, planned)
+        self._decoded = decoded
         self._metrics.scan_observe(time.monotonic() - started)
 
     def _plan(

@@ -193,7 +193,10 @@ class BlobRecord:
 
 @dataclass(frozen=True)
 class MetadataSnapshot:
-    """A consistent view of containerd's images (and optionally blob records) at one txid."""
+    """A consistent view of containerd's images (and optionally blob records) at one txid.
+
+    Equal snapshots hold the same records; what a read found changed is not compared.
+    """
 
     txid: int
     db_version: int
@@ -202,13 +205,13 @@ class MetadataSnapshot:
     blobs: Mapping[str, Mapping[str, BlobRecord]] = field(default_factory=dict)
     #: Namespaces whose image records may differ from the previous snapshot of the same store
     #: (``MetadataStore(reuse_buckets=True)``); None: no such snapshot, so any may.
-    images_changed: frozenset[str] | None = None
+    images_changed: frozenset[str] | None = field(default=None, compare=False)
     #: The same for blob records.
-    blobs_changed: frozenset[str] | None = None
+    blobs_changed: frozenset[str] | None = field(default=None, compare=False)
     #: Some records were carried over on a bucket's fingerprint across several commits: one
     #: rewritten on a reused page (a name deleted and created again) may be hidden until a
     #: ``read(full=True)``.
-    unverified: bool = False
+    unverified: bool = field(default=False, compare=False)
 
     def image(self, namespace: str, name: str) -> ImageRecord | None:
         """The image called ``name`` in ``namespace``, if any."""
@@ -224,6 +227,8 @@ class MetadataSnapshot:
         :attr:`images_changed` are compared (all when it is None).
         """
         spaces = self.images_changed
+        if spaces is not None and not spaces:
+            return set()
 
         def digests(snap: MetadataSnapshot) -> dict[tuple[str, str], str]:
             return {
@@ -470,6 +475,7 @@ class _Reader:
         self.new: dict[tuple[str, bytes], _BucketCache] | None = None
         self.changed: dict[bytes, set[str]] = {b"images": set(), b"blob": set()}
         self.unverified = False
+        self.decoded = 0  # image records decoded (not reused)
         if cache is not None:
             self.new = {}
             if cache.order == tx.byte_order:
@@ -526,36 +532,32 @@ class _Reader:
     ) -> R:
         """The records of one namespace's ``images`` or ``content/blob`` bucket.
 
-        With ``reuse_buckets``, a bucket whose fingerprint is the one last read is not read
-        again: its records (and cached pages) carry over, verified only if no commit came
-        between (see :meth:`Bucket.fingerprint`). A namespace without the bucket has no records
-        and an empty fingerprint.
+        With ``reuse_buckets``, a bucket that did not change since it was last read is not read
+        again: its records (and cached pages) carry over. That is an equal :attr:`Bucket.ref`
+        when no other commit came between (or when the ref holds the whole bucket), otherwise
+        an equal :meth:`Bucket.fingerprint`, which leaves the records unverified.
         """
         old = self.old.get((namespace, kind))
         txid = self.tx.txid
-        ref = fingerprint = b""
-        exact = True  # whether equal fingerprints would mean equal records
-        if bucket is not None:
-            ref = bucket.ref
-            exact = bucket.inline
-        reused = False
+        ref = bucket.ref if bucket is not None else b""
+        # No bucket, or an inline one, is all in its ref: equal refs mean equal records.
+        exact = bucket is None or bucket.inline
+        fingerprint = b""
+        verified: bool | None = None  # None: not carried over
         if self.reuse_buckets and old is not None:
             if old.ref == ref and (exact or txid <= old.txid + 1):
-                reused, fingerprint, verified = True, old.fingerprint, old.verified
-            else:
-                fingerprint = bucket.fingerprint() if bucket is not None else b""
-                if old.fingerprint == fingerprint:
-                    reused, verified = True, old.verified and exact
-                    self.unverified = self.unverified or not verified
-        elif self.fingerprints and bucket is not None:
-            fingerprint = bucket.fingerprint()
+                fingerprint, verified = old.fingerprint, old.verified
+            elif bucket is not None and not exact:
+                fingerprint = bucket.fingerprint()
+                if fingerprint == old.fingerprint:
+                    verified = False
         pages: dict[int, _Cached] | None
-        if reused:
-            assert old is not None
+        if old is not None and verified is not None:
             records, pages = cast(R, old.records), old.pages
+            self.unverified = self.unverified or not verified
         else:
             self.changed[kind].add(namespace)
-            if self.fingerprints and not fingerprint and bucket is not None:
+            if self.fingerprints and not fingerprint and bucket is not None and not exact:
                 fingerprint = bucket.fingerprint()
             pages = {} if self.new is not None else None
             records = read(namespace, bucket, old.pages if old is not None else {}, pages)
@@ -618,6 +620,7 @@ class _Reader:
         where = lambda: f"namespace {namespace!r} key {key!r}"  # noqa: E731
         found = tx.bucket_value(value, where)
         if isinstance(found, Leaf):  # an inline record bucket (no sub-buckets, small)
+            self.decoded += kind is self.image_kind
             return kind.decode(namespace, key, found, where)[0]
         pgid = found
         buf, page_flags, count = tx.read_page(pgid)
@@ -634,6 +637,7 @@ class _Reader:
             if new is not None:
                 new[pgid] = hit
             return hit.record
+        self.decoded += kind is self.image_kind
         if page_flags != FLAG_LEAF:  # a bucket spanning pages, or a bad flag: general path
             return kind.general(namespace, _text(key), Bucket(tx, pgid, None))
         leaf = tx.parse_leaf(buf, 0, count, pgid)
@@ -796,6 +800,8 @@ class MetadataStore:
         self._warned_version = 0
         self._cache = _RecordCache() if reuse_records or reuse_buckets else None
         self._reuse_buckets = reuse_buckets
+        #: Image records decoded by this store's snapshots so far (not carried over or reused).
+        self.images_decoded = 0
 
     @classmethod
     def at_root(
@@ -840,6 +846,7 @@ class MetadataStore:
         if cache is not None and reader.new is not None:
             cache.order = reader.tx.byte_order
             cache.buckets = reader.new
+        self.images_decoded += reader.decoded
         if snap.db_version < 1:
             raise UnsupportedSchemaError(
                 f"{self.path}: containerd metadata version {snap.db_version} is not supported"
