@@ -213,6 +213,8 @@ class Service:
         self._metrics = metrics or Metrics()
         self._metrics.rules_known(rule.index for rule in self._config.rules)
         self._stop = threading.Event()
+        # Set by signal handlers, which only record and wake (see _signals); the loop acts.
+        self._stop_requested = False
         self._reload = False
         self._clients: dict[str, tuple[RegistryClient, BlobUploader]] = {}
         self._clients_lock = threading.Lock()
@@ -268,8 +270,8 @@ class Service:
                 self._stop.set()
                 self._drain(pool)
                 state.requeue_running()
-                watcher.stop()
                 self._restore(previous)
+                watcher.stop()
                 for client, _ in self._clients.values():
                     client.close()
                 self._metadata.close()
@@ -285,8 +287,11 @@ class Service:
             return {}
         previous: dict[int, object] = {}
 
+        # A handler runs on the main thread between two bytecodes, possibly while that thread
+        # holds a lock (the watcher's, or the stop Event's own), so it takes none: it records
+        # the signal and wakes the loop through the watcher's lock-free self-pipe.
         def stop(signum: int, frame: FrameType | None) -> None:
-            self._stop.set()
+            self._stop_requested = True
             if self._watcher is not None:
                 self._watcher.notify_external()
 
@@ -310,7 +315,7 @@ class Service:
     def _loop(self, pool: ThreadPoolExecutor, watcher: MetaWatcher) -> None:
         interval = watchdog_interval(self._env)
         last_ping = 0.0
-        while not self._stop.is_set():
+        while not self._stopping():
             if self._reload:
                 self._reload = False
                 self._do_reload()
@@ -325,12 +330,18 @@ class Service:
                 return
             timeout = self._sleep_budget(now, interval)
             changed = watcher.wait(timeout)
-            if self._stop.is_set():
+            if self._stopping():
                 return
             now = self._clock()
             resync = now - self._last_scan >= self._config.push.resync_interval
             if changed or resync or (self._wake_at is not None and now >= self._wake_at):
                 self._scan()
+
+    def _stopping(self) -> bool:
+        """Whether to leave the loop; turns a recorded stop signal into the workers' stop."""
+        if self._stop_requested:
+            self._stop.set()
+        return self._stop.is_set()
 
     def _sleep_budget(self, now: float, interval: float | None) -> float:
         # Finished pushes wake the loop themselves (see _dispatch).
