@@ -3,7 +3,8 @@ that pushes to a real docker-registry, with the shipped alert rules loaded.
 
 The push is checked at the registry with skopeo (digest, every blob pulled); the pushed count
 is then read back through Prometheus' HTTP API, the rules must be loaded and evaluate without
-error (and none fires for a healthy daemon), and every dashboard query must evaluate.
+error (and none fires for a healthy daemon), and every dashboard query must evaluate. When
+the daemon stops, ImagepushdDown goes pending for its real scrape target.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def test_prometheus_scrapes_a_pushing_daemon_and_loads_the_rules(
 
     prometheus.wait_for("the push counted", lambda: value(prometheus, pushed) == 1)
     counted = time.time()
-    last = value(prometheus, f'imagepushd_last_push_timestamp_seconds{{rule="0"}}')
+    last = value(prometheus, 'imagepushd_last_push_timestamp_seconds{rule="0"}')
     assert last is not None and last > 0
     assert value(prometheus, f'imagepushd_queue_depth{{job="{JOB}"}}') == 0
 
@@ -107,3 +108,20 @@ def test_prometheus_scrapes_a_pushing_daemon_and_loads_the_rules(
     assert value(prometheus, "sum(imagepushd_bytes_sent_total)") == sum(
         child.size for child in b.children_of(image)
     )
+
+    # The daemon stops: its scrape fails and ImagepushdDown goes pending (it fires after 5
+    # minutes), so the rule's selector matches what a real scrape of the daemon is labelled.
+    assert daemon.stop() == 0
+
+    def down() -> list[dict[str, Any]]:
+        alerts: list[dict[str, Any]] = prometheus.api("alerts")["alerts"]
+        return [a for a in alerts if a["labels"]["alertname"] == "ImagepushdDown"]
+
+    [alert] = prometheus.wait_for("ImagepushdDown pending", down)
+    assert alert["state"] == "pending"
+    assert alert["labels"] == {
+        "alertname": "ImagepushdDown",
+        "job": JOB,
+        "instance": target,
+        "severity": "critical",
+    }
