@@ -28,12 +28,10 @@ from imagepushd.config import parse_config
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "daemon" / "imagepushd" / "data"
 DEBIAN = REPO / "packaging" / "debian"
-#: Prometheus rules and Grafana dashboard (installed under /usr/share/imagepushd/ by the .deb),
-#: and the promtool unit tests of the rules.
+#: Prometheus rules and Grafana dashboard (installed under /usr/share/imagepushd/ by the .deb).
 MONITORING = (
     "packaging/prometheus/imagepushd.rules.yml",
     "packaging/grafana/imagepushd-dashboard.json",
-    "tests/prometheus/imagepushd.rules.test.yml",
 )
 
 
@@ -231,8 +229,7 @@ def test_unit_commands_come_from_dependencies() -> None:
 def test_debian_installs_the_alert_rules_and_dashboard_under_usr_share() -> None:
     lines = (DEBIAN / "imagepushd.install").read_text().splitlines()
     installs = dict(line.split() for line in lines)
-    shipped = [name for name in MONITORING if name.startswith("packaging/")]
-    for name in shipped:
+    for name in MONITORING:
         assert (REPO / name).is_file(), name
         kind = Path(name).parent.name  # prometheus/ or grafana/
         assert installs.get(name) == f"usr/share/imagepushd/{kind}/", name
@@ -300,7 +297,7 @@ def test_wheel_and_sdist_install_into_a_fresh_venv(tmp_path: Path) -> None:
             member = tf.getmember(base + name)
             assert member.isfile(), f"{name} is not a regular file in the sdist"
         assert tf.getmember(f"imagepushd-{__version__}/LICENSE").isfile()
-        for name in MONITORING:  # and what tests/test_prometheus.py checks them with
+        for name in MONITORING:
             assert tf.getmember(f"imagepushd-{__version__}/{name}").isfile(), name
 
     venv = tmp_path / "venv"
