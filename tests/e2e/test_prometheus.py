@@ -78,10 +78,10 @@ def test_prometheus_scrapes_a_pushing_daemon_and_loads_the_rules(
     assert value(prometheus, f'imagepushd_queue_depth{{job="{JOB}"}}') == 0
 
     # The shipped rules: all loaded, each evaluated since the push was scraped, no errors.
-    def evaluated() -> list[dict[str, Any]] | None:
+    def evaluated() -> list[dict[str, Any]]:
         [group] = prometheus.api("rules")["groups"]
         rules: list[dict[str, Any]] = group["rules"]
-        return rules if all(unix(r["lastEvaluation"]) > counted for r in rules) else None
+        return rules if all(unix(r["lastEvaluation"]) > counted for r in rules) else []
 
     rules = prometheus.wait_for("every rule evaluated after the push", evaluated)
     assert {rule["name"] for rule in rules} == {

@@ -17,11 +17,11 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
 
-from tests.support.process import log_size, read_log, tail_log, terminate
+from tests.support.process import log_size, read_log, tail_log, terminate, wait_until
 from tests.support.registry import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +29,7 @@ RULES = REPO / "packaging" / "prometheus" / "imagepushd.rules.yml"
 RULES_TEST = REPO / "tests" / "prometheus" / "imagepushd.rules.test.yml"
 DASHBOARD = REPO / "packaging" / "grafana" / "imagepushd-dashboard.json"
 HINT = "install the Debian package prometheus (apt-get install -y prometheus)"
+T = TypeVar("T")
 #: The scrape job the rules expect (ImagepushdDown selects ``up{job="imagepushd"}``).
 JOB = "imagepushd"
 
@@ -167,17 +168,13 @@ class Prometheus:
         return list(data["result"])
 
     def wait_for(
-        self, what: str, probe: Callable[[], Any], timeout: float = 60.0, interval: float = 0.5
-    ) -> Any:
+        self, what: str, probe: Callable[[], T], timeout: float = 60.0, interval: float = 0.5
+    ) -> T:
         """Call ``probe`` until it returns something truthy (that value); a hang guard only."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = probe()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise PrometheusError(f"{what}: not within {timeout}s:\n{self.log_tail()}")
-            time.sleep(interval)
+        value = wait_until(probe, timeout, interval)
+        if value is None:
+            raise PrometheusError(f"{what}: not within {timeout}s:\n{self.log_tail()}")
+        return value
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds."""
