@@ -226,6 +226,13 @@ def test_unit_commands_come_from_dependencies() -> None:
         assert providers[program] in depends, f"{program} needs Depends: {providers[program]}"
 
 
+def test_debian_rules_is_executable_and_uses_pybuild() -> None:
+    rules = DEBIAN / "rules"
+    assert rules.stat().st_mode & 0o111
+    assert "dh $@ --with python3 --buildsystem=pybuild" in rules.read_text()
+    assert (REPO / "packaging" / "build-deb.sh").stat().st_mode & 0o111
+
+
 def test_debian_installs_the_alert_rules_and_dashboard_under_usr_share() -> None:
     lines = (DEBIAN / "imagepushd.install").read_text().splitlines()
     installs = dict(line.split() for line in lines)
@@ -233,13 +240,6 @@ def test_debian_installs_the_alert_rules_and_dashboard_under_usr_share() -> None
         assert (REPO / name).is_file(), name
         kind = Path(name).parent.name  # prometheus/ or grafana/
         assert installs.get(name) == f"usr/share/imagepushd/{kind}/", name
-
-
-def test_debian_rules_is_executable_and_uses_pybuild() -> None:
-    rules = DEBIAN / "rules"
-    assert rules.stat().st_mode & 0o111
-    assert "dh $@ --with python3 --buildsystem=pybuild" in rules.read_text()
-    assert (REPO / "packaging" / "build-deb.sh").stat().st_mode & 0o111
 
 
 # ------------------------------------------------------------------ wheel and sdist
