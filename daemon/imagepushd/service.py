@@ -42,6 +42,7 @@ from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, dec
 from imagepushd.push import Pusher, PushResult, host_platform, plan
 from imagepushd.reference import parse_reference
 from imagepushd.referrers import ReferrerFinder, ReferrerPushed, push_referrers, repush_jobs
+from imagepushd.registry.bodylimit import BodyLimit
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import (
     Credentials,
@@ -688,6 +689,7 @@ class Service:
                 client,
                 chunk_size=settings.chunk_size or push.chunk_size,
                 sessions=self._state.upload_sessions(host),
+                body_limit=BodyLimit(host, self._state.body_limit(host)),
                 should_stop=self._stop.is_set,
                 on_resume=functools.partial(self._metrics.resume_count, host),
             )
