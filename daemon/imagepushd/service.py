@@ -51,6 +51,7 @@ from imagepushd.registry.credentials import (
     systemd_credential,
 )
 from imagepushd.registry.retry import Retrier, RetryPolicy
+from imagepushd.registry.throttle import RequestThrottle
 from imagepushd.registry.upload import BlobUploader
 from imagepushd.state import OPEN_STATUSES, RUNNING, JobRecord, State
 from imagepushd.units import human_size
@@ -684,6 +685,10 @@ class Service:
                     on_retry=functools.partial(self._metrics.retry_count, host),
                 ),
                 transport=self._transport,
+                throttle=RequestThrottle(
+                    rate=settings.requests_per_second,
+                    concurrency=settings.max_concurrent_requests,
+                ),
             )
             uploader = BlobUploader(
                 client,
