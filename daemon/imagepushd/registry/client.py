@@ -101,7 +101,8 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
 class RegistryClient:
     """One registry host. Thread-safe for concurrent blob uploads (httpx.Client is).
 
-    ``throttle`` bounds the rate and concurrency of every request this client sends."""
+    ``throttle`` bounds the rate and concurrency of every request this client sends.
+    """
 
     def __init__(
         self,
