@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepushd.cli import Context, run
+from imagepushd.cli import Context, build_parser, run
 from imagepushd.units import human_size
 from tests.support.containerd import Containerd
 from tests.support.images import ImageBuilder
@@ -216,3 +217,33 @@ def test_referrers_with_an_archive_is_a_usage_error(tmp_path: Path):
     code, _, err = cli("push", "--archive", str(tmp_path / "x.tar"), "r.test/app:1", "--referrers")
     assert code == 2
     assert_one_line(err, "--referrers reads them from containerd; not with --archive")
+
+
+def test_global_options_are_accepted_after_the_subcommand(tmp_path: Path) -> None:
+    """``check-config --config F`` as well as ``--config F check-config``; the later wins."""
+    good = tmp_path / "good.toml"
+    good.write_text('[push]\nsettle = "2s"\n')
+    for argv in (
+        ["check-config", "--config", str(good)],
+        ["--config", str(good), "check-config"],
+        ["--config", str(tmp_path / "missing.toml"), "check-config", "--config", str(good)],
+        ["check-config", "--log-level", "debug", "--config", str(good)],
+    ):
+        code, _, err = cli(*argv)
+        assert code == 0, (argv, err)
+    code, _, err = cli("check-config", "--config", str(tmp_path / "none.toml"))
+    assert code == 2
+    assert_one_line(err, "none.toml")
+
+
+def test_every_subcommand_has_a_description(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    subcommands = next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices
+    assert len(subcommands) >= 11
+    for name, sub in subcommands.items():
+        assert sub.description, name
+    with pytest.raises(SystemExit):
+        cli("images", "--help")
+    assert "$CONTAINERD_NAMESPACE" in capsys.readouterr().out
