@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import select
 import socket
@@ -122,7 +123,7 @@ class MetaWatcher:
     Start the watcher *before* the first scan so no commit can fall between the two. Every
     public method is thread-safe; :meth:`wait` is for one waiting thread at a time (the loop).
 
-    The waiter sleeps in ``select`` on a socket pair that every hand-over writes a byte to, not
+    The waiter sleeps in ``poll`` on a socket pair that every hand-over writes a byte to, not
     on a condition variable, and :meth:`notify_external` takes no lock: a signal handler runs
     on the main thread between two bytecodes, possibly while that thread holds the watcher's
     lock, so waking the loop from it must never wait for one.
@@ -158,6 +159,9 @@ class MetaWatcher:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        # poll, not select: a busy daemon's descriptors may number past select's 1024.
+        self._wake_poll = select.poll()
+        self._wake_poll.register(self._wake_r, select.POLLIN)
         # Set without the lock (see notify_external); read and cleared by the waiter.
         self._external = False
         # Guarded by _lock.
@@ -253,7 +257,7 @@ class MetaWatcher:
     def _wait_ready(self, deadline: float) -> bool:
         """Block until a change is due (True) or a wake-up, stop or the deadline (False)."""
         while True:
-            # Drain before looking: a byte written after this makes the select return.
+            # Drain before looking: a byte written after this makes the poll return.
             self._drain()
             if self._external:
                 self._external = False
@@ -272,7 +276,7 @@ class MetaWatcher:
                         self._burst_last + self._debounce,
                         self._burst_first + self._max_delay,
                     )
-            select.select([self._wake_r], [], [], max(0.0, wake - now))
+            self._wake_poll.poll(max(0, math.ceil((wake - now) * 1000)))
 
     def _change_due(self) -> bool:
         with self._lock:
@@ -287,7 +291,7 @@ class MetaWatcher:
         self._kick()
 
     def _kick(self) -> None:
-        """Make the waiter's select return (a full buffer is as good as one more byte)."""
+        """Make the waiter's poll return (a full buffer is as good as one more byte)."""
         # BlockingIOError: already readable; closed: stopped.
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
