@@ -37,7 +37,7 @@ from imagepushd.logs import configure_logging
 from imagepushd.notify import Notifier
 from imagepushd.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
 from imagepushd.progress import ProgressRenderer
-from imagepushd.push import PlatformPolicy, Pusher, PushResult
+from imagepushd.push import PlatformPolicy, Pusher, PushResult, host_platform
 from imagepushd.reference import Reference, parse_reference
 from imagepushd.referrers import ReferrerFinder, ReferrersResult, push_referrers
 from imagepushd.registry import login as registry_login
@@ -251,7 +251,7 @@ def cmd_export(args: argparse.Namespace, ctx: Context) -> int:
         if record is None:
             raise ImageNotFoundError(f"image {name!r} not found in namespace {namespace!r}")
         images.append(ExportImage(name, record.target, store.content.walk(record.target, known)))
-    result = export_layout(store.content, images, args.output)
+    result = export_layout(store.content, images, args.output, host_platform())
     log.info(
         "exported %d image(s), %d blobs, %s to %s",
         result.images,
