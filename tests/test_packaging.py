@@ -28,6 +28,11 @@ from imagepushd.config import parse_config
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "daemon" / "imagepushd" / "data"
 DEBIAN = REPO / "packaging" / "debian"
+#: Prometheus rules and Grafana dashboard (installed under /usr/share/imagepushd/ by the .deb).
+MONITORING = (
+    "packaging/prometheus/imagepushd.rules.yml",
+    "packaging/grafana/imagepushd-dashboard.json",
+)
 
 
 def _script(name: str) -> ModuleType:
@@ -228,6 +233,15 @@ def test_debian_rules_is_executable_and_uses_pybuild() -> None:
     assert (REPO / "packaging" / "build-deb.sh").stat().st_mode & 0o111
 
 
+def test_debian_installs_the_alert_rules_and_dashboard_under_usr_share() -> None:
+    lines = (DEBIAN / "imagepushd.install").read_text().splitlines()
+    installs = dict(line.split() for line in lines)
+    for name in MONITORING:
+        assert (REPO / name).is_file(), name
+        kind = Path(name).parent.name  # prometheus/ or grafana/
+        assert installs.get(name) == f"usr/share/imagepushd/{kind}/", name
+
+
 # ------------------------------------------------------------------ wheel and sdist
 
 
@@ -283,6 +297,8 @@ def test_wheel_and_sdist_install_into_a_fresh_venv(tmp_path: Path) -> None:
             member = tf.getmember(base + name)
             assert member.isfile(), f"{name} is not a regular file in the sdist"
         assert tf.getmember(f"imagepushd-{__version__}/LICENSE").isfile()
+        for name in MONITORING:
+            assert tf.getmember(f"imagepushd-{__version__}/{name}").isfile(), name
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)

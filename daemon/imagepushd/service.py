@@ -42,6 +42,7 @@ from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, dec
 from imagepushd.push import Pusher, PushResult, host_platform, plan
 from imagepushd.reference import parse_reference
 from imagepushd.referrers import ReferrerFinder, ReferrerPushed, push_referrers, repush_jobs
+from imagepushd.registry.bodylimit import BodyLimit
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import (
     Credentials,
@@ -50,6 +51,7 @@ from imagepushd.registry.credentials import (
     systemd_credential,
 )
 from imagepushd.registry.retry import Retrier, RetryPolicy
+from imagepushd.registry.throttle import RequestThrottle
 from imagepushd.registry.upload import BlobUploader
 from imagepushd.state import OPEN_STATUSES, RUNNING, JobRecord, State
 from imagepushd.units import human_size
@@ -683,11 +685,16 @@ class Service:
                     on_retry=functools.partial(self._metrics.retry_count, host),
                 ),
                 transport=self._transport,
+                throttle=RequestThrottle(
+                    rate=settings.requests_per_second,
+                    concurrency=settings.max_concurrent_requests,
+                ),
             )
             uploader = BlobUploader(
                 client,
                 chunk_size=settings.chunk_size or push.chunk_size,
                 sessions=self._state.upload_sessions(host),
+                body_limit=BodyLimit(host, self._state.body_limit(host)),
                 should_stop=self._stop.is_set,
                 on_resume=functools.partial(self._metrics.resume_count, host),
             )

@@ -30,6 +30,7 @@ from imagepushd.oci import MAX_MANIFEST_SIZE, OCI_INDEX, Descriptor, load_object
 from imagepushd.registry.auth import Authenticator, repository_scope
 from imagepushd.registry.credentials import Credentials
 from imagepushd.registry.retry import Retrier, parse_retry_after
+from imagepushd.registry.throttle import RequestThrottle
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,10 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
 
 
 class RegistryClient:
-    """One registry host. Thread-safe for concurrent blob uploads (httpx.Client is)."""
+    """One registry host. Thread-safe for concurrent blob uploads (httpx.Client is).
+
+    ``throttle`` bounds the rate and concurrency of every request this client sends.
+    """
 
     def __init__(
         self,
@@ -108,8 +112,10 @@ class RegistryClient:
         credentials: Credentials | None = None,
         retrier: Retrier | None = None,
         transport: httpx.BaseTransport | None = None,
+        throttle: RequestThrottle | None = None,
     ) -> None:
         self.host = host
+        self.throttle = throttle or RequestThrottle()
         self.settings = settings or HostSettings()
         self.retrier = retrier or Retrier()
         self.api_host = "registry-1.docker.io" if host == "docker.io" else host
@@ -205,7 +211,8 @@ class RegistryClient:
         content = body() if callable(body) else body
         request = self._http.build_request(method, url, headers=headers, content=content)
         try:
-            return self._http.send(request)
+            with self.throttle.slot():
+                return self._http.send(request)
         except httpx.HTTPError as exc:
             if _caused_by(exc, ssl.SSLCertVerificationError):
                 raise RegistryConnectionError(
