@@ -37,13 +37,14 @@ from imagepushd.logs import configure_logging
 from imagepushd.notify import Notifier
 from imagepushd.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
 from imagepushd.progress import ProgressRenderer
-from imagepushd.push import PlatformPolicy, Pusher, PushResult
+from imagepushd.push import PlatformPolicy, Pusher, PushResult, host_platform
 from imagepushd.reference import Reference, parse_reference
 from imagepushd.referrers import ReferrerFinder, ReferrersResult, push_referrers
 from imagepushd.registry import login as registry_login
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import Credentials, CredentialStore
 from imagepushd.registry.upload import BlobUploader
+from imagepushd.rules import push_target
 from imagepushd.service import Service, plan_preview
 from imagepushd.state import OPEN_STATUSES, State
 from imagepushd.units import human_size, parse_size
@@ -250,7 +251,7 @@ def cmd_export(args: argparse.Namespace, ctx: Context) -> int:
         if record is None:
             raise ImageNotFoundError(f"image {name!r} not found in namespace {namespace!r}")
         images.append(ExportImage(name, record.target, store.content.walk(record.target, known)))
-    result = export_layout(store.content, images, args.output)
+    result = export_layout(store.content, images, args.output, host_platform())
     log.info(
         "exported %d image(s), %d blobs, %s to %s",
         result.images,
@@ -297,7 +298,7 @@ def cmd_push(args: argparse.Namespace, ctx: Context) -> int:
     assert namespace is not None
     snap = store.snapshot(namespace)
     record = _find_image(snap, namespace, args.image)
-    target = parse_reference(args.target or record.name)
+    target = push_target(args.target, record.name, namespace)
     blobs = snap.blobs.get(namespace, {})
     graph = store.content.walk(record.target, blobs)
 
@@ -714,7 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
         "image", metavar="IMAGE", help="image name in containerd (or in the --archive)"
     )
     push.add_argument(
-        "target", metavar="TARGET", nargs="?", help="destination reference (default: IMAGE)"
+        "target",
+        metavar="TARGET",
+        nargs="?",
+        help="destination reference (default: IMAGE); a prefix ending in / "
+        "(host/proj/: the image's path and tag go under it) or a template with "
+        "{image} {registry} {repository} {tag} {namespace}, as a rule's target",
     )
     push.add_argument(
         "--archive",
