@@ -15,12 +15,13 @@ from imagepushd.oci import Descriptor
 from imagepushd.registry.auth import (
     Authenticator,
     Challenge,
+    RequestAuth,
     merge_scopes,
     parse_challenges,
     repository_scope,
 )
 from imagepushd.registry.client import RegistryClient
-from imagepushd.registry.credentials import Credentials
+from imagepushd.registry.credentials import Credentials, CredentialSource
 from tests.support.fakeregistry import (
     FakeRegistry,
     FakeTokenServer,
@@ -189,7 +190,7 @@ def authenticator(
     auth = Authenticator(
         http,
         HOST,
-        credentials,
+        CredentialSource.fixed(credentials),
         basic_allowed=lambda url: url.scheme == "https",
         clock=clock or Clock(),
     )
@@ -203,10 +204,10 @@ def test_token_is_cached_per_scope_set(token_http: TokenHttp) -> None:
     url = httpx.URL(f"https://{HOST}/v2/")
     other = (repository_scope("team/other", "pull"),)
 
-    first = auth.authorization((PUSH,), url)
-    assert auth.authorization((PUSH,), url) == first
-    third = auth.authorization(other, url)
-    assert auth.authorization(other, url) == third
+    first = auth.authorization(RequestAuth((PUSH,)), url)
+    assert auth.authorization(RequestAuth((PUSH,)), url) == first
+    third = auth.authorization(RequestAuth(other), url)
+    assert auth.authorization(RequestAuth(other), url) == third
 
     assert first != third
     assert len(tokens.requests) == 2
@@ -225,13 +226,13 @@ def test_token_refreshed_shortly_before_expiry(
     url = httpx.URL(f"https://{HOST}/v2/")
     margin = 20.0  # REFRESH_MARGIN
 
-    first = auth.authorization((PUSH,), url)
+    first = auth.authorization(RequestAuth((PUSH,)), url)
     clock.now = 1000.0 + lifetime - margin - 0.5
-    assert auth.authorization((PUSH,), url) == first
+    assert auth.authorization(RequestAuth((PUSH,)), url) == first
     assert len(tokens.requests) == 1
 
     clock.now = 1000.0 + lifetime - margin + 0.5
-    assert auth.authorization((PUSH,), url) != first
+    assert auth.authorization(RequestAuth((PUSH,)), url) != first
     assert len(tokens.requests) == 2
 
 
@@ -239,7 +240,9 @@ def test_access_token_field_is_accepted(token_http: TokenHttp) -> None:
     tokens = FakeTokenServer(token_field="access_token")
     auth = authenticator(token_http(tokens), tokens)
 
-    assert auth.authorization((PUSH,), httpx.URL(f"https://{HOST}/")) == "Bearer token-1"
+    assert (
+        auth.authorization(RequestAuth((PUSH,)), httpx.URL(f"https://{HOST}/")) == "Bearer token-1"
+    )
 
 
 @pytest.mark.parametrize(
@@ -259,20 +262,27 @@ def test_bad_token_server_answers(
     auth = authenticator(token_http(lambda r: answer), tokens)
 
     with pytest.raises(RegistryAuthError, match=message):
-        auth.authorization((PUSH,), httpx.URL(f"https://{HOST}/"))
+        auth.authorization(RequestAuth((PUSH,)), httpx.URL(f"https://{HOST}/"))
 
 
 def test_bearer_without_realm(token_http: TokenHttp) -> None:
     tokens = FakeTokenServer()
-    auth = Authenticator(token_http(tokens), HOST, None, basic_allowed=lambda url: True)
+    auth = Authenticator(
+        token_http(tokens), HOST, CredentialSource.fixed(None), basic_allowed=lambda url: True
+    )
     auth.learn(httpx.Response(401, headers={"WWW-Authenticate": 'Bearer service="s"'}))
 
     with pytest.raises(RegistryAuthError, match="without a realm"):
-        auth.authorization((PUSH,), httpx.URL(f"https://{HOST}/"))
+        auth.authorization(RequestAuth((PUSH,)), httpx.URL(f"https://{HOST}/"))
 
 
 def test_no_usable_challenge(token_http: TokenHttp) -> None:
-    auth = Authenticator(token_http(FakeTokenServer()), HOST, None, basic_allowed=lambda url: True)
+    auth = Authenticator(
+        token_http(FakeTokenServer()),
+        HOST,
+        CredentialSource.fixed(None),
+        basic_allowed=lambda url: True,
+    )
 
     with pytest.raises(RegistryAuthError, match="no usable challenge"):
         auth.learn(httpx.Response(401, headers={"WWW-Authenticate": 'Digest realm="x"'}))
