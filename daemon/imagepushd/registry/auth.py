@@ -116,7 +116,9 @@ class RequestAuth:
     credentials: Credentials | None = None
     learned: bool = False
     refetched: bool = False
-    renewed: bool = False
+    #: The credentials were resolved during this request: resolving them again after a
+    #: refusal would only repeat the answer (and run the helper twice in a row).
+    fresh: bool = False
 
 
 class Authenticator:
@@ -166,7 +168,10 @@ class Authenticator:
         request.credentials = None
         if challenge is None:
             return None
+        resolutions = self._source.resolutions
         creds = request.credentials = self._source.get()
+        if self._source.resolutions != resolutions:
+            request.fresh = True
         if challenge.scheme == "basic":
             if not creds.username:
                 return None
@@ -210,7 +215,7 @@ class Authenticator:
             if creds is not None and not creds.anonymous:
                 # The token server took these credentials: what they lack is permission.
                 raise self.denied(creds)
-        if creds is not None and not request.renewed and self._renew(request, creds):
+        if creds is not None and not request.fresh and self._renew(request, creds):
             return
         raise self.denied(creds)
 
@@ -231,7 +236,7 @@ class Authenticator:
 
     def _renew(self, request: RequestAuth, rejected: Credentials) -> bool:
         """Resolve the credentials again after ``rejected`` was refused; whether they changed."""
-        request.renewed = True
+        request.fresh = True
         changed = self._source.renew(rejected)
         request.credentials = self._source.get()
         if changed:
@@ -246,7 +251,7 @@ class Authenticator:
         """A cached token for the request's scopes, else one fetched with its credentials.
 
         The token server is where Bearer credentials are checked: refused there, they are
-        resolved again (once per request) and the fetch is repeated if they changed.
+        resolved again (at most once per request) and the fetch is repeated if they changed.
         """
         key = self._key(challenge, request.scopes)
         with self._lock:
@@ -255,7 +260,7 @@ class Authenticator:
                 return cached
             creds = request.credentials or Credentials()
             token = self._fetch(challenge, request.scopes, creds)
-            if token is None and not request.renewed and self._renew(request, creds):
+            if token is None and not request.fresh and self._renew(request, creds):
                 creds = request.credentials or Credentials()
                 token = self._fetch(challenge, request.scopes, creds)
             if token is None:

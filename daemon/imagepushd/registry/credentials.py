@@ -74,6 +74,8 @@ class CredentialSource:
         self._resolve = resolve
         self._current: Credentials | None = None
         self._lock = threading.Lock()
+        #: How many times ``resolve`` ran (helper runs, file reads).
+        self.resolutions = 0
 
     @classmethod
     def fixed(cls, credentials: Credentials | None) -> CredentialSource:
@@ -101,6 +103,7 @@ class CredentialSource:
 
     def _fresh(self) -> Credentials:
         # A new object per resolution, even when equal, so renew() can tell them apart.
+        self.resolutions += 1
         found = self._resolve()
         return replace(found) if found is not None else Credentials()
 
