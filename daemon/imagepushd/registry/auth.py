@@ -237,10 +237,15 @@ class Authenticator:
     def _renew(self, request: RequestAuth, rejected: Credentials) -> bool:
         """Resolve the credentials again after ``rejected`` was refused; whether they changed."""
         request.fresh = True
+        resolutions = self._source.resolutions
         changed = self._source.renew(rejected)
         request.credentials = self._source.get()
-        if changed:
-            log.info("%s: credentials rejected; trying them as resolved again", self._host)
+        if self._source.resolutions != resolutions:
+            log.info(
+                "%s: credentials rejected; resolved them again: %s",
+                self._host,
+                "changed, sending again" if changed else "unchanged",
+            )
         return changed
 
     @staticmethod

@@ -1,0 +1,202 @@
+"""Credentials that rotate under a running daemon, against a real docker-registry.
+
+The registry's password changes while ``imagepushd run`` keeps running; the operator updates
+what the daemon reads (a ``password_file``, a systemd credential, a docker credential helper's
+answer) and sends no SIGHUP. The next image must push: the daemon resolves its credentials
+again when the registry (or its token server) refuses them, and sends once more. The helper
+is a real executable on the daemon's ``PATH`` that counts its runs, so the test can tell that
+it ran only when a refusal asked for it. Every pushed image is checked with skopeo (the
+source digest served, every blob pulled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_daemon import _one_rule, configure, small, state_path
+from tests.support.containerd import Containerd, load
+from tests.support.daemon import Daemon
+from tests.support.images import ImageBuilder
+from tests.support.process import wait_until
+from tests.support.registry import Registry
+
+pytestmark = pytest.mark.e2e
+
+#: Hang guard only: a push of these small images takes well under a second here.
+PUSH_TIMEOUT = 120.0
+ROTATED = "rotated-Pw-do-not-leak"
+
+HELPER = """\
+#!{python}
+# docker-credential-test: answers "get" from $HELPER_ANSWER; one line per run in $HELPER_RUNS.
+import json, os, sys
+
+with open(os.environ["HELPER_RUNS"], "a") as runs:
+    runs.write(json.dumps(sys.argv[1:]) + "\\n")
+server = sys.stdin.read().strip()
+if sys.argv[1:] != ["get"]:
+    sys.exit(2)
+with open(os.environ["HELPER_ANSWER"]) as f:
+    answer = json.load(f)
+print(json.dumps({{"ServerURL": server, **answer}}))
+"""
+
+
+def wait_pushed(daemon: Daemon, target: str, digest: str) -> None:
+    """Wait until the daemon recorded ``target`` at ``digest``; fail at its first push error."""
+
+    def outcome() -> str | None:
+        status = daemon.status()
+        if any((p["target"], p["digest"]) == (target, digest) for p in status["recent"]):
+            return "pushed"
+        errors = [j["last_error"] for j in status["pending"] if j["target"] == target]
+        return next((f"failed: {e}" for e in errors if e), None)
+
+    result = wait_until(outcome, PUSH_TIMEOUT, interval=0.2)
+    assert result == "pushed", f"{target}: {result or 'not pushed in time'}\n{daemon.log_tail()}"
+
+
+def rotate(registry: Registry, password: str) -> None:
+    """Change alice's password on the registry (htpasswd file, or the token server's users)."""
+    if registry.token_server is not None:
+        registry.token_server.users["alice"] = password
+    else:
+        registry.set_password("alice", password)
+
+
+def assert_no_secret_leaked(daemon: Daemon, *secrets: str) -> None:
+    texts = [daemon.log_text(), state_path(daemon).read_bytes().decode(errors="replace")]
+    for secret in secrets:
+        for text in texts:
+            assert secret not in text
+
+
+def push_before_and_after_rotation(
+    containerd: Containerd,
+    registry: Registry,
+    daemon: Daemon,
+    image_builder: ImageBuilder,
+    tmp_path: Path,
+    settings: dict[str, Any],
+    update: Any,
+) -> None:
+    """Push one image, rotate the password (``update`` tells the daemon's side), push another.
+
+    The second image goes to another repository: on a token registry it needs a new token,
+    which the token server only gives for the new password.
+    """
+    b = image_builder
+    host = registry.host
+    first, second = small(b, "rotation/first"), small(b, "rotation/second")
+    load(containerd, b, tmp_path, {"build/first:1": first, "build/second:1": second})
+    configure(daemon, containerd, host, _one_rule(host), registry=settings)
+    daemon.start()
+    containerd.tag("build/first:1", f"{host}/team/app:1")
+    wait_pushed(daemon, f"{host}/team/app:1", first.digest)
+    registry.verify_image("team/app:1", first.digest, tmp_path / "pull")
+
+    rotate(registry, ROTATED)
+    update(ROTATED)
+    mark, since = registry.log_mark(), daemon.mark()
+    containerd.tag("build/second:1", f"{host}/team/other:1")
+    wait_pushed(daemon, f"{host}/team/other:1", second.digest)
+
+    registry.verify_image("team/other:1", second.digest, tmp_path / "pull")
+    assert "RELOADING" not in [k for n in daemon.notifications(since) for k in n.fields]
+    assert "resolved them again: changed, sending again" in daemon.log_text()
+    if registry.token_server is None:
+        refused = [r for r in registry.requests(mark) if r["status"] == 401]
+        assert refused, "the old password was never refused: the test rotated nothing"
+    else:
+        refused_tokens = [r for r in registry.token_server.requests if r.status == 401]
+        assert refused_tokens, "the token server never refused the old password"
+
+
+@pytest.mark.parametrize("where", ["password_file", "password_credential"])
+def test_rotated_secret_file_is_read_again_without_a_reload(
+    where: str,
+    containerd: Containerd,
+    htpasswd_registry: Registry,
+    daemon: Daemon,
+    image_builder: ImageBuilder,
+    tmp_path: Path,
+) -> None:
+    """``password_file``, or a systemd credential in ``$CREDENTIALS_DIRECTORY``, rewritten."""
+    secrets = tmp_path / "credentials"
+    secrets.mkdir()
+    secret = secrets / "robot"
+    secret.write_text("secret\n")
+    settings: dict[str, Any] = {"username": "alice"}
+    if where == "password_file":
+        settings["password_file"] = str(secret)
+    else:
+        settings["password_credential"] = "robot"
+        daemon.extra_env["CREDENTIALS_DIRECTORY"] = str(secrets)
+
+    def update(password: str) -> None:
+        temp = secret.with_suffix(".tmp")
+        temp.write_text(password + "\n")
+        temp.replace(secret)  # as systemd or a secrets agent replaces it
+
+    push_before_and_after_rotation(
+        containerd, htpasswd_registry, daemon, image_builder, tmp_path, settings, update
+    )
+    assert_no_secret_leaked(daemon, ROTATED)
+
+
+@pytest.mark.parametrize("kind", ["htpasswd", "token"])
+def test_credential_helper_runs_again_only_when_refused(
+    kind: str,
+    request: pytest.FixtureRequest,
+    containerd: Containerd,
+    daemon: Daemon,
+    image_builder: ImageBuilder,
+    tmp_path: Path,
+) -> None:
+    """``credHelpers`` names a helper on the daemon's PATH; its answer changes with the password.
+
+    It runs once at the first push and once more when the registry (htpasswd) or the token
+    server (token) refuses the old password: twice in all, however many requests were sent.
+    """
+    registry: Registry = request.getfixturevalue(f"{kind}_registry")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    helper = bindir / "docker-credential-test"
+    helper.write_text(HELPER.format(python=sys.executable))
+    helper.chmod(0o755)
+    answer, runs = tmp_path / "helper-answer.json", tmp_path / "helper-runs"
+    answer.write_text(json.dumps({"Username": "alice", "Secret": "secret"}))
+    docker_config = tmp_path / "docker-config"
+    docker_config.mkdir()
+    (docker_config / "config.json").write_text(json.dumps({"credHelpers": {registry.host: "test"}}))
+    daemon.extra_env.update(
+        {
+            "PATH": f"{bindir}:{os.environ['PATH']}",
+            "DOCKER_CONFIG": str(docker_config),
+            "HELPER_ANSWER": str(answer),
+            "HELPER_RUNS": str(runs),
+        }
+    )
+
+    def update(password: str) -> None:
+        temp = answer.with_suffix(".tmp")
+        temp.write_text(json.dumps({"Username": "alice", "Secret": password}))
+        temp.replace(answer)
+        assert run_count() == 1  # the first push resolved once, then used what it had
+
+    def run_count() -> int:
+        return len(runs.read_text().splitlines())
+
+    push_before_and_after_rotation(
+        containerd, registry, daemon, image_builder, tmp_path, {}, update
+    )
+
+    assert run_count() == 2
+    assert all(json.loads(line) == ["get"] for line in runs.read_text().splitlines())
+    assert_no_secret_leaked(daemon, ROTATED)
