@@ -1,8 +1,8 @@
 """Credentials that rotate under a running daemon, against a real docker-registry.
 
 The registry's password changes while ``imagepushd run`` keeps running; the operator updates
-what the daemon reads (a ``password_file``, a systemd credential, a docker credential helper's
-answer) and sends no SIGHUP. The next image must push: the daemon resolves its credentials
+what the daemon reads (a ``password_file``, a docker credential helper's answer) and sends no
+SIGHUP. The next image must push: the daemon resolves its credentials
 again when the registry (or its token server) refuses them, and sends once more. The helper
 is a real executable on the daemon's ``PATH`` that counts its runs, so the test can tell that
 it ran only when a refusal asked for it. Every pushed image is checked with skopeo (the
@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +86,7 @@ def push_before_and_after_rotation(
     image_builder: ImageBuilder,
     tmp_path: Path,
     settings: dict[str, Any],
-    update: Any,
+    update: Callable[[str], None],
 ) -> None:
     """Push one image, rotate the password (``update`` tells the daemon's side), push another.
 
@@ -118,36 +120,70 @@ def push_before_and_after_rotation(
         assert refused_tokens, "the token server never refused the old password"
 
 
-@pytest.mark.parametrize("where", ["password_file", "password_credential"])
-def test_rotated_secret_file_is_read_again_without_a_reload(
-    where: str,
+def test_rotated_password_file_is_read_again_without_a_reload(
     containerd: Containerd,
     htpasswd_registry: Registry,
     daemon: Daemon,
     image_builder: ImageBuilder,
     tmp_path: Path,
 ) -> None:
-    """``password_file``, or a systemd credential in ``$CREDENTIALS_DIRECTORY``, rewritten."""
-    secrets = tmp_path / "credentials"
-    secrets.mkdir()
-    secret = secrets / "robot"
+    """``password_file`` replaced by the operator (or a secrets agent) after the change.
+
+    (``password_credential`` goes through the same re-read, but systemd never changes
+    ``$CREDENTIALS_DIRECTORY`` under a running service: https://systemd.io/CREDENTIALS/.)
+    """
+    secret = tmp_path / "robot.password"
     secret.write_text("secret\n")
-    settings: dict[str, Any] = {"username": "alice"}
-    if where == "password_file":
-        settings["password_file"] = str(secret)
-    else:
-        settings["password_credential"] = "robot"
-        daemon.extra_env["CREDENTIALS_DIRECTORY"] = str(secrets)
 
     def update(password: str) -> None:
         temp = secret.with_suffix(".tmp")
         temp.write_text(password + "\n")
-        temp.replace(secret)  # as systemd or a secrets agent replaces it
+        temp.replace(secret)
 
+    settings = {"username": "alice", "password_file": str(secret)}
     push_before_and_after_rotation(
         containerd, htpasswd_registry, daemon, image_builder, tmp_path, settings, update
     )
     assert_no_secret_leaked(daemon, ROTATED)
+
+
+class Helper:
+    """``docker-credential-test`` on the daemon's PATH, named by ``credHelpers`` for ``host``.
+
+    It answers ``get`` from a file (:meth:`answer` replaces it) and logs each run's argv.
+    """
+
+    def __init__(self, daemon: Daemon, directory: Path, host: str) -> None:
+        bindir = directory / "bin"
+        bindir.mkdir()
+        program = bindir / "docker-credential-test"
+        program.write_text(HELPER.format(python=sys.executable))
+        program.chmod(0o755)
+        self.answer_path = directory / "helper-answer.json"
+        self.runs_path = directory / "helper-runs"
+        self.runs_path.touch()
+        self.answer("secret")
+        docker_config = directory / "docker-config"
+        docker_config.mkdir()
+        (docker_config / "config.json").write_text(json.dumps({"credHelpers": {host: "test"}}))
+        daemon.extra_env.update(
+            {
+                "PATH": f"{bindir}:{os.environ['PATH']}",
+                "DOCKER_CONFIG": str(docker_config),
+                "HELPER_ANSWER": str(self.answer_path),
+                "HELPER_RUNS": str(self.runs_path),
+            }
+        )
+
+    def answer(self, password: str) -> None:
+        temp = self.answer_path.with_suffix(".tmp")
+        temp.write_text(json.dumps({"Username": "alice", "Secret": password}))
+        temp.replace(self.answer_path)
+
+    @property
+    def runs(self) -> list[list[str]]:
+        """The argv (after the program) of every run so far."""
+        return [json.loads(line) for line in self.runs_path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("kind", ["htpasswd", "token"])
@@ -165,38 +201,55 @@ def test_credential_helper_runs_again_only_when_refused(
     server (token) refuses the old password: twice in all, however many requests were sent.
     """
     registry: Registry = request.getfixturevalue(f"{kind}_registry")
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    helper = bindir / "docker-credential-test"
-    helper.write_text(HELPER.format(python=sys.executable))
-    helper.chmod(0o755)
-    answer, runs = tmp_path / "helper-answer.json", tmp_path / "helper-runs"
-    answer.write_text(json.dumps({"Username": "alice", "Secret": "secret"}))
-    docker_config = tmp_path / "docker-config"
-    docker_config.mkdir()
-    (docker_config / "config.json").write_text(json.dumps({"credHelpers": {registry.host: "test"}}))
-    daemon.extra_env.update(
-        {
-            "PATH": f"{bindir}:{os.environ['PATH']}",
-            "DOCKER_CONFIG": str(docker_config),
-            "HELPER_ANSWER": str(answer),
-            "HELPER_RUNS": str(runs),
-        }
-    )
+    helper = Helper(daemon, tmp_path, registry.host)
 
     def update(password: str) -> None:
-        temp = answer.with_suffix(".tmp")
-        temp.write_text(json.dumps({"Username": "alice", "Secret": password}))
-        temp.replace(answer)
-        assert run_count() == 1  # the first push resolved once, then used what it had
-
-    def run_count() -> int:
-        return len(runs.read_text().splitlines())
+        helper.answer(password)
+        assert len(helper.runs) == 1  # the first push resolved once, then used what it had
 
     push_before_and_after_rotation(
         containerd, registry, daemon, image_builder, tmp_path, {}, update
     )
 
-    assert run_count() == 2
-    assert all(json.loads(line) == ["get"] for line in runs.read_text().splitlines())
+    assert helper.runs == [["get"], ["get"]]  # argv holds no secret and no server
     assert_no_secret_leaked(daemon, ROTATED)
+
+
+def test_expired_token_is_fetched_again_without_running_the_helper(
+    containerd: Containerd,
+    token_registry: Registry,
+    daemon: Daemon,
+    image_builder: ImageBuilder,
+    tmp_path: Path,
+) -> None:
+    """Tokens that really expire after 3 s (the client assumes 60 s): an expired token asks
+    the token server again with the credentials in hand, not the helper."""
+    registry = token_registry
+    server = registry.token_server
+    assert server is not None
+    server.expires_in = 3
+    server.strict_expiry = True
+    helper = Helper(daemon, tmp_path, registry.host)
+    b = image_builder
+    host = registry.host
+    first, second = small(b, "expiry/first"), small(b, "expiry/second")
+    load(containerd, b, tmp_path, {"build/first:1": first, "build/second:1": second})
+    configure(daemon, containerd, host, _one_rule(host))
+    daemon.start()
+    containerd.tag("build/first:1", f"{host}/team/app:1")
+    wait_pushed(daemon, f"{host}/team/app:1", first.digest)
+    issued = len([r for r in server.requests if r.status == 200])
+    expired_at = time.monotonic() + server.expires_in + 1
+    wait_until(lambda: time.monotonic() > expired_at, server.expires_in + 5)
+
+    mark = registry.log_mark()
+    containerd.tag("build/second:1", f"{host}/team/app:2")
+    wait_pushed(daemon, f"{host}/team/app:2", second.digest)
+
+    assert any(r["status"] == 401 for r in registry.requests(mark)), "no token expired"
+    assert len([r for r in server.requests if r.status == 200]) > issued
+    assert not [r for r in server.requests if r.status == 401]
+    assert helper.runs == [["get"]]
+    server.expires_in = 300  # skopeo should not race the clock
+    registry.verify_image("team/app:1", first.digest, tmp_path / "pull")
+    registry.verify_image("team/app:2", second.digest, tmp_path / "pull")
