@@ -22,8 +22,10 @@ from typing import Any
 import pytest
 
 from tests.e2e.test_daemon import _one_rule, configure, small, state_path
+from tests.support.cli import run_cli
 from tests.support.containerd import Containerd, load
 from tests.support.daemon import Daemon
+from tests.support.faultproxy import FaultProxy, describe
 from tests.support.images import ImageBuilder
 from tests.support.process import wait_until
 from tests.support.registry import Registry
@@ -33,10 +35,13 @@ pytestmark = pytest.mark.e2e
 #: Hang guard only: a push of these small images takes well under a second here.
 PUSH_TIMEOUT = 120.0
 ROTATED = "rotated-Pw-do-not-leak"
+MiB = 1 << 20
 
 HELPER = """\
 #!{python}
-# docker-credential-test: answers "get" from $HELPER_ANSWER; one line per run in $HELPER_RUNS.
+# docker-credential-test: answers "get" with the first entry of the JSON list in $HELPER_ANSWER
+# (dropping it while others follow, so a list of two answers is a rotation at the second run);
+# one line per run in $HELPER_RUNS.
 import json, os, sys
 
 with open(os.environ["HELPER_RUNS"], "a") as runs:
@@ -44,9 +49,14 @@ with open(os.environ["HELPER_RUNS"], "a") as runs:
 server = sys.stdin.read().strip()
 if sys.argv[1:] != ["get"]:
     sys.exit(2)
-with open(os.environ["HELPER_ANSWER"]) as f:
-    answer = json.load(f)
-print(json.dumps({{"ServerURL": server, **answer}}))
+path = os.environ["HELPER_ANSWER"]
+with open(path) as f:
+    answers = json.load(f)
+if len(answers) > 1:
+    with open(path + ".tmp", "w") as f:
+        json.dump(answers[1:], f)
+    os.replace(path + ".tmp", path)
+print(json.dumps({{"ServerURL": server, **answers[0]}}))
 """
 
 
@@ -148,12 +158,13 @@ def test_rotated_password_file_is_read_again_without_a_reload(
 
 
 class Helper:
-    """``docker-credential-test`` on the daemon's PATH, named by ``credHelpers`` for ``host``.
+    """``docker-credential-test`` in a private bin directory, named by ``credHelpers`` for ``host``.
 
-    It answers ``get`` from a file (:meth:`answer` replaces it) and logs each run's argv.
+    :attr:`env` puts it on ``PATH`` with its own ``DOCKER_CONFIG``; :meth:`answer` sets what
+    ``get`` answers; :attr:`runs` lists each run's argv.
     """
 
-    def __init__(self, daemon: Daemon, directory: Path, host: str) -> None:
+    def __init__(self, directory: Path, host: str) -> None:
         bindir = directory / "bin"
         bindir.mkdir()
         program = bindir / "docker-credential-test"
@@ -162,22 +173,21 @@ class Helper:
         self.answer_path = directory / "helper-answer.json"
         self.runs_path = directory / "helper-runs"
         self.runs_path.touch()
-        self.answer("secret")
+        self.answer(("alice", "secret"))
         docker_config = directory / "docker-config"
         docker_config.mkdir()
         (docker_config / "config.json").write_text(json.dumps({"credHelpers": {host: "test"}}))
-        daemon.extra_env.update(
-            {
-                "PATH": f"{bindir}:{os.environ['PATH']}",
-                "DOCKER_CONFIG": str(docker_config),
-                "HELPER_ANSWER": str(self.answer_path),
-                "HELPER_RUNS": str(self.runs_path),
-            }
-        )
+        self.env = {
+            "PATH": f"{bindir}:{os.environ['PATH']}",
+            "DOCKER_CONFIG": str(docker_config),
+            "HELPER_ANSWER": str(self.answer_path),
+            "HELPER_RUNS": str(self.runs_path),
+        }
 
-    def answer(self, password: str) -> None:
+    def answer(self, *answers: tuple[str, str]) -> None:
+        """Answer ``(username, secret)``; with several, one per run, the last one for good."""
         temp = self.answer_path.with_suffix(".tmp")
-        temp.write_text(json.dumps({"Username": "alice", "Secret": password}))
+        temp.write_text(json.dumps([{"Username": u, "Secret": s} for u, s in answers]))
         temp.replace(self.answer_path)
 
     @property
@@ -201,10 +211,11 @@ def test_credential_helper_runs_again_only_when_refused(
     server (token) refuses the old password: twice in all, however many requests were sent.
     """
     registry: Registry = request.getfixturevalue(f"{kind}_registry")
-    helper = Helper(daemon, tmp_path, registry.host)
+    helper = Helper(tmp_path, registry.host)
+    daemon.extra_env.update(helper.env)
 
     def update(password: str) -> None:
-        helper.answer(password)
+        helper.answer(("alice", password))
         assert len(helper.runs) == 1  # the first push resolved once, then used what it had
 
     push_before_and_after_rotation(
@@ -229,7 +240,8 @@ def test_expired_token_is_fetched_again_without_running_the_helper(
     assert server is not None
     server.expires_in = 3
     server.strict_expiry = True
-    helper = Helper(daemon, tmp_path, registry.host)
+    helper = Helper(tmp_path, registry.host)
+    daemon.extra_env.update(helper.env)
     b = image_builder
     host = registry.host
     first, second = small(b, "expiry/first"), small(b, "expiry/second")
@@ -253,3 +265,45 @@ def test_expired_token_is_fetched_again_without_running_the_helper(
     server.expires_in = 300  # skopeo should not race the clock
     registry.verify_image("team/app:1", first.digest, tmp_path / "pull")
     registry.verify_image("team/app:2", second.digest, tmp_path / "pull")
+
+
+def test_cli_push_runs_the_helper_again_when_refused_mid_push(
+    containerd: Containerd,
+    htpasswd_registry: Registry,
+    image_builder: ImageBuilder,
+    tmp_path: Path,
+) -> None:
+    """``imagepushd push`` (the same credential path as the daemon) refused in the middle.
+
+    The proxy answers the 2nd PATCH with 401 and the registry's own challenge, as the registry
+    does once a robot's password is revoked; the helper's next answer is the robot that took
+    over (a user the registry knows). The CLI runs the helper once more, sends the PATCH again
+    with the new credentials, and the push completes.
+    """
+    registry = htpasswd_registry
+    registry.set_password("robot2", ROTATED)
+    b = image_builder
+    root = b.image([3 * MiB, 1000], "cli-rotation")
+    load(containerd, b, tmp_path, {"example.com/cli-rotation:1": root})
+
+    with FaultProxy(registry.host) as proxy:
+        helper = Helper(tmp_path, proxy.host)
+        helper.answer(("alice", "secret"), ("robot2", ROTATED))
+        rule = proxy.unauthorized(method="PATCH", nth=2)
+        outcome = run_cli(
+            ["push", "example.com/cli-rotation:1", f"{proxy.host}/team/cli:1",
+             "--root", str(containerd.root), "--plain-http", "--json", "--chunk-size", "1MiB"],
+            home=tmp_path, env=helper.env,
+        )  # fmt: skip
+        records = proxy.records
+        assert proxy.errors == []
+
+    assert outcome.code == 0, outcome.stderr + describe(records)
+    assert outcome.result["digest"] == root.digest
+    assert rule.fired == 1
+    assert helper.runs == [["get"], ["get"]]
+    patches = [r for r in records if r.method == "PATCH"]
+    assert [r.status for r in patches][:3] == [202, 401, 202], describe(records)
+    assert patches[1].path == patches[2].path and patches[1].query == patches[2].query
+    assert ROTATED not in outcome.stdout + outcome.stderr
+    registry.verify_image("team/cli:1", root.digest, tmp_path / "pull")
