@@ -42,7 +42,7 @@ from imagepushd.reference import Reference, parse_reference
 from imagepushd.referrers import ReferrerFinder, ReferrersResult, push_referrers
 from imagepushd.registry import login as registry_login
 from imagepushd.registry.client import HostSettings, RegistryClient
-from imagepushd.registry.credentials import Credentials, CredentialStore
+from imagepushd.registry.credentials import Credentials, CredentialSource, CredentialStore
 from imagepushd.registry.upload import BlobUploader
 from imagepushd.rules import push_target
 from imagepushd.service import Service, plan_preview
@@ -275,15 +275,17 @@ def _find_image(snap: MetadataSnapshot, namespace: str, name: str) -> ImageRecor
     return record
 
 
-def _credentials(args: argparse.Namespace, ctx: Context, host: str) -> Credentials | None:
+def _credentials(args: argparse.Namespace, ctx: Context, host: str) -> CredentialSource:
+    """``--password-stdin``'s credentials, or the stored ones (read again if rejected)."""
     if args.password_stdin:
         if not args.username:
             raise UsageError("--password-stdin needs --username")
         password = ctx.stdin.readline().removesuffix("\n").removesuffix("\r")
-        return Credentials(username=args.username, password=password)
+        return CredentialSource.fixed(Credentials(username=args.username, password=password))
     if args.username:
         raise UsageError("--username needs --password-stdin (passwords never go in argv)")
-    return CredentialStore(ctx.env, ctx.home).lookup(host)
+    store = CredentialStore(ctx.env, ctx.home)
+    return CredentialSource(lambda: store.lookup(host))
 
 
 def cmd_push(args: argparse.Namespace, ctx: Context) -> int:

@@ -46,6 +46,7 @@ from imagepushd.registry.bodylimit import BodyLimit
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import (
     Credentials,
+    CredentialSource,
     CredentialStore,
     read_secret_file,
     systemd_credential,
@@ -678,7 +679,7 @@ class Service:
             client = RegistryClient(
                 host,
                 settings=HostSettings(plain_http=settings.plain_http, ca_file=settings.ca_file),
-                credentials=self._credentials(host),
+                credentials=CredentialSource(functools.partial(self._credentials, host)),
                 retrier=Retrier(
                     RetryPolicy(push.retry_attempts, push.retry_initial, push.retry_max),
                     sleep=self._retry_sleep,
@@ -707,6 +708,7 @@ class Service:
             raise PushInterrupted("stopping: retry abandoned")
 
     def _credentials(self, host: str) -> Credentials | None:
+        """Read ``host``'s credentials now: at first use and when the registry rejects them."""
         settings = self._config.registry(host)
         if settings.username:
             if settings.password_file is not None:
