@@ -86,7 +86,8 @@ def image_view(
             return str(exc)
         return f"{len(graph.missing)} blob(s) missing, e.g. {graph.missing[0].digest}"
 
-    return ImageView(record.namespace, record.name, record.target.digest, missing)
+    expires = record.expires_at(snap.db_version)
+    return ImageView(record.namespace, record.name, record.target.digest, missing, expires)
 
 
 def _partial_ok(graph: ImageGraph, config: Config) -> bool:
