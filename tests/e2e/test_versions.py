@@ -213,6 +213,11 @@ def test_an_odd_record_hides_only_itself(
         result = daemon.cli("run", "--once", timeout=120)
         assert result.returncode == 0, result.stderr
         assert result.stderr.count(f"image default/{BLAKE3}: invalid target digest") == 1
+        # The start-up line says which root and why.
+        assert (
+            f"watching containerd root {root} ([containerd] root in imagepushd's configuration)"
+            in result.stderr
+        )
         for name in (APP, MULTI):
             repo = "odd/" + name.removeprefix("example.com/")
             registry.verify_image(repo, expected["default"][name], tmp_path / "pull")
