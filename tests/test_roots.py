@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepushd.containerd.roots import candidates, discover_root
+from imagepushd.containerd.roots import candidates, discover_root, expected_root
 from imagepushd.errors import RootNotFoundError
 
 
@@ -145,3 +145,8 @@ def test_explicit_or_configured_root_is_the_only_candidate(fs: Path, home: Path,
     with pytest.raises(RootNotFoundError) as exc:
         discover_root(tmp_path / "nope", configured, {}, home, fs)
     assert exc.value.tried == (f"{tmp_path / 'nope'} (--root: no meta.db)",)
+
+
+def test_waiting_place_is_the_configured_or_likeliest_root(fs: Path, home: Path, tmp_path: Path):
+    assert expected_root(None, {}, home, fs).path == fs / "var/lib/containerd"
+    assert expected_root(tmp_path / "r", {}, home, fs).path == tmp_path / "r"

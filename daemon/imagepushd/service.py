@@ -27,7 +27,7 @@ from imagepushd.config import Config, load_config
 from imagepushd.containerd.bbolt import BoltFile
 from imagepushd.containerd.content import ContentStore, ImageGraph
 from imagepushd.containerd.metadata import META_DB, ImageRecord, MetadataSnapshot, MetadataStore
-from imagepushd.containerd.roots import Found, Place, candidates, discover_root
+from imagepushd.containerd.roots import Found, discover_root, expected_root
 from imagepushd.errors import (
     ContainerdError,
     ImagepushdError,
@@ -240,12 +240,8 @@ class Service:
             found = discover_root(None, config.containerd.root, self._env, self._home)
         except RootNotFoundError as exc:
             # containerd may simply not have started yet: watch where its root will be.
-            if config.containerd.root is not None:
-                place = Place(config.containerd.root, "[containerd] root in the configuration")
-            else:
-                place = candidates(self._env, self._home)[0]
-            found = Found(place)
-            log.warning("%s; waiting for containerd at %s", exc, place)
+            found = Found(expected_root(config.containerd.root, self._env, self._home))
+            log.warning("%s; waiting for containerd at %s", exc, found.place)
         root = found.path
         self._metadata = MetadataStore.at_root(root, reuse_records=True)
         self._content = ContentStore(root)

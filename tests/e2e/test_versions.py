@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from imagepushd.containerd.bbolt import BoltFile
+from imagepushd.containerd.metadata import MetadataStore
 from tests.support.boltwriter import NO_FREELIST, write_bolt
 from tests.support.cli import run_cli
 from tests.support.daemon import Daemon, render_config
@@ -225,3 +226,21 @@ def test_an_odd_record_hides_only_itself(
         assert pushed == {APP, MULTI}, pushed
     finally:
         daemon.close()
+
+
+def test_a_64k_file_whose_first_meta_is_torn_reads_the_second(
+    fixtures: dict[str, Fixture], tmp_path: Path
+) -> None:
+    """With meta 0 unreadable the page size is unknown: meta 1 is probed for, as bbolt does."""
+    fixture = fixtures["2.0-64k"]
+    data = bytearray(meta_db(fixture.root).read_bytes())
+    data[16:80] = bytes(64)
+    path = tmp_path / "meta.db"
+    path.write_bytes(bytes(data))
+    with BoltFile(path) as bolt:
+        meta = bolt.meta()
+    assert (meta.page_size, meta.txid % 2) == (65536, 1)
+    snap = MetadataStore(BoltFile(path)).read()
+    assert {r.name: r.target.digest for r in snap.images if r.namespace == "default"} == (
+        fixture.listing["default"]
+    )

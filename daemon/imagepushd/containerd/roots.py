@@ -54,6 +54,7 @@ _DATA_DIR = re.compile(
     r"""^data-dir:[ \t]*(?:"([^"]*)"|'([^']*)'|([^#\s][^#]*?))[ \t]*(?:#.*)?$""", re.M
 )
 _MAX_IMPORTS = 64
+CONFIGURED = "[containerd] root in imagepushd's configuration"
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,13 @@ def _state(place: Place) -> str | None:
         return "permission denied: run as root or as its rootless user"
 
 
+def expected_root(
+    configured: Path | None, env: Mapping[str, str], home: Path, fs: Path = Path("/")
+) -> Place:
+    """Where to wait for a containerd not started yet: the configured root, else the likeliest."""
+    return Place(configured, CONFIGURED) if configured is not None else candidates(env, home, fs)[0]
+
+
 def discover_root(
     explicit: Path | None,
     configured: Path | None,
@@ -238,7 +246,7 @@ def discover_root(
     if explicit is not None:
         places = [Place(explicit, "--root")]
     elif configured is not None:
-        places = [Place(configured, "[containerd] root in imagepushd's configuration")]
+        places = [Place(configured, CONFIGURED)]
     else:
         places = candidates(env, home, fs)
     states = [_state(p) for p in places]
