@@ -19,14 +19,14 @@ v2.0.11, v2.1.9; bbolt v1.3.10 and v1.4.0):
 - ``2.0``: the 1.7 tree after ``migrateSandboxes`` (core/metadata/migrations.go:173-252: every
   root-level namespace's sandboxes copied into ``v1/<ns>/sandboxes``, one level of sub-buckets,
   then every root-level bucket but ``v1`` deleted) and db version 4 (core/metadata/db.go:53,
-  written by ``Init``); the lease holds the expiring image in ``leases/<id>/images/<name>``
+  written by ``Init`` at :213); the lease holds the expiring image in ``leases/<id>/images/<name>``
   with an empty value (core/metadata/leases.go:478-509 ``addImageLease``: only images with
   ``containerd.io/gc.expire``); ``NoFreelistSync`` (plugins/metadata/plugin.go:137 in v2.1.9).
 - ``2.1-nosync``: the 2.0 tree with ``no_sync = true``: ``NoSync`` and ``NoGrowSync``
   (plugins/metadata/plugin.go:155-157, v2.1.9); without the grow ``ftruncate`` (bbolt v1.4.0
   db.go:1181-1225) the file ends at its last written page.
 - ``2.0-64k``: the 2.0 tree on a host whose page size is 64 KiB (bbolt's default page size is
-  the OS page size, bbolt v1.4.0 db.go:257-259).
+  the OS page size: bbolt v1.4.0 db.go:257-260, internal/common/types.go:37).
 
 Nothing here changes an image record, so each version's ``ctr images ls`` lists exactly what
 1.6.20's did (``listing``); 2.x's collector would remove the expired image at its next run.

@@ -8,22 +8,25 @@ format is the same in both), written here from their documented behaviour:
 
 - pages: a 16-byte header (id, flags, count, overflow); leaf elements (flags, pos, ksize,
   vsize), branch elements (pos, ksize, pgid), ``pos`` counted from the element; keys and values
-  back to back after the element array (node.go ``write``); a node larger than a page takes
+  back to back after the element array (node.go:179 ``write``); a node larger than a page takes
   overflow pages.
 - splitting: a node of more than 4 elements that does not fit a page is cut where the first
-  part would pass half a page (fill percent 0.5, at least 2 keys each side: node.go
-  ``splitTwo``/``splitIndex``); branch levels are built the same way over the children.
+  part would pass half a page (``DefaultFillPercent`` 0.5 in bucket.go:27, at least 2 keys each
+  side: node.go:206-290 ``split``/``splitTwo``/``splitIndex``); branch levels are built the
+  same way over the children.
 - buckets: a bucket without sub-buckets whose leaf (header included) is at most a quarter page
-  is stored inline in its parent's value (bucket.go ``inlineable``); others get their own pages.
-  Children are spilled before their parent, as bucket.go ``spill`` does. The root bucket is
-  always page-backed.
+  is stored inline in its parent's value (bucket.go:802-830 ``inlineable``,
+  ``maxInlineBucketSize``); others get their own pages. Children are spilled before their
+  parent (bucket.go:742 ``spill``). The root bucket is always page-backed.
 - freelist: with ``freelist=False`` (``NoFreelistSync``, containerd 1.7+) the meta's freelist
-  id is all ones and no freelist page is written (tx.go ``Commit``); otherwise an empty
-  freelist page follows the tree.
-- file size: bbolt grows the file to its mmap size (32 KiB doubling) unless ``NoGrowSync``
-  (``grow=False``), when the file ends with the last page written (db.go ``grow``).
+  id is all ones and no freelist page is written (tx.go:219-227); otherwise an empty freelist
+  page follows the tree.
+- file size: bbolt grows the file to its mmap size (32 KiB doubling, db.go:557 ``mmapSize``)
+  unless ``NoGrowSync`` (``grow=False``), when the file ends with the last page written
+  (db.go:1181-1225 ``grow``).
 
-Bucket sequences are written as 0 (containerd's metadata never reads them).
+Line numbers are bbolt v1.4.0's. Bucket sequences are written as 0 (containerd's metadata
+never reads them).
 """
 
 from __future__ import annotations
