@@ -147,14 +147,8 @@ def go_time(when: datetime) -> bytes:
 
 
 def go_varint(value: int) -> bytes:
-    """Go's ``binary.PutVarint``."""
-    u = ((value << 1) ^ (value >> 63)) & ((1 << 64) - 1)
-    out = bytearray()
-    while u >= 0x80:
-        out.append((u & 0x7F) | 0x80)
-        u >>= 7
-    out.append(u)
-    return bytes(out)
+    """Go's ``binary.PutVarint``: zigzag, then LEB128."""
+    return _uvarint(((value << 1) ^ (value >> 63)) & ((1 << 64) - 1))
 
 
 def proto_any(type_url: str, value: bytes) -> bytes:
@@ -167,6 +161,7 @@ def proto_any(type_url: str, value: bytes) -> bytes:
 
 
 def _uvarint(value: int) -> bytes:
+    """LEB128 (Go's ``binary.PutUvarint``, protobuf's varint)."""
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)

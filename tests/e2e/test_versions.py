@@ -108,9 +108,9 @@ def test_each_version_is_laid_out_as_its_sources_say(
         assert k8s[b"sandboxes"][SANDBOX.encode()][b"runtime"][b"name"] == RUNC.encode()  # type: ignore[index]
         lease = v1[b"default"][b"leases"][LEASE.encode()]  # type: ignore[index]
         assert lease[b"images"] == {EXPIRED.encode(): b""}
-    if version != "1.6":
-        with BoltFile(path) as bolt:
-            assert bolt.meta().page_size == ps
+    with BoltFile(path) as bolt:
+        assert bolt.meta().page_size == ps
+        assert MetadataStore(bolt).read().db_version == fixture.db_version
 
 
 @pytest.mark.parametrize("version", VERSIONS)
