@@ -20,9 +20,11 @@ from tests.support.containerd import Containerd
 from tests.support.images import ImageBuilder
 
 
-def cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+def cli(
+    *argv: str, env: dict[str, str] | None = None, fs: Path = Path("/")
+) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    ctx = Context(env=env or {}, home=Path("/nonexistent-home"), stdout=out)
+    ctx = Context(env=env or {}, home=Path("/nonexistent-home"), stdout=out, stderr=err, fs=fs)
     code = run(list(argv), ctx, err)
     return code, out.getvalue(), err.getvalue()
 
@@ -74,11 +76,31 @@ def test_rootless_root_is_discovered(copied_root: Path, tmp_path: Path):
     xdg = tmp_path / "xdg"
     xdg.mkdir()
     (xdg / "containerd").symlink_to(copied_root)
-    code, out, err = cli("images", env={"XDG_DATA_HOME": str(xdg)})
-    if Path("/var/lib/containerd/io.containerd.metadata.v1.bolt/meta.db").exists():
-        pytest.fail("this machine has a system containerd root; the test needs it absent")
+    fs = tmp_path / "fs"
+    code, out, err = cli("images", env={"XDG_DATA_HOME": str(xdg)}, fs=fs)
     assert code == 0, err
     assert "example.com/cli:1" in out
+    # Which root, and why, goes to stderr (stdout stays the listing).
+    assert err == (
+        f"imagepushd: containerd root {xdg / 'containerd'} (rootless containerd's default root)\n"
+    )
+
+
+def test_check_config_says_which_root(copied_root: Path, tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[state]\npath = "{tmp_path}/state.db"\n')
+    fs = tmp_path / "fs"
+    code, out, _ = cli("--config", str(config), "check-config", fs=fs)
+    assert code == 0
+    assert out.splitlines()[1].startswith("no containerd root found (")
+    k3s = fs / "var/lib/rancher/k3s/agent/containerd"
+    k3s.parent.mkdir(parents=True)
+    k3s.symlink_to(copied_root)
+    code, out, _ = cli("--config", str(config), "check-config", fs=fs)
+    assert code == 0
+    assert out.splitlines()[1] == (
+        f"containerd root {k3s} (k3s, data-dir {fs}/var/lib/rancher/k3s)"
+    )
 
 
 @pytest.mark.e2e

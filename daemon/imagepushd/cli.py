@@ -23,13 +23,15 @@ from imagepushd import __version__
 from imagepushd.archive import ArchiveStore
 from imagepushd.blobs import BlobStore
 from imagepushd.config import Config, ConfigError, config_path, load_config
-from imagepushd.containerd.content import ContentStore, ImageGraph, discover_root
+from imagepushd.containerd.content import ContentStore, ImageGraph
 from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot, MetadataStore
+from imagepushd.containerd.roots import Found, discover_root
 from imagepushd.errors import (
     ImageNotFoundError,
     ImagepushdError,
     InvalidReferenceError,
     NamespaceNotFoundError,
+    RootNotFoundError,
     UsageError,
 )
 from imagepushd.layout import ExportImage, export_layout
@@ -68,6 +70,7 @@ class Context:
     stdout: TextIO
     stderr: TextIO = sys.stderr
     stdin: TextIO = sys.stdin
+    fs: Path = Path("/")  # the file system root containerd's roots are looked for under
 
 
 class _Store:
@@ -77,9 +80,9 @@ class _Store:
         configured = None
         if args.root is None:
             configured = _config(args, ctx, missing_ok=True).containerd.root
-        root = discover_root(args.root, configured, ctx.env, ctx.home)
-        self.metadata = MetadataStore.at_root(root)
-        self.content = ContentStore(root)
+        self.found: Found = discover_root(args.root, configured, ctx.env, ctx.home, ctx.fs)
+        self.metadata = MetadataStore.at_root(self.found.path)
+        self.content = ContentStore(self.found.path)
 
     def snapshot(self, namespace: str | None) -> MetadataSnapshot:
         snap = self.metadata.read(None if namespace is None else [namespace], blobs=True)
@@ -188,6 +191,8 @@ def _image_json(record: ImageRecord, shared: _TargetRow) -> str:
 def cmd_images(args: argparse.Namespace, ctx: Context) -> int:
     """List images with their content status."""
     store = _Store(args, ctx)
+    if args.root is None:
+        ctx.stderr.write(f"imagepushd: {store.found.describe()}\n")
     namespace = _namespace(args, ctx)
     snap = store.snapshot(namespace)
     # Thousands of tags share a few targets: their graph and derived fields are computed once.
@@ -437,6 +442,13 @@ def cmd_check_config(args: argparse.Namespace, ctx: Context) -> int:
         f"{path}: ok ({len(config.rules)} rule(s), {len(config.registries)} registry "
         f"section(s), state {config.state_path})\n"
     )
+    # Not a configuration error: containerd may not have started yet.
+    try:
+        found = discover_root(None, config.containerd.root, ctx.env, ctx.home, ctx.fs)
+    except RootNotFoundError as exc:
+        ctx.stdout.write(f"{exc}\n")
+    else:
+        ctx.stdout.write(f"{found.describe()}\n")
     return 0
 
 

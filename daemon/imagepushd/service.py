@@ -25,8 +25,9 @@ import httpx
 
 from imagepushd.config import Config, load_config
 from imagepushd.containerd.bbolt import BoltFile
-from imagepushd.containerd.content import DEFAULT_ROOT, ContentStore, ImageGraph, discover_root
+from imagepushd.containerd.content import ContentStore, ImageGraph
 from imagepushd.containerd.metadata import META_DB, ImageRecord, MetadataSnapshot, MetadataStore
+from imagepushd.containerd.roots import Found, discover_root, expected_root
 from imagepushd.errors import (
     ContainerdError,
     ImagepushdError,
@@ -88,7 +89,8 @@ def image_view(
             return str(exc)
         return f"{len(graph.missing)} blob(s) missing, e.g. {graph.missing[0].digest}"
 
-    return ImageView(record.namespace, record.name, record.target.digest, missing)
+    expires = record.expires_at(snap.db_version)
+    return ImageView(record.namespace, record.name, record.target.digest, missing, expires)
 
 
 def _partial_ok(graph: ImageGraph, config: Config) -> bool:
@@ -143,7 +145,7 @@ def _decide(
 
 def plan_preview(config: Config, env: Mapping[str, str], home: Path) -> list[dict[str, str]]:
     """``imagepushd plan``: the decision for containerd's images now, without writing state."""
-    root = discover_root(None, config.containerd.root, env, home)
+    root = discover_root(None, config.containerd.root, env, home).path
     metadata = MetadataStore.at_root(root)
     try:
         snap = metadata.read(config.containerd.namespaces, blobs=True)
@@ -240,11 +242,12 @@ class Service:
         """Run until stopped (or one pass with ``once``); the process exit code."""
         config = self._config
         try:
-            root = discover_root(None, config.containerd.root, self._env, self._home)
+            found = discover_root(None, config.containerd.root, self._env, self._home)
         except RootNotFoundError as exc:
             # containerd may simply not have started yet: watch where its root will be.
-            root = config.containerd.root or DEFAULT_ROOT
-            log.warning("%s; waiting for containerd at %s", exc, root)
+            found = Found(expected_root(config.containerd.root, self._env, self._home))
+            log.warning("%s; waiting for containerd at %s", exc, found.place)
+        root = found.path
         self._metadata = MetadataStore.at_root(root, reuse_records=True)
         self._content = ContentStore(root)
         self._finder = ReferrerFinder(self._content)
@@ -266,7 +269,12 @@ class Service:
             try:
                 self._scan()
                 self._notifier.ready()
-                log.info("watching %s; %d rule(s); state %s", root, len(config.rules), state.path)
+                log.info(
+                    "watching %s; %d rule(s); state %s",
+                    found.describe(),
+                    len(config.rules),
+                    state.path,
+                )
                 self._loop(pool, watcher)
             finally:
                 self._notifier.stopping()
