@@ -157,7 +157,17 @@ def test_bash_completion_completes_commands_options_and_choices(tmp_path: Path) 
         "error",
     ]
     assert "--all-namespaces" in _complete(script, "imagepushd", "images", "--")
-    assert _complete(script, "imagepushd", "--config", "x", "status", "--l") == ["--limit"]
+    # Global options are accepted after the subcommand too, so they complete there.
+    assert _complete(script, "imagepushd", "--config", "x", "status", "--l") == [
+        "--log-level",
+        "--limit",
+    ]
+    assert _complete(script, "imagepushd", "status", "--log-level", "") == [
+        "debug",
+        "info",
+        "warning",
+        "error",
+    ]
     (tmp_path / "conf.toml").touch()
     assert _complete(script, "imagepushd", "--config", f"{tmp_path}/con") == [
         f"{tmp_path}/conf.toml"
