@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from imagepushd.planner import Decision, ImageView, Job, Note, OpenJob, SeenImage, decide
 from imagepushd.rules import Glob, Rule
 
@@ -202,10 +204,22 @@ def test_a_scope_decides_only_its_names_and_the_parts_make_the_whole():
     wakes = [d.wake_at for d in parts if d.wake_at is not None]
     assert whole.wake_at == min(wakes)
     # An empty scope decides nothing, whatever the inputs.
-    assert run(images, seen, **kwargs) == whole
     assert (
         decide(
             images, seen, pushed, jobs, RULES, now=100.0, settle=10.0, baseline=False, scope=set()
         )
         == Decision()
     )
+
+
+def test_an_expired_image_is_skipped_with_its_expiry():
+    """containerd 2.x collects an image once its gc.expire passed: pushing it races the GC."""
+    expiry = datetime.fromtimestamp(100.0, UTC)
+    view = ImageView("default", "example.com/app:1", D1, expires=expiry)
+    out = run([view], settle=0, now=100.0)
+    assert out.enqueue == []
+    assert [n.reason for n in out.skipped] == [
+        "expired: containerd.io/gc.expire 1970-01-01T00:01:40+00:00 has passed "
+        "(containerd collects it)"
+    ]
+    assert len(run([view], settle=0, now=99.0).enqueue) == 2

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from imagepushd.errors import ImagepushdError, StateError
 from imagepushd.registry.upload import SessionStore
 from imagepushd.state import (
+    BODY_LIMIT_MEMORY,
     JOB_STATUSES,
     MAX_ERROR_LENGTH,
     MIGRATIONS,
@@ -686,7 +687,8 @@ def test_a_future_migration_runs_once_and_bumps_the_version(tmp_path: Path) -> N
     path = tmp_path / "state.db"
     with State(path) as s:
         s.set_flag("kept", "yes")
-    assert pragma(path, "user_version") == 1
+    now = len(MIGRATIONS)
+    assert pragma(path, "user_version") == now
     calls: list[int] = []
 
     def v2(conn: sqlite3.Connection) -> None:
@@ -697,14 +699,14 @@ def test_a_future_migration_runs_once_and_bumps_the_version(tmp_path: Path) -> N
     with State(path, migrations=migrations) as s:
         assert s.get_flag("kept") == "yes"
         s.enqueue("ns", "a", D1, "t", 0)
-    assert calls == [1]
-    assert pragma(path, "user_version") == 2
+    assert calls == [now]
+    assert pragma(path, "user_version") == now + 1
     State(path, migrations=migrations).close()
-    assert calls == [1]
+    assert calls == [now]
     # a fresh file runs the whole history in order
     State(tmp_path / "fresh.db", migrations=migrations).close()
-    assert calls == [1, 1]
-    assert pragma(tmp_path / "fresh.db", "user_version") == 2
+    assert calls == [now, now]
+    assert pragma(tmp_path / "fresh.db", "user_version") == now + 1
     # and the older code refuses the migrated file
     with pytest.raises(StateError, match="newer imagepushd"):
         State(path)
@@ -721,7 +723,7 @@ def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:
 
     with pytest.raises(StateError, match="already exists"):
         State(path, migrations=(*MIGRATIONS, v2))
-    assert pragma(path, "user_version") == 1
+    assert pragma(path, "user_version") == len(MIGRATIONS)
     with closing(sqlite3.connect(path)) as conn:
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert "extra" not in names
@@ -740,7 +742,7 @@ def test_newer_schema_version_is_refused_untouched(tmp_path: Path) -> None:
     before = path.read_bytes()
     with pytest.raises(StateError) as caught:
         State(path)
-    assert_refused(path, caught.value, "schema version 7, this one knows up to 1")
+    assert_refused(path, caught.value, f"schema version 7, this one knows up to {len(MIGRATIONS)}")
     assert "upgrade imagepushd" in str(caught.value)
     assert path.read_bytes() == before
 
@@ -865,3 +867,21 @@ def test_permission_denied_is_refused_untouched(shared_dir: Path, mode: int) -> 
     assert f"mv {path} {path}.broken" in message
     assert path.read_bytes() == before
     assert sorted(p.name for p in shared_dir.iterdir()) == ["state.db"]
+
+
+# ---------------------------------------------------------------------- body limits
+
+
+def test_body_limits_are_kept_per_registry_for_a_day(tmp_path: Path, clock: Clock) -> None:
+    with State(tmp_path / "state.db", clock=clock) as s:
+        store = s.body_limit("a.example")
+        assert store.load() is None
+        store.save(4 << 20)
+        store.save(1 << 20)
+        assert store.load() == 1 << 20
+        assert s.body_limit("b.example").load() is None
+    clock.advance(BODY_LIMIT_MEMORY - 1)
+    with State(tmp_path / "state.db", clock=clock) as s:
+        assert s.body_limit("a.example").load() == 1 << 20  # across restarts
+        clock.advance(2)
+        assert s.body_limit("a.example").load() is None  # learned again after a day

@@ -1,9 +1,11 @@
 """containerd's v1 metadata schema, read from meta.db through the lock-free bbolt reader.
 
 Only the subtrees a pusher needs are walked: ``v1/<namespace>/images`` and, on request,
-``v1/<namespace>/content/blob``. Values are decoded strictly; a value that does not decode is a
-:class:`MetadataFormatError`, which the bbolt snapshot treats like any structural error (retried
-while meta.db is moving, reported when it is not).
+``v1/<namespace>/content/blob``. Values are decoded strictly; a record (one image, one blob)
+holding a value that does not decode is left out of the snapshot and listed in its ``skipped``,
+so one odd record never hides the others (:class:`MetadataStore` logs each once). A structural
+error (a bad page, a bucket value of the wrong size) still fails the whole snapshot, which the
+bbolt reader retries while meta.db is moving and reports when it is not.
 
 Speed (10,000 images take one page each): an image or blob record is read straight from its
 bucket's leaf page (one ``pread``, one leaf parse, no :class:`Bucket` per field), inline
@@ -47,6 +49,14 @@ R = TypeVar("R")
 META_DB = Path("io.containerd.metadata.v1.bolt") / "meta.db"
 NEWEST_KNOWN_DB_VERSION = 4
 SOURCE_LABEL_PREFIX = "containerd.io/distribution.source."
+#: An image label containerd 2.x's garbage collector reads (core/metadata/gc.go, v2.0.11:76 and
+#: isExpiredImage at :771-785): once its RFC 3339 time has passed, the image is no longer a GC
+#: root and is removed at the next collection (unless a lease holds it). containerd 1.x ignores
+#: it on images. The 2.x schema is db version 4.
+GC_EXPIRE_LABEL = "containerd.io/gc.expire"
+GC_EXPIRE_DB_VERSION = 4
+#: Go's ``time.Parse(time.RFC3339, ...)`` (fractional seconds allowed, as Go parses them).
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
 
 _GO_UNIX_OFFSET = 62135596800  # seconds from 0001-01-01 to 1970-01-01
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -163,6 +173,29 @@ class ImageRecord:
     labels: Mapping[str, str] = field(default_factory=dict, compare=False)
     annotations: Mapping[str, str] = field(default_factory=dict, compare=False)
 
+    def expires_at(self, db_version: int) -> datetime | None:
+        """When containerd (db ``db_version``) may collect this image; None: it never does.
+
+        A label Go's RFC 3339 parser rejects is ignored, as containerd ignores it.
+        """
+        value = self.labels.get(GC_EXPIRE_LABEL)
+        if db_version < GC_EXPIRE_DB_VERSION or value is None or not _RFC3339.fullmatch(value):
+            return None
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:  # a month 13 or a minute 61 matches the pattern, not the calendar
+            return None
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A record left out of a snapshot because a value in it does not decode."""
+
+    kind: str  # "image" or "blob"
+    namespace: str
+    name: str
+    reason: str
+
 
 @dataclass(frozen=True)
 class BlobRecord:
@@ -203,6 +236,7 @@ class MetadataSnapshot:
     namespaces: tuple[str, ...]
     images: tuple[ImageRecord, ...]
     blobs: Mapping[str, Mapping[str, BlobRecord]] = field(default_factory=dict)
+    skipped: tuple[SkippedRecord, ...] = ()
     #: Namespaces whose image records may differ from the previous snapshot of the same store
     #: (``MetadataStore(reuse_buckets=True)``); None: no such snapshot, so any may.
     images_changed: frozenset[str] | None = field(default=None, compare=False)
@@ -321,10 +355,10 @@ class _Cached:
 class _BucketCache:
     """One namespace's ``images`` or ``content/blob`` bucket as of transaction ``txid``.
 
-    ``records`` is what it decoded to (a tuple of images, or blobs by digest), ``pages`` its
-    records by the page id of their bucket, ``ref`` and ``fingerprint`` the bucket's
-    (:attr:`Bucket.ref`, :meth:`Bucket.fingerprint`; empty when not taken or when there is no
-    bucket).
+    ``records`` is what it decoded to (a tuple of images, or blobs by digest, with the records
+    skipped), ``pages`` its records by the page id of their bucket, ``ref`` and
+    ``fingerprint`` the bucket's (:attr:`Bucket.ref`, :meth:`Bucket.fingerprint`; empty when
+    not taken or when there is no bucket).
     ``verified``: the records are known to be the bucket's at ``txid`` (read then, or carried
     over only from one transaction to the next since they were).
     """
@@ -494,6 +528,7 @@ class _Reader:
         namespaces: list[str] = []
         images: list[ImageRecord] = []
         blob_records: dict[str, Mapping[str, BlobRecord]] = {}
+        skipped: list[SkippedRecord] = []
         for key, value in v1.items():
             if key == b"version" and isinstance(value, bytes):
                 version = decode_varint(value, "v1/version")
@@ -504,11 +539,15 @@ class _Reader:
             namespaces.append(namespace)
             if wanted is not None and namespace not in wanted:
                 continue
-            images += self._bucket(namespace, b"images", value.bucket(b"images"), self._images)
+            found, lost = self._bucket(namespace, b"images", value.bucket(b"images"), self._images)
+            images += found
+            skipped += lost
             if blobs:
                 content = value.bucket(b"content")
                 blob_bucket = content.bucket(b"blob") if content is not None else None
-                blob_records[namespace] = self._bucket(namespace, b"blob", blob_bucket, self._blobs)
+                records, lost = self._bucket(namespace, b"blob", blob_bucket, self._blobs)
+                blob_records[namespace] = records
+                skipped += lost
         if self.new is not None:
             for space, kind in self.old.keys() - self.new.keys():
                 self.changed[kind].add(space)  # a namespace gone, or no longer read
@@ -518,6 +557,7 @@ class _Reader:
             tuple(namespaces),
             tuple(images),
             blob_records,
+            tuple(skipped),
             frozenset(self.changed[b"images"]) if self.reuse_buckets else None,
             frozenset(self.changed[b"blob"]) if self.reuse_buckets and blobs else None,
             self.unverified,
@@ -574,14 +614,20 @@ class _Reader:
         images_bucket: Bucket | None,
         old: dict[int, _Cached],
         new: dict[int, _Cached] | None,
-    ) -> tuple[ImageRecord, ...]:
+    ) -> tuple[tuple[ImageRecord, ...], tuple[SkippedRecord, ...]]:
         images: list[ImageRecord] = []
+        skipped: list[SkippedRecord] = []
         if images_bucket is not None:
             record, kind = self._record, self.image_kind
             for name, flags, raw in images_bucket.raw_items():
                 if flags & LEAF_BUCKET:
-                    images.append(cast(ImageRecord, record(kind, namespace, name, raw, old, new)))
-        return tuple(images)
+                    try:
+                        images.append(
+                            cast(ImageRecord, record(kind, namespace, name, raw, old, new))
+                        )
+                    except MetadataFormatError as exc:
+                        skipped.append(SkippedRecord("image", namespace, _text(name), str(exc)))
+        return tuple(images), tuple(skipped)
 
     def _blobs(
         self,
@@ -589,16 +635,20 @@ class _Reader:
         blob_bucket: Bucket | None,
         old: dict[int, _Cached],
         new: dict[int, _Cached] | None,
-    ) -> dict[str, BlobRecord]:
+    ) -> tuple[dict[str, BlobRecord], tuple[SkippedRecord, ...]]:
         records: dict[str, BlobRecord] = {}
+        skipped: list[SkippedRecord] = []
         if blob_bucket is not None:
             record, kind = self._record, self.blob_kind
             for digest, flags, raw in blob_bucket.raw_items():
                 if flags & LEAF_BUCKET:
-                    records[_text(digest)] = cast(
-                        BlobRecord, record(kind, namespace, digest, raw, old, new)
-                    )
-        return records
+                    try:
+                        records[_text(digest)] = cast(
+                            BlobRecord, record(kind, namespace, digest, raw, old, new)
+                        )
+                    except MetadataFormatError as exc:
+                        skipped.append(SkippedRecord("blob", namespace, _text(digest), str(exc)))
+        return records, tuple(skipped)
 
     def _record(  # noqa: PLR0917 (the record cache goes with its bucket)
         self,
@@ -798,6 +848,7 @@ class MetadataStore:
     ) -> None:
         self._bolt = bolt
         self._warned_version = 0
+        self._warned_skips: frozenset[SkippedRecord] = frozenset()
         self._cache = _RecordCache() if reuse_records or reuse_buckets else None
         self._reuse_buckets = reuse_buckets
         #: Image records decoded by this store's snapshots so far (not carried over or reused).
@@ -851,6 +902,7 @@ class MetadataStore:
             raise UnsupportedSchemaError(
                 f"{self.path}: containerd metadata version {snap.db_version} is not supported"
             )
+        self._warn_skipped(snap.skipped)
         if snap.db_version > NEWEST_KNOWN_DB_VERSION and snap.db_version != self._warned_version:
             self._warned_version = snap.db_version
             log.warning(
@@ -861,3 +913,14 @@ class MetadataStore:
                 NEWEST_KNOWN_DB_VERSION,
             )
         return snap
+
+    def _warn_skipped(self, skipped: Sequence[SkippedRecord]) -> None:
+        """One warning per skipped record while it stays as it is (not one per snapshot)."""
+        for record in skipped:
+            if record not in self._warned_skips:
+                log.warning(
+                    "%s: skipping a record this reader cannot decode (every other one is read): %s",
+                    self.path,
+                    record.reason,
+                )
+        self._warned_skips = frozenset(skipped)
