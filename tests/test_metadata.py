@@ -474,6 +474,18 @@ def test_records_carried_over_across_commits_are_unverified(corpus: Corpus, tmp_
     new = full.image(NAMESPACE, SINGLE)
     assert new is not None and new.created_at == datetime(2020, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
     assert not full.unverified
+    # A txid going back (meta.db replaced by an offline compaction, say) is no next commit.
+    data = bytearray(path.read_bytes())
+    _magic, _version, _size, _flags, root, seq, freelist, pgid, txid, _sum = newest_meta(data)
+    for back in (10, 11):
+        forge_meta(
+            data, (txid - back) % 2, root=root, sequence=seq, freelist=freelist, pgid=pgid,
+            txid=txid - back,
+        )  # fmt: skip
+    patch(path, 0, bytes(data[: 2 * PAGE_SIZE]))
+    earlier = store.read(blobs=True)
+    assert earlier.txid == txid - 10
+    assert earlier.unverified
     store.close()
 
 

@@ -585,7 +585,7 @@ class _Reader:
         fingerprint = b""
         verified: bool | None = None  # None: not carried over
         if self.reuse_buckets and old is not None:
-            if old.ref == ref and (exact or txid <= old.txid + 1):
+            if old.ref == ref and (exact or 0 <= txid - old.txid <= 1):
                 fingerprint, verified = old.fingerprint, old.verified
             elif bucket is not None and not exact:
                 fingerprint = bucket.fingerprint()
