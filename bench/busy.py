@@ -22,9 +22,10 @@ DST...``, 500 names per call; none matches the rule), then the daemon is started
 
 The daemon's CPU is utime+stime from ``/proc/PID/stat`` at the start and end of each window,
 given as CPU seconds per minute; the commit rate is meta.db's txid advance over the window.
-Targets (issue 13): with 10,000 images under churn < 1 CPU s per minute, idle < 0.1, median
-tag-to-registry latency under churn < 0.5 s. Exit status 1 if one is missed. Everything lives in
-one temporary directory, removed at the end (``--keep`` keeps it, e.g. for the daemon's log).
+Targets (issue 13): with 10,000 images under churn at ``--latency-rate`` (the issue's "about 7
+commits/s") < 1 CPU s per minute, idle < 0.1, median tag-to-registry latency under that churn
+< 0.5 s. Exit status 1 if one is missed. Everything lives in one temporary directory,
+removed at the end (``--keep`` keeps it, e.g. for the daemon's log).
 """
 
 from __future__ import annotations
@@ -268,14 +269,19 @@ def main() -> int:
             print(f"{count:>8}" + "".join(f"{c:>22}" for c in cells) + f"{med * 1e3:>13.0f} ms")
 
         top = counts[-1]
-        worst = max(r.cpu_per_min for r in rows if r.images == top and r.load != "idle")
+        # The target's churn is issue 13's (about 7 commits/s): the --latency-rate row.
+        issue_load = f"churn {args.latency_rate:g}/s"
+        churn = [r for r in rows if r.images == top and r.load != "idle"]
+        at_rate = [r for r in churn if r.load == issue_load] or churn
+        cpu = max(r.cpu_per_min for r in at_rate)
         idle = max(r.cpu_per_min for r in rows if r.load == "idle")
         med = statistics.median(latencies[top])
         print("\ntargets:")
-        ok_churn = worst < CHURN_TARGET
+        ok_churn = cpu < CHURN_TARGET
         ok_idle = idle < IDLE_TARGET
         ok_latency = med < LATENCY_TARGET
-        print(f"  {top} images under churn < {CHURN_TARGET:g} CPU s/min  {verdict(ok_churn)}")
+        label = at_rate[0].load if len(at_rate) == 1 else "churn"
+        print(f"  {top} images, {label} < {CHURN_TARGET:g} CPU s/min  {verdict(ok_churn)}")
         print(f"  idle < {IDLE_TARGET:g} CPU s/min                  {verdict(ok_idle)}")
         print(f"  median tag → registry under churn < {LATENCY_TARGET:g} s  {verdict(ok_latency)}")
         return 0 if ok_churn and ok_idle and ok_latency else 1

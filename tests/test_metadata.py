@@ -489,6 +489,50 @@ def test_records_carried_over_across_commits_are_unverified(corpus: Corpus, tmp_
     store.close()
 
 
+def set_txid(path: Path, txid: int) -> None:
+    """Make both metas of ``path`` describe its newest tree, the newer one at ``txid``."""
+    data = bytearray(path.read_bytes())
+    _magic, _version, _size, _flags, root, seq, freelist, pgid, _txid, _sum = newest_meta(data)
+    for at in (txid, txid - 1):
+        forge_meta(
+            data, at % 2, root=root, sequence=seq, freelist=freelist, pgid=pgid, txid=at
+        )  # fmt: skip
+    patch(path, 0, bytes(data[: 2 * PAGE_SIZE]))
+
+
+@pytest.mark.parametrize("commits", [1, 2])
+def test_a_changed_namespace_takes_records_still_at_their_page(
+    corpus: Corpus, tmp_path: Path, commits: int
+):
+    """before_last → pristine rewrote the images bucket: it is read again, but a record whose
+    bucket still starts at the same page is taken as it was, without reading that page (here
+    one changed in place, which bbolt never does): certain one commit later, unverified after
+    several, and a full read reads it."""
+    path = tmp_path / "meta.db"
+    path.write_bytes(corpus.before_last)
+    store = MetadataStore(BoltFile(path), reuse_buckets=True)
+    before = store.read(blobs=True)
+    name = min(set(corpus.images) - {SINGLE, INDEX})
+    old = before.image(NAMESPACE, name)
+    assert old is not None
+    nxt = tmp_path / "next.db"
+    nxt.write_bytes(corpus.pristine)
+    pgid, _used = image_page(nxt, name)
+    page = corpus.pristine[pgid * PAGE_SIZE : (pgid + 1) * PAGE_SIZE]
+    at = page.index(b"createdat") + len(b"createdat")
+    patch(nxt, pgid * PAGE_SIZE + at, go_time(0, 0))
+    set_txid(nxt, before.txid + commits)
+    nxt.replace(path)
+    after = store.read(blobs=True)
+    assert after.images_changed == {NAMESPACE}
+    assert after.image(NAMESPACE, name) is old
+    assert after.unverified == (commits > 1)
+    full = store.read(blobs=True, full=True)
+    fresh = full.image(NAMESPACE, name)
+    assert fresh is not None and fresh.created_at == datetime(1970, 1, 1, tzinfo=UTC)
+    store.close()
+
+
 def image_record(ns: str, name: str, digest: str) -> ImageRecord:
     return ImageRecord(ns, name, Descriptor("application/vnd.oci.image.index.v1+json", digest, 1))
 

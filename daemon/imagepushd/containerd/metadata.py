@@ -510,6 +510,7 @@ class _Reader:
         self.changed: dict[bytes, set[str]] = {b"images": set(), b"blob": set()}
         self.unverified = False
         self.decoded = 0  # image records decoded (not reused)
+        self.trust_pages = False  # while reading a changed bucket: see _bucket
         if cache is not None:
             self.new = {}
             if cache.order == tx.byte_order:
@@ -600,8 +601,15 @@ class _Reader:
             if self.fingerprints and not fingerprint and bucket is not None and not exact:
                 fingerprint = bucket.fingerprint()
             pages = {} if self.new is not None else None
+            # Records still at their root page are taken as they were, without reading the
+            # page: certain from one commit to the next, unverified across several.
+            self.trust_pages = self.reuse_buckets and old is not None
             records = read(namespace, bucket, old.pages if old is not None else {}, pages)
             verified = True
+            if self.trust_pages and old is not None:
+                verified = old.verified and 0 <= txid - old.txid <= 1
+                self.unverified = self.unverified or not verified
+            self.trust_pages = False
         if self.new is not None and pages is not None:
             self.new[namespace, kind] = _BucketCache(
                 ref, fingerprint, records, pages, txid, verified
@@ -673,15 +681,19 @@ class _Reader:
             self.decoded += kind is self.image_kind
             return kind.decode(namespace, key, found, where)[0]
         pgid = found
-        buf, page_flags, count = tx.read_page(pgid)
         hit = old.get(pgid)
-        if (
-            hit is not None
-            and hit.key == key
-            and hit.namespace == namespace
-            and type(hit.record) is kind.type
-            and buf.startswith(hit.page)
+        if hit is not None and (
+            hit.key != key or hit.namespace != namespace or type(hit.record) is not kind.type
         ):
+            hit = None
+        if hit is not None and self.trust_pages:
+            # bbolt never writes a page in use: the record bucket still at the same root page
+            # is the same record (certain from one commit to the next, see _bucket).
+            if new is not None:
+                new[pgid] = hit
+            return hit.record
+        buf, page_flags, count = tx.read_page(pgid)
+        if hit is not None and buf.startswith(hit.page):
             # These bytes decoded to this record in the last snapshot, every check passed then;
             # the bucket value and the page header were checked again above.
             if new is not None:
