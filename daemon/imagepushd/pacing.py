@@ -50,8 +50,7 @@ class VerifyBudget:
     Full reads may use ``share`` of the wall-clock time (a token bucket holding at most
     ``burst`` seconds): on a quiet host a change hidden by page reuse (a tag deleted and made
     again) is seen at once, while a containerd that commits all the time gets a full read of
-    10,000 images (~30 ms) every 15 s or so, not after every commit (at most 0.12 s per
-    minute).
+    10,000 images (30-60 ms) every 15-30 s, not after every commit (at most 0.12 s per minute).
     """
 
     def __init__(self, share: float = 0.002, burst: float = 0.25) -> None:
