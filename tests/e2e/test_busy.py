@@ -35,6 +35,7 @@ BURST = 10_000
 DECODED = ("imagepushd_image_records_decoded_total", ())
 PLANNED = ("imagepushd_images_planned_total", ())
 SCANS = ("imagepushd_scan_duration_seconds_count", ())
+_LEASES = itertools.count()
 
 
 def txid(containerd: Containerd) -> int:
@@ -50,10 +51,9 @@ def lease_churn(containerd: Containerd) -> Iterator[list[int]]:
     failures: list[str] = []
 
     def run() -> None:
-        for i in itertools.count():
-            for args in (("create", "--id", f"busy-{i}"), ("delete", f"busy-{i}")):
-                if stop.is_set():
-                    return
+        while not stop.is_set():
+            lease = f"busy-{next(_LEASES)}"
+            for args in (("create", "--id", lease), ("delete", lease)):
                 result = containerd.ctr("leases", *args, check=False)
                 if result.returncode != 0:
                     failures.append(result.stderr)
