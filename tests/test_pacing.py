@@ -31,25 +31,37 @@ def test_a_short_busy_spell_is_never_said():
 
 
 def test_full_reads_are_due_at_once_while_the_budget_lasts_then_spaced_by_their_cost():
-    budget = VerifyBudget(share=0.01, burst=0.1)
+    budget = VerifyBudget(share=0.01, burst=3)
     assert budget.due(0.0) == 0.0  # nothing spent yet
-    now = 0.0
-    for _ in range(3):  # 30 ms each: three fit in the 100 ms burst
-        assert budget.due(now) == now
-        budget.spent(now, 0.03)
-    # 10 ms left, 30 ms needed: 20 ms more at 1 % of the wall time is 2 s away.
-    assert abs(budget.due(now) - 2.0) < 1e-9
-    assert abs(budget.due(1.0) - 2.0) < 1e-9
-    budget.spent(2.0, 0.03)
-    assert abs(budget.due(2.0) - 5.0) < 1e-9  # from then on, one every 3 s
-    # After a long quiet spell the burst is back, but never more than the burst.
+    for _ in range(3):  # 30 ms each: a burst of three
+        assert budget.due(0.0) == 0.0
+        budget.spent(0.0, 0.03)
+    # Nothing left, 30 ms needed: 3 s away at 1 % of the wall time.
+    assert abs(budget.due(0.0) - 3.0) < 1e-9
+    assert abs(budget.due(1.0) - 3.0) < 1e-9
+    budget.spent(3.0, 0.03)
+    assert abs(budget.due(3.0) - 6.0) < 1e-9  # from then on, one every 3 s
+    # After a long quiet spell the burst is back: three reads, not more.
     assert budget.due(1000.0) == 1000.0
-    budget.spent(1000.0, 0.5)  # a read larger than the burst
-    assert abs(budget.due(1000.0) - (1000.0 + (0.5 - 0.1 + 0.1) / 0.01)) < 1e-9
+    for _ in range(3):
+        budget.spent(1000.0, 0.03)
+    assert budget.due(1000.0) > 1000.0
+
+
+def test_the_burst_follows_what_a_read_costs():
+    """Cheap reads (few images) are not let through by the dozen: the burst is in reads."""
+    budget = VerifyBudget(share=0.01, burst=2)
+    budget.spent(0.0, 0.5)  # the first reads of a large store: two at once
+    assert budget.due(0.0) == 0.0
+    budget.spent(0.0, 0.5)
+    assert abs(budget.due(0.0) - 50.0) < 1e-9
+    budget.spent(200.0, 0.001)  # the store shrank: two reads of 1 ms saved at most
+    budget.spent(200.0, 0.001)
+    assert abs(budget.due(200.0) - 200.1) < 1e-9
 
 
 def test_a_clock_going_back_adds_nothing_to_the_budget():
-    budget = VerifyBudget(share=0.01, burst=0.1)
+    budget = VerifyBudget(share=0.01, burst=1)
     budget.spent(100.0, 0.1)
     assert abs(budget.due(50.0) - 110.0) < 1e-9
     assert abs(budget.due(100.0) - 110.0) < 1e-9

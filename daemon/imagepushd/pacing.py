@@ -10,6 +10,8 @@ Both are plain arithmetic on times the caller passes in.
 
 from __future__ import annotations
 
+import math
+
 
 class BusyPatience:
     """When to read again, and whether to say so, while containerd is too busy to snapshot.
@@ -47,16 +49,17 @@ class BusyPatience:
 class VerifyBudget:
     """When to take the full read that settles an unverified snapshot.
 
-    Full reads may use ``share`` of the wall-clock time (a token bucket holding at most
-    ``burst`` seconds): on a quiet host a change hidden by page reuse (a tag deleted and made
-    again) is seen at once, while a containerd that commits all the time gets a full read of
-    10,000 images (30-60 ms) every 15-30 s, not after every commit (at most 0.12 s per minute).
+    Full reads may use ``share`` of the wall-clock time, saved up to ``burst`` reads (a token
+    bucket of seconds, sized by the last read's cost): on a quiet host a change hidden by page
+    reuse (a tag deleted and made again) is seen at once, while a containerd that commits all
+    the time gets a full read of 10,000 images (30-60 ms) every 15-30 s, not after every commit
+    (at most 0.12 s per minute, however many images).
     """
 
-    def __init__(self, share: float = 0.002, burst: float = 0.25) -> None:
+    def __init__(self, share: float = 0.002, burst: int = 2) -> None:
         self._share = share
         self._burst = burst
-        self._tokens = burst
+        self._tokens = math.inf  # full, whatever the first read costs
         self._at: float | None = None
         self._cost = 0.0
 
@@ -64,18 +67,20 @@ class VerifyBudget:
         """Add what the time since the last call earned; the budget's time (never going back)."""
         if self._at is None or now > self._at:
             if self._at is not None:
-                self._tokens = min(self._burst, self._tokens + (now - self._at) * self._share)
+                self._tokens += (now - self._at) * self._share
             self._at = now
+        if self._cost:
+            self._tokens = min(self._tokens, self._burst * self._cost)
         return self._at
 
     def spent(self, now: float, seconds: float) -> None:
         """A full read ending at ``now`` took ``seconds``: the expected cost of the next one."""
+        self._cost = seconds
         self._refill(now)
         self._tokens -= seconds
-        self._cost = seconds
 
     def due(self, now: float) -> float:
         """The earliest time from ``now`` at which a full read fits in the budget."""
         at = self._refill(now)
-        missing = min(self._cost, self._burst) - self._tokens
+        missing = self._cost - self._tokens
         return now if missing <= 0 else at + missing / self._share
