@@ -1,4 +1,4 @@
-"""Benchmark: pushing large images with ``imagepushd push`` against ``ctr images push``.
+"""Benchmark: pushing large images with ``imagepushd push`` against ``ctr images push`` and curl.
 
 Run as root from the repository: ``.venv/bin/python bench/push.py [--sizes 1,8] [--rounds 2]``.
 
@@ -11,8 +11,11 @@ One real docker-registry (tests/support/registry.py) then receives, per size and
 - ``imagepushd push IMAGE HOST/repo:latest --root ROOT --plain-http --json`` (default: adaptive
   chunks, 8 MiB growing to 64 MiB), and the same with ``--chunk-size 64MiB`` (variant ``ipd64``);
 - ``ctr -a SOCK images push --plain-http HOST/repo:latest IMAGE``;
+- parallel ``curl -T``: one monolithic PUT per blob file, 3 at a time (``xargs -P``), then the
+  manifest; the upload sessions are opened before the measured child starts. A client that
+  neither hashes nor chunks: the floor for wall time and CPU.
 
-alternating the order every round (round 1: imagepushd first, round 2: ctr first). Every run
+alternating the order every round (round 1: variants in order, round 2: reversed). Every run
 goes to a fresh repository, so no blob is skipped (HEAD answers 404) and none is mounted
 (imported images carry no ``distribution.source`` labels; the registry's access log is checked
 for ``mount=`` requests and for one committed upload per blob). Each run is a child process:
@@ -23,8 +26,13 @@ see bench/_proc.py); containerd's and the registry's own CPU time over the run a
 the blob files). The pushed manifest is fetched back and its sha256 compared with the source
 digest.
 
+Each client's CPU is also printed per GiB pushed, with its ratios to ctr and to curl, and
+``openssl dgst -sha256`` of the same blob files gives what hashing every byte costs alone
+(curl + that: the floor for a client that verifies what it sends).
+
 Targets, on the medians of the rounds: wall(imagepushd)/wall(ctr) <= 1.0, CPU(imagepushd)/
-CPU(ctr) <= 1.2 (client processes only), imagepushd peak RSS <= 80 MiB. Everything (containerd
+CPU(ctr) <= 1.2 (client processes only), imagepushd CPU <= 1.0 s per GiB, wall(imagepushd)/
+wall(curl) <= 1.15, imagepushd peak RSS <= 80 MiB. Everything (containerd
 root, registry storage, archives) lives in one temporary directory removed at the end; the run
 refuses to start with less than 4x the total image size free there. Exit status 1 if a target
 is missed.
@@ -33,6 +41,16 @@ is missed.
 py-spy``) pushes the first image once more under ``py-spy record --idle`` and prints how the
 main and blob worker threads spend their time (waiting for the registry's answer, socket send,
 hashing, file reads, imports, pool waits) and the busiest lines.
+
+``--compete`` then measures what a push costs a build on the same machine: a CPU-bound busy
+loop (the "build", ~``--compete-seconds`` alone) and an imagepushd push of the first image,
+both pinned to one CPU (the registry to the others), each in its own sibling CPU cgroup; the
+build's wall time alone, under
+a push with default scheduling, and under a push with the unit's (``CPUWeight=``, ``Nice=``,
+I/O class read from systemd/imagepushd.service and applied as systemd does: bench/_sched.py),
+``--compete-rounds`` times in alternating order. Printed: the build's slowdown both ways and
+the push's own wall and CPU; a target missed if the unit's settings do not slow the build less.
+``--skip-comparison`` runs only ``--profile``/``--compete``.
 """
 
 from __future__ import annotations
@@ -315,7 +333,24 @@ def tree_bytes(path: Path) -> int:
     return total
 
 
-def report(image: SourceImage, runs: list[Run], registry: Registry, expected: int) -> bool:
+def hash_cpu(image: SourceImage, containerd: Containerd, workdir: Path) -> float:
+    """CPU seconds of ``openssl dgst -sha256`` over the image's blob files (OpenSSL's SHA-256,
+    the one Python's hashlib uses): what verifying every byte costs by itself."""
+    blobs = containerd.root / "io.containerd.content.v1.content/blobs"
+    cmd = ["openssl", "dgst", "-sha256"]
+    cmd += [str(blobs / digest.replace(":", "/")) for digest, _ in image.contents]
+    out = workdir / "sha256.out"
+    code, _, user, system, _ = run_child(cmd, out)
+    text = out.read_text()
+    out.unlink()
+    if code != 0 or any(digest.split(":")[1] not in text for digest, _ in image.contents):
+        raise SystemExit(f"openssl dgst exited {code}:\n{text[-2000:]}")
+    return user + system
+
+
+def report(
+    image: SourceImage, runs: list[Run], registry: Registry, expected: int, hashing: float
+) -> bool:
     print(
         f"\n=== {image.size_gib} GiB image: {image.layer_count} x {image.layer_size // MiB} MiB "
         f"layers + config ({image.content_bytes / GiB:.3f} GiB), "
@@ -368,6 +403,14 @@ def report(image: SourceImage, runs: list[Run], registry: Registry, expected: in
                 if floor
                 else ""
             )
+        )
+    if floor:
+        verified = floor["cpu"] + hashing
+        print(
+            f"verification: openssl dgst -sha256 of the same blobs {hashing:.2f} CPU s "
+            f"({hashing / gib:.2f}/GiB); parallel curl + that = {verified / gib:.2f} CPU s/GiB, "
+            f"the floor for a client that hashes what it sends; imagepushd / floor = "
+            f"{med['ipd']['cpu'] / verified:.2f}"
         )
     ok = True
     print("targets (imagepushd, default chunk size):")
@@ -514,6 +557,11 @@ def compete(
     unit = Scheduling.from_unit(REPO / "systemd" / "imagepushd.service")
     modes = {"today": Scheduling(), "unit": unit}
     cpu = max(os.sched_getaffinity(0))
+    # The registry stands for a remote one: off the build's CPU, so what competes is the client.
+    away = os.sched_getaffinity(0) - {cpu}
+    assert registry.pid is not None
+    for tid in os.listdir(f"/proc/{registry.pid}/task") if away else ():
+        os.sched_setaffinity(int(tid), away)
     builds: dict[str, list[float]] = {"alone": [], "today": [], "unit": []}
     pushes: dict[str, list[Run]] = {"today": [], "unit": []}
     overlapped: dict[str, list[bool]] = {"today": [], "unit": []}
@@ -527,8 +575,9 @@ def compete(
         print(
             f"\ncompeting build: a busy loop of {count} steps (~{seconds:.0f}s alone) and an "
             f"imagepushd push of the {image.size_gib} GiB image, both pinned to CPU {cpu}, in "
-            f"sibling CPU cgroups ({'v2' if groups.v2 else 'v1'}); the push starts "
-            f"{COMPETE_LEAD:.0f}s ahead",
+            f"sibling CPU cgroups ({'v2' if groups.v2 else 'v1'}); the registry "
+            + (f"on CPU {','.join(map(str, sorted(away)))}" if away else "on the same CPU")
+            + f"; the push starts {COMPETE_LEAD:.0f}s ahead",
             flush=True,
         )
         for rnd in range(1, rounds + 1):
@@ -664,7 +713,8 @@ def main() -> int:
                         flush=True,
                     )
             if runs:
-                all_ok &= report(image, runs, registry, expected)
+                hashing = hash_cpu(image, containerd, workdir)
+                all_ok &= report(image, runs, registry, expected, hashing)
         if args.profile:
             profile_push(images[0], containerd, registry, workdir, args.profile_rate)
         if args.compete:
