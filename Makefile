@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 APT_PACKAGES := containerd docker-registry skopeo strace systemd-container mmdebstrap \
-                libsystemd-dev pkg-config gcc python3-dev python3-venv
+                libsystemd-dev pkg-config gcc python3-dev python3-venv curl openssl
 PYTEST_ARGS ?=
 
 .PHONY: apt test lint typecheck unit deps venv demo bench-scan clean deb dist

@@ -666,9 +666,9 @@ def main() -> int:
     variants = [v for v in args.variants.split(",") if v]
     if not {"ipd", "ctr"} <= set(variants) or not set(variants) <= set(VARIANTS):
         parser.error(f"--variants must include ipd and ctr, from {','.join(VARIANTS)}")
-    if not require_root("bench/push.py") or not require_tools(
-        "bench/push.py", ("containerd", "ctr", "docker-registry")
-    ):
+    tools = ["containerd", "ctr", "docker-registry", "curl", "openssl"]
+    tools += ["taskset", "nice", "ionice"] if args.compete else []
+    if not require_root("bench/push.py") or not require_tools("bench/push.py", tools):
         return 2
 
     parent = args.workdir or Path(tempfile.gettempdir())
