@@ -8,6 +8,14 @@ Every byte is hashed as it is read for sending; the hash state is kept at the la
 registry acknowledged, so resuming after a broken chunk rehashes at most the bytes the
 registry kept beyond it (read locally, never sent twice).
 
+The registry checks the digest too, but verification stays here, in the same pass as the
+send: a corrupt local blob must never reach a registry whole (a monolithic body is cut before
+its last byte, a chunked one gets no closing PUT), whatever that registry does with it. It is
+most of what a push costs the client: on a 2 GiB push (bench/push.py, sha256 with SHA-NI)
+about 0.5 of 0.9 CPU s per GiB, the rest the kernel's send (as for ``curl -T``); the whole is
+within a few percent of ``curl -T`` plus ``openssl dgst`` of the same files, and reads of
+256 KiB to 4 MiB cost the same.
+
 What a broken chunk costs depends on the registry. distribution 3.x answers GET status with
 the bytes it really kept, so nothing is sent twice. distribution 2.8 keeps the partial bytes
 but refuses every later request on the session (its signed ``_state`` offset no longer matches
