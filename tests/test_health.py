@@ -44,7 +44,8 @@ class Clock:
         self.now += seconds
 
     def wait(self, seconds: float) -> bool:
-        self.sleep(seconds)
+        if seconds:  # wait(0) only asks whether the daemon stops
+            self.sleep(seconds)
         return False
 
 
@@ -209,6 +210,7 @@ def test_a_job_whose_registry_answers_the_probe_backs_off_on_its_own(rig: Rig) -
         RegistryError("HTTP 500", status=500),
         RegistryError("HTTP 404 MANIFEST_UNKNOWN", status=404, codes=["MANIFEST_UNKNOWN"]),
         RegistryConnectionError("TLS certificate verification failed", temporary=False),
+        RegistryError("HTTP 429", status=429, retry_after=0.0),  # "now": its own backoff
     ],
 )
 def test_failures_that_are_not_the_registrys_do_not_probe(rig: Rig, failure: RegistryError) -> None:

@@ -160,7 +160,7 @@ class RegistryHealth:
         requests back: the job is due again as soon as the registry is. False when the
         failure is the job's own (the registry answers): it backs off by itself.
         """
-        if error.retry_after is not None and error.is_temporary():
+        if error.retry_after and error.is_temporary():  # (a Retry-After of 0 holds nothing)
             self.hold(host, error)
             return True
         if not error.is_unavailable():
@@ -264,12 +264,13 @@ class RegistryHealth:
         except RegistryError as exc:
             if exc.is_unavailable():
                 return exc
-            if exc.retry_after is not None and exc.is_temporary():
+            if exc.retry_after and exc.is_temporary():
                 self.hold(host, exc)
         except ImagepushdError as exc:  # e.g. its settings: the jobs will say so themselves
             log.debug("registry %s: probe not sent: %s", host, exc)
         except Exception:  # a bug must not leave its jobs waiting for ever
-            log.exception("registry %s: probe crashed", host)
+            if not self._wait(0):  # (a stopping daemon closes the client under the probe)
+                log.exception("registry %s: probe crashed", host)
         return None
 
     def _probe_loop(self, host: str) -> None:
@@ -283,6 +284,8 @@ class RegistryHealth:
                 if self._wait(delay * (0.5 + self._rand() / 2)):
                     return
                 error = self._ask(host)
+                if self._wait(0):  # stopped during the probe: its answer means nothing now
+                    return
                 if error is None:
                     self._back(host, how="it answers the probe")
                     return
