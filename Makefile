@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := containerd docker-registry skopeo strace systemd-container mmdebstrap \
-                libsystemd-dev pkg-config gcc python3-dev python3-venv
+APT_PACKAGES := containerd docker-registry skopeo strace nginx prometheus docker.io \
+                systemd-container mmdebstrap libsystemd-dev pkg-config gcc python3-dev python3-venv
 PYTEST_ARGS ?=
 
 .PHONY: apt test lint typecheck unit deps venv demo bench-scan clean deb dist

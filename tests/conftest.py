@@ -12,6 +12,8 @@ from tests.support.daemon import Daemon
 from tests.support.faultproxy import FaultProxy
 from tests.support.images import ImageBuilder
 from tests.support.process import require_tools
+from tests.support.prometheus import HINT as PROMETHEUS_HINT
+from tests.support.prometheus import Prometheus
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
@@ -38,6 +40,17 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     with Daemon(tmp_path / "daemon") as instance:
         yield instance
         assert not instance.running or instance.stop() == 0
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[Prometheus]:
+    """Debian's prometheus, not started (``start(targets, rule_files)``); stopped afterwards."""
+    require_tools("prometheus", hint=PROMETHEUS_HINT)
+    instance = Prometheus(tmp_path / "prometheus")
+    try:
+        yield instance
+    finally:
+        instance.stop()
 
 
 @pytest.fixture

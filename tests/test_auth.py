@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import subprocess
+import threading
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,12 +19,13 @@ from imagepushd.oci import Descriptor
 from imagepushd.registry.auth import (
     Authenticator,
     Challenge,
+    RequestAuth,
     merge_scopes,
     parse_challenges,
     repository_scope,
 )
 from imagepushd.registry.client import RegistryClient
-from imagepushd.registry.credentials import Credentials
+from imagepushd.registry.credentials import Credentials, CredentialSource, CredentialStore
 from tests.support.fakeregistry import (
     FakeRegistry,
     FakeTokenServer,
@@ -189,7 +194,7 @@ def authenticator(
     auth = Authenticator(
         http,
         HOST,
-        credentials,
+        CredentialSource.fixed(credentials),
         basic_allowed=lambda url: url.scheme == "https",
         clock=clock or Clock(),
     )
@@ -203,10 +208,10 @@ def test_token_is_cached_per_scope_set(token_http: TokenHttp) -> None:
     url = httpx.URL(f"https://{HOST}/v2/")
     other = (repository_scope("team/other", "pull"),)
 
-    first = auth.authorization((PUSH,), url)
-    assert auth.authorization((PUSH,), url) == first
-    third = auth.authorization(other, url)
-    assert auth.authorization(other, url) == third
+    first = auth.authorization(RequestAuth((PUSH,)), url)
+    assert auth.authorization(RequestAuth((PUSH,)), url) == first
+    third = auth.authorization(RequestAuth(other), url)
+    assert auth.authorization(RequestAuth(other), url) == third
 
     assert first != third
     assert len(tokens.requests) == 2
@@ -225,13 +230,13 @@ def test_token_refreshed_shortly_before_expiry(
     url = httpx.URL(f"https://{HOST}/v2/")
     margin = 20.0  # REFRESH_MARGIN
 
-    first = auth.authorization((PUSH,), url)
+    first = auth.authorization(RequestAuth((PUSH,)), url)
     clock.now = 1000.0 + lifetime - margin - 0.5
-    assert auth.authorization((PUSH,), url) == first
+    assert auth.authorization(RequestAuth((PUSH,)), url) == first
     assert len(tokens.requests) == 1
 
     clock.now = 1000.0 + lifetime - margin + 0.5
-    assert auth.authorization((PUSH,), url) != first
+    assert auth.authorization(RequestAuth((PUSH,)), url) != first
     assert len(tokens.requests) == 2
 
 
@@ -239,7 +244,9 @@ def test_access_token_field_is_accepted(token_http: TokenHttp) -> None:
     tokens = FakeTokenServer(token_field="access_token")
     auth = authenticator(token_http(tokens), tokens)
 
-    assert auth.authorization((PUSH,), httpx.URL(f"https://{HOST}/")) == "Bearer token-1"
+    assert (
+        auth.authorization(RequestAuth((PUSH,)), httpx.URL(f"https://{HOST}/")) == "Bearer token-1"
+    )
 
 
 @pytest.mark.parametrize(
@@ -259,20 +266,27 @@ def test_bad_token_server_answers(
     auth = authenticator(token_http(lambda r: answer), tokens)
 
     with pytest.raises(RegistryAuthError, match=message):
-        auth.authorization((PUSH,), httpx.URL(f"https://{HOST}/"))
+        auth.authorization(RequestAuth((PUSH,)), httpx.URL(f"https://{HOST}/"))
 
 
 def test_bearer_without_realm(token_http: TokenHttp) -> None:
     tokens = FakeTokenServer()
-    auth = Authenticator(token_http(tokens), HOST, None, basic_allowed=lambda url: True)
+    auth = Authenticator(
+        token_http(tokens), HOST, CredentialSource.fixed(None), basic_allowed=lambda url: True
+    )
     auth.learn(httpx.Response(401, headers={"WWW-Authenticate": 'Bearer service="s"'}))
 
     with pytest.raises(RegistryAuthError, match="without a realm"):
-        auth.authorization((PUSH,), httpx.URL(f"https://{HOST}/"))
+        auth.authorization(RequestAuth((PUSH,)), httpx.URL(f"https://{HOST}/"))
 
 
 def test_no_usable_challenge(token_http: TokenHttp) -> None:
-    auth = Authenticator(token_http(FakeTokenServer()), HOST, None, basic_allowed=lambda url: True)
+    auth = Authenticator(
+        token_http(FakeTokenServer()),
+        HOST,
+        CredentialSource.fixed(None),
+        basic_allowed=lambda url: True,
+    )
 
     with pytest.raises(RegistryAuthError, match="no usable challenge"):
         auth.learn(httpx.Response(401, headers={"WWW-Authenticate": 'Digest realm="x"'}))
@@ -602,6 +616,311 @@ def test_password_to_a_plain_http_realm_when_allowed(
     assert basic_of(fetch.headers["authorization"]) == f"alice:{PASSWORD}"
 
 
+# ---- credentials that rotate under a running client -------------------------------------------
+
+
+class Helper:
+    """``docker-credential-test`` as an injected runner: answers ``get`` from its fields.
+
+    ``secret=None`` answers "credentials not found" (nobody logged in yet).
+    """
+
+    def __init__(self, username: str = "alice", secret: str | None = PASSWORD) -> None:
+        self.username = username
+        self.secret = secret
+        self.runs = 0
+
+    def __call__(self, argv: Sequence[str], stdin: str) -> subprocess.CompletedProcess[str]:
+        assert list(argv) == ["docker-credential-test", "get"]
+        self.runs += 1
+        if self.secret is None:
+            return subprocess.CompletedProcess(argv, 1, "credentials not found in store\n", "")
+        answer = {"ServerURL": stdin, "Username": self.username, "Secret": self.secret}
+        return subprocess.CompletedProcess(argv, 0, json.dumps(answer), "")
+
+
+def helper_source(home: Path, helper: Helper) -> CredentialSource:
+    """What the daemon and the CLI build: a source over docker's config with ``credHelpers``."""
+    config = home / ".docker/config.json"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps({"credHelpers": {HOST: "test"}}))
+    store = CredentialStore({}, home, runner=helper)
+    return CredentialSource(lambda: store.lookup(HOST))
+
+
+def test_basic_rotated_password_is_resolved_again_and_resent(
+    clients: Callable[..., RegistryClient], tmp_path: Path
+) -> None:
+    users = {"alice": PASSWORD}
+    network, seen = basic_registry(users)
+    helper = Helper()
+    client = clients(network, credentials=helper_source(tmp_path, helper))
+    assert client.blob_exists(REPO, BLOB) is False
+    assert helper.runs == 1
+
+    users["alice"] = helper.secret = "rotated"
+
+    assert client.blob_exists(REPO, BLOB) is False
+    assert helper.runs == 2
+    heads = [basic_of(r.headers["authorization"]) for r in seen if r.method == "HEAD"]
+    assert heads == [f"alice:{PASSWORD}", f"alice:{PASSWORD}", "alice:rotated"]
+    assert client.blob_exists(REPO, BLOB) is False
+    assert helper.runs == 2  # cached again until the next rejection
+
+
+def test_rejected_credentials_that_resolve_the_same_are_not_resent(
+    clients: Callable[..., RegistryClient], tmp_path: Path
+) -> None:
+    users = {"alice": PASSWORD}
+    network, seen = basic_registry(users)
+    helper = Helper()
+    client = clients(network, credentials=helper_source(tmp_path, helper))
+    assert client.blob_exists(REPO, BLOB) is False
+    users["alice"] = "rotated"  # the helper does not know yet
+
+    with pytest.raises(RegistryAuthError, match="credentials rejected"):
+        client.blob_exists(REPO, BLOB)
+
+    assert helper.runs == 2
+    assert len([r for r in seen if r.method == "HEAD"]) == 2  # one refused HEAD, not two
+    helper.secret = "rotated"  # the helper catches up: the next push works, no reload
+
+    assert client.blob_exists(REPO, BLOB) is False
+    assert helper.runs == 3
+
+
+def test_credentials_rejected_twice_are_a_failure(
+    clients: Callable[..., RegistryClient], tmp_path: Path
+) -> None:
+    users = {"alice": PASSWORD}
+    network, seen = basic_registry(users)
+    helper = Helper()
+    client = clients(network, credentials=helper_source(tmp_path, helper))
+    assert client.blob_exists(REPO, BLOB) is False
+    users["alice"] = "rotated"
+    helper.secret = "still-wrong"
+
+    with pytest.raises(RegistryAuthError, match="credentials rejected") as caught:
+        client.blob_exists(REPO, BLOB)
+
+    assert caught.value.status == 401
+    assert helper.runs == 2
+    heads = [basic_of(r.headers["authorization"]) for r in seen if r.method == "HEAD"]
+    assert heads[1:] == [f"alice:{PASSWORD}", "alice:still-wrong"]
+
+
+def test_requests_rejected_together_run_the_helper_once(
+    clients: Callable[..., RegistryClient], tmp_path: Path
+) -> None:
+    users = {"alice": PASSWORD}
+    network, _seen = basic_registry(users)
+    registry = network.servers[HOST]
+    refused_together = threading.Barrier(6, timeout=30)  # hang guard only
+
+    def refuse_all_before_answering(request: httpx.Request) -> httpx.Response:
+        response = registry(request)
+        if request.method == "HEAD" and response.status_code == 401:
+            refused_together.wait()  # every HEAD went out with the old password
+        return response
+
+    network.route(HOST, refuse_all_before_answering)
+    helper = Helper()
+    client = clients(network, credentials=helper_source(tmp_path, helper))
+    assert client.blob_exists(REPO, BLOB) is False
+    users["alice"] = helper.secret = "rotated"
+    results: list[bool] = []
+
+    def head() -> None:
+        results.append(client.blob_exists(REPO, BLOB))
+
+    threads = [threading.Thread(target=head) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert results == [False] * 6
+    assert helper.runs == 2
+
+
+def test_credentials_appearing_after_start_are_found_on_rejection(
+    clients: Callable[..., RegistryClient], tmp_path: Path
+) -> None:
+    network, _seen = basic_registry({"alice": PASSWORD})
+    helper = Helper(secret=None)
+    client = clients(network, credentials=helper_source(tmp_path, helper))
+
+    with pytest.raises(RegistryAuthError, match="no credentials are configured"):
+        client.blob_exists(REPO, BLOB)
+    assert helper.runs == 1  # just asked for this request: asking again gives the same
+    helper.secret = PASSWORD  # docker login, after the daemon started
+
+    assert client.blob_exists(REPO, BLOB) is False
+    assert helper.runs == 2
+
+
+def test_anonymous_registry_never_runs_the_helper(
+    clients: Callable[..., RegistryClient], tmp_path: Path
+) -> None:
+    helper = Helper()
+    client = clients(Network(FakeRegistry(HOST)), credentials=helper_source(tmp_path, helper))
+
+    assert client.blob_exists(REPO, BLOB) is False
+    assert helper.runs == 0
+
+
+def test_expired_token_is_fetched_again_without_running_the_helper(
+    clients: Callable[..., RegistryClient], tmp_path: Path
+) -> None:
+    network, fake, tokens = token_rig()
+    helper = Helper()
+    client = clients(network, credentials=helper_source(tmp_path, helper))
+    assert client.blob_exists(REPO, BLOB) is False
+    tokens.revoke()  # the registry no longer takes the token (it expired)
+
+    assert client.blob_exists(REPO, BLOB) is False
+
+    assert [r.status for r in fake.calls("HEAD")] == [404, 401, 404]
+    assert [r.status for r in tokens.requests] == [200, 200]
+    assert helper.runs == 1
+
+
+def test_token_server_refusing_rotated_credentials_runs_the_helper_once(
+    clients: Callable[..., RegistryClient], tmp_path: Path
+) -> None:
+    network, fake, tokens = token_rig()
+    helper = Helper()
+    client = clients(network, credentials=helper_source(tmp_path, helper))
+    assert client.blob_exists(REPO, BLOB) is False
+    tokens.users["alice"] = helper.secret = "rotated"
+
+    assert client.blob_exists(REPO, BLOB) is False  # the cached token is still good
+    assert helper.runs == 1
+    tokens.revoke()
+
+    assert client.blob_exists(REPO, BLOB) is False
+
+    assert helper.runs == 2
+    assert [r.status for r in fake.calls("HEAD")] == [404, 404, 401, 404]
+    fetches = [basic_of(r.headers["authorization"]) for r in tokens.requests]
+    assert fetches == [f"alice:{PASSWORD}", f"alice:{PASSWORD}", "alice:rotated"]
+    assert [r.status for r in tokens.requests] == [200, 401, 200]
+
+
+def test_token_server_refusing_renewed_credentials_is_a_failure(
+    clients: Callable[..., RegistryClient], tmp_path: Path
+) -> None:
+    network, fake, tokens = token_rig()
+    helper = Helper()
+    client = clients(network, credentials=helper_source(tmp_path, helper))
+    assert client.blob_exists(REPO, BLOB) is False
+    tokens.users["alice"] = "rotated"
+    helper.secret = "still-wrong"
+    tokens.revoke()
+
+    with pytest.raises(RegistryAuthError, match="credentials rejected"):
+        client.blob_exists(REPO, BLOB)
+
+    assert helper.runs == 2
+    assert [r.status for r in tokens.requests] == [200, 401, 401]
+    assert [r.status for r in fake.calls("HEAD")] == [404, 401]
+
+
+@pytest.mark.parametrize("kind", ["basic", "token"])
+def test_credentials_resolved_for_the_refused_request_are_not_resolved_again(
+    clients: Callable[..., RegistryClient], tmp_path: Path, kind: str
+) -> None:
+    """A fresh start (daemon or CLI) with wrong credentials: one helper run, one refusal."""
+    if kind == "basic":
+        network, seen = basic_registry({"alice": PASSWORD})
+    else:
+        network, _fake, tokens = token_rig()
+    helper = Helper(secret="wrong")
+
+    with pytest.raises(RegistryAuthError, match="credentials rejected"):
+        clients(network, credentials=helper_source(tmp_path, helper)).blob_exists(REPO, BLOB)
+
+    assert helper.runs == 1
+    if kind == "basic":
+        assert len([r for r in seen if r.method == "HEAD"]) == 1
+    else:
+        assert [r.status for r in tokens.requests] == [401]
+
+
+def test_rotated_identity_token_from_the_helper(
+    clients: Callable[..., RegistryClient], tmp_path: Path
+) -> None:
+    network, _fake, tokens = token_rig()
+    helper = Helper("<token>", REFRESH)
+    client = clients(network, credentials=helper_source(tmp_path, helper))
+    assert client.blob_exists(REPO, BLOB) is False
+    tokens.refresh_tokens = {"refresh-2": "alice"}
+    helper.secret = "refresh-2"
+    tokens.revoke()
+
+    assert client.blob_exists(REPO, BLOB) is False
+
+    assert [r.method for r in tokens.requests] == ["POST", "POST", "POST"]
+    assert [r.status for r in tokens.requests] == [200, 401, 200]
+    assert helper.runs == 2
+
+
+def test_rotated_registry_token_in_docker_config_is_read_again(
+    clients: Callable[..., RegistryClient], tmp_path: Path
+) -> None:
+    network, fake, tokens = token_rig()
+    tokens.tokens["ready-1"] = (PUSH,)
+    config = tmp_path / ".docker/config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"auths": {HOST: {"registrytoken": "ready-1"}}}))
+    store = CredentialStore({}, tmp_path, runner=no_helpers)
+    client = clients(network, credentials=CredentialSource(lambda: store.lookup(HOST)))
+    assert client.blob_exists(REPO, BLOB) is False
+    tokens.revoke()
+    tokens.tokens["ready-2"] = (PUSH,)
+    config.write_text(json.dumps({"auths": {HOST: {"registrytoken": "ready-2"}}}))
+
+    assert client.blob_exists(REPO, BLOB) is False
+
+    sent = [r.headers["authorization"] for r in fake.calls("HEAD")]
+    assert sent == ["Bearer ready-1", "Bearer ready-1", "Bearer ready-2"]
+    assert tokens.requests == []
+
+
+def no_helpers(argv: Sequence[str], stdin: str) -> subprocess.CompletedProcess[str]:
+    raise AssertionError(f"no helper should run, ran {list(argv)}")
+
+
+def test_token_refreshed_by_the_clock_does_not_resolve_credentials_again(
+    token_http: TokenHttp,
+) -> None:
+    tokens = FakeTokenServer(users={"alice": PASSWORD})
+    runs: list[int] = []
+
+    def resolve() -> Credentials:
+        runs.append(1)
+        return Credentials("alice", PASSWORD)
+
+    clock = Clock(1000.0)
+    auth = Authenticator(
+        token_http(tokens),
+        HOST,
+        CredentialSource(resolve),
+        basic_allowed=lambda url: True,
+        clock=clock,
+    )
+    auth.learn(httpx.Response(401, headers={"WWW-Authenticate": tokens.challenge()}))
+    url = httpx.URL(f"https://{HOST}/")
+
+    first = auth.authorization(RequestAuth((PUSH,)), url)
+    clock.now += 3600
+    second = auth.authorization(RequestAuth((PUSH,)), url)
+
+    assert first != second
+    assert len(tokens.requests) == 2
+    assert len(runs) == 1
+
+
 # ---- secrets stay secret ---------------------------------------------------------------------
 
 
@@ -634,6 +953,13 @@ def _fail_basic_rejected(clients: Callable[..., RegistryClient]) -> None:
     clients(network, credentials=Credentials("alice", PASSWORD)).blob_exists(REPO, BLOB)
 
 
+def _fail_renewed_still_rejected(clients: Callable[..., RegistryClient]) -> None:
+    network, _ = basic_registry({"alice": "other"})
+    answers = iter([Credentials("alice", PASSWORD), Credentials("alice", PASSWORD + "-rotated")])
+    source = CredentialSource(lambda: next(answers))
+    clients(network, credentials=source).blob_exists(REPO, BLOB)
+
+
 def _fail_plain_http_realm(clients: Callable[..., RegistryClient]) -> None:
     tokens = FakeTokenServer("auth.test", scheme="http", users={"alice": PASSWORD})
     network = Network(FakeRegistry(HOST, auth=tokens), tokens)
@@ -659,6 +985,7 @@ def _fail_token_server_500(clients: Callable[..., RegistryClient]) -> None:
         _fail_refresh_rejected,
         _fail_registry_rejects,
         _fail_basic_rejected,
+        _fail_renewed_still_rejected,
         _fail_plain_http_realm,
         _fail_token_server_down,
         _fail_token_server_500,

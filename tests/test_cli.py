@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -13,15 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from imagepushd.cli import Context, run
+from imagepushd.cli import Context, build_parser, run
 from imagepushd.units import human_size
 from tests.support.containerd import Containerd
 from tests.support.images import ImageBuilder
 
 
-def cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+def cli(
+    *argv: str, env: dict[str, str] | None = None, fs: Path = Path("/")
+) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    ctx = Context(env=env or {}, home=Path("/nonexistent-home"), stdout=out)
+    ctx = Context(env=env or {}, home=Path("/nonexistent-home"), stdout=out, stderr=err, fs=fs)
     code = run(list(argv), ctx, err)
     return code, out.getvalue(), err.getvalue()
 
@@ -73,11 +76,31 @@ def test_rootless_root_is_discovered(copied_root: Path, tmp_path: Path):
     xdg = tmp_path / "xdg"
     xdg.mkdir()
     (xdg / "containerd").symlink_to(copied_root)
-    code, out, err = cli("images", env={"XDG_DATA_HOME": str(xdg)})
-    if Path("/var/lib/containerd/io.containerd.metadata.v1.bolt/meta.db").exists():
-        pytest.fail("this machine has a system containerd root; the test needs it absent")
+    fs = tmp_path / "fs"
+    code, out, err = cli("images", env={"XDG_DATA_HOME": str(xdg)}, fs=fs)
     assert code == 0, err
     assert "example.com/cli:1" in out
+    # Which root, and why, goes to stderr (stdout stays the listing).
+    assert err == (
+        f"imagepushd: containerd root {xdg / 'containerd'} (rootless containerd's default root)\n"
+    )
+
+
+def test_check_config_says_which_root(copied_root: Path, tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[state]\npath = "{tmp_path}/state.db"\n')
+    fs = tmp_path / "fs"
+    code, out, _ = cli("--config", str(config), "check-config", fs=fs)
+    assert code == 0
+    assert out.splitlines()[1].startswith("no containerd root found (")
+    k3s = fs / "var/lib/rancher/k3s/agent/containerd"
+    k3s.parent.mkdir(parents=True)
+    k3s.symlink_to(copied_root)
+    code, out, _ = cli("--config", str(config), "check-config", fs=fs)
+    assert code == 0
+    assert out.splitlines()[1] == (
+        f"containerd root {k3s} (k3s, data-dir {fs}/var/lib/rancher/k3s)"
+    )
 
 
 @pytest.mark.e2e
@@ -216,3 +239,33 @@ def test_referrers_with_an_archive_is_a_usage_error(tmp_path: Path):
     code, _, err = cli("push", "--archive", str(tmp_path / "x.tar"), "r.test/app:1", "--referrers")
     assert code == 2
     assert_one_line(err, "--referrers reads them from containerd; not with --archive")
+
+
+def test_global_options_are_accepted_after_the_subcommand(tmp_path: Path) -> None:
+    """``check-config --config F`` as well as ``--config F check-config``; the later wins."""
+    good = tmp_path / "good.toml"
+    good.write_text('[push]\nsettle = "2s"\n')
+    for argv in (
+        ["check-config", "--config", str(good)],
+        ["--config", str(good), "check-config"],
+        ["--config", str(tmp_path / "missing.toml"), "check-config", "--config", str(good)],
+        ["check-config", "--log-level", "debug", "--config", str(good)],
+    ):
+        code, _, err = cli(*argv)
+        assert code == 0, (argv, err)
+    code, _, err = cli("check-config", "--config", str(tmp_path / "none.toml"))
+    assert code == 2
+    assert_one_line(err, "none.toml")
+
+
+def test_every_subcommand_has_a_description(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser()
+    subcommands = next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices
+    assert len(subcommands) >= 11
+    for name, sub in subcommands.items():
+        assert sub.description, name
+    with pytest.raises(SystemExit):
+        cli("images", "--help")
+    assert "$CONTAINERD_NAMESPACE" in capsys.readouterr().out

@@ -44,6 +44,8 @@ username = "robot"
 password_credential = "robot-password"
 chunk_size = 8388608
 concurrency = 2
+requests_per_second = 2.5
+max_concurrent_requests = 4
 """
 
 
@@ -63,6 +65,8 @@ def test_full_config():
     assert (first.referrers, second.referrers) == (False, True)
     registry = config.registry("registry.example.com")
     assert registry.password_credential == "robot-password" and registry.chunk_size == 8 << 20
+    assert (registry.requests_per_second, registry.max_concurrent_requests) == (2.5, 4)
+    assert config.registry("other.io").requests_per_second is None
     assert config.registry("other.io").plain_http is False
 
 
@@ -138,6 +142,18 @@ password_file = "/x"
             "containerd.namespaces (line 2): must be a string or a list of strings",
         ),
         ("push = 1", "push (line 1): must be a table, not an integer"),
+        (
+            '[registries."r.io"]\nrequests_per_second = 0',
+            'registries."r.io".requests_per_second (line 2): must be a positive number',
+        ),
+        (
+            '[registries."r.io"]\nrequests_per_second = "fast"',
+            'registries."r.io".requests_per_second (line 2): must be an int or a float',
+        ),
+        (
+            '[registries."r.io"]\nmax_concurrent_requests = 0',
+            'registries."r.io".max_concurrent_requests (line 2): must be at least 1',
+        ),
     ],
 )
 def test_single_problems(text: str, problem: str):

@@ -1,4 +1,4 @@
-"""The content store: verified reads, graph walks, completeness, root discovery."""
+"""The content store: verified reads, graph walks, completeness."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from imagepushd.containerd.content import (
     ContentStore,
     IndexNode,
     ManifestNode,
-    discover_root,
-    root_candidates,
     walk,
 )
 from imagepushd.errors import (
@@ -21,7 +19,6 @@ from imagepushd.errors import (
     ContainerdError,
     ManifestError,
     MissingContentError,
-    RootNotFoundError,
 )
 from imagepushd.oci import OCI_INDEX, Descriptor, Platform
 from tests.support.images import Blob, ImageBuilder
@@ -181,21 +178,3 @@ def test_walk_rejects_unsupported_root(tmp_path: Path, image_builder: ImageBuild
     path.write_bytes(b"{}")
     with pytest.raises(ManifestError, match="unsupported media type"):
         store.walk(desc(blob))
-
-
-def test_root_discovery(tmp_path: Path):
-    home = tmp_path / "home"
-    assert root_candidates({}, home) == [
-        Path("/var/lib/containerd"),
-        home / ".local/share/containerd",
-    ]
-    assert root_candidates({"XDG_DATA_HOME": "/x"}, home)[1] == Path("/x/containerd")
-    rootless = home / ".local/share/containerd"
-    (rootless / "io.containerd.metadata.v1.bolt").mkdir(parents=True)
-    (rootless / "io.containerd.metadata.v1.bolt" / "meta.db").write_bytes(b"")
-    if not Path("/var/lib/containerd/io.containerd.metadata.v1.bolt/meta.db").exists():
-        assert discover_root(None, None, {}, home) == rootless
-    assert discover_root(None, rootless, {}, tmp_path) == rootless
-    with pytest.raises(RootNotFoundError) as exc:
-        discover_root(tmp_path / "nope", rootless, {}, home)
-    assert exc.value.tried == (str(tmp_path / "nope"),)

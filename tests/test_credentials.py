@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from imagepushd.errors import RegistryAuthError
 from imagepushd.registry.credentials import (
     Credentials,
+    CredentialSource,
     CredentialStore,
     read_secret_file,
     systemd_credential,
@@ -414,3 +416,131 @@ def test_systemd_credential_names_are_names(tmp_path: Path, name: str) -> None:
 def test_systemd_credential_missing(tmp_path: Path) -> None:
     with pytest.raises(RegistryAuthError, match="password_credential 'robot': cannot read"):
         systemd_credential("robot", {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+
+# ---- a source: resolved at first use, again only when rejected --------------------------------
+
+
+class Answers:
+    """A resolver answering from a list in turn, counting its runs (a helper, a file read)."""
+
+    def __init__(self, *answers: Credentials | BaseException | None) -> None:
+        self.answers = list(answers)
+        self.runs = 0
+
+    def __call__(self) -> Credentials | None:
+        answer = self.answers[min(self.runs, len(self.answers) - 1)]
+        self.runs += 1
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+def test_source_resolves_at_first_get_and_then_caches() -> None:
+    resolve = Answers(Credentials("alice", "one"))
+    source = CredentialSource(resolve)
+
+    assert resolve.runs == 0  # nothing runs until a registry asks for credentials
+    assert source.get() == Credentials("alice", "one")
+    assert source.get() == Credentials("alice", "one")
+    assert resolve.runs == 1
+
+
+def test_source_renew_takes_changed_credentials() -> None:
+    resolve = Answers(Credentials("alice", "one"), Credentials("alice", "two"))
+    source = CredentialSource(resolve)
+    rejected = source.get()
+
+    assert source.renew(rejected) is True
+    assert source.get() == Credentials("alice", "two")
+    assert resolve.runs == 2
+
+
+def test_source_renew_reports_unchanged_credentials() -> None:
+    resolve = Answers(Credentials("alice", "one"))
+    source = CredentialSource(resolve)
+    rejected = source.get()
+
+    assert source.renew(rejected) is False
+    assert resolve.runs == 2
+    # The next rejection of the answer now in use resolves again (the helper may be updated).
+    assert source.renew(source.get()) is False
+    assert resolve.runs == 3
+
+
+def test_source_renews_once_for_requests_rejected_together() -> None:
+    resolve = Answers(Credentials("alice", "one"), Credentials("alice", "two"))
+    source = CredentialSource(resolve)
+    rejected = source.get()
+    results: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def reject() -> None:
+        barrier.wait()
+        results.append(source.renew(rejected))
+
+    threads = [threading.Thread(target=reject) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert results == [True] * 8
+    assert resolve.runs == 2
+
+
+def test_source_renew_of_an_older_answer_does_not_resolve() -> None:
+    resolve = Answers(Credentials("alice", "one"), Credentials("alice", "one"))
+    source = CredentialSource(resolve)
+    first = source.get()
+    assert source.renew(first) is False  # resolved again: equal, but a new answer
+    assert resolve.runs == 2
+
+    # A request that was refused with the first answer comes late: nothing new to run.
+    assert source.renew(first) is False
+    assert resolve.runs == 2
+
+
+def test_source_none_is_anonymous_and_may_turn_into_credentials() -> None:
+    resolve = Answers(None, Credentials("alice", "one"))
+    source = CredentialSource(resolve)
+
+    assert source.get().anonymous
+    assert source.renew(source.get()) is True  # someone logged in since
+    assert source.get() == Credentials("alice", "one")
+
+
+def test_source_resolve_failure_keeps_the_answer_and_tries_again_next_time() -> None:
+    resolve = Answers(
+        Credentials("alice", "one"),
+        RegistryAuthError("credential helper docker-credential-x failed (exit 1)"),
+        Credentials("alice", "two"),
+    )
+    source = CredentialSource(resolve)
+    rejected = source.get()
+
+    with pytest.raises(RegistryAuthError, match="docker-credential-x failed"):
+        source.renew(rejected)
+    assert source.renew(rejected) is True
+    assert source.get() == Credentials("alice", "two")
+
+
+def test_fixed_source_never_changes() -> None:
+    source = CredentialSource.fixed(Credentials("alice", "one"))
+    rejected = source.get()
+
+    assert source.renew(rejected) is False
+    assert source.get() == Credentials("alice", "one")
+    assert CredentialSource.fixed(None).get().anonymous
+
+
+def test_source_reads_a_rotated_secret_file_only_when_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "robot.password"
+    path.write_text("one\n")
+    source = CredentialSource(lambda: Credentials("robot", read_secret_file(path, "robot")))
+    rejected = source.get()
+
+    path.write_text("two\n")
+    assert source.get() == Credentials("robot", "one")  # cached until rejected
+    assert source.renew(rejected) is True
+    assert source.get() == Credentials("robot", "two")

@@ -22,6 +22,7 @@ from imagepushd.containerd.metadata import (
     ImageRecord,
     MetadataSnapshot,
     MetadataStore,
+    SkippedRecord,
     StringMap,
     decode_time,
     decode_varint,
@@ -150,11 +151,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
 
 
 def general_snapshot(tx: Tx) -> MetadataSnapshot:
-    """The snapshot as the general path reads it: every record through Bucket objects."""
+    """The snapshot as the general path reads it: every record through Bucket objects.
+
+    A record whose values do not decode is skipped, as the page path skips it.
+    """
     v1 = tx.root.bucket(b"v1")
     if v1 is None:
         raise UnsupportedSchemaError("no v1 bucket")
-    version, namespaces, images, blobs = 0, [], [], {}
+    version, namespaces, images, blobs, skipped = 0, [], [], {}, []
     for key, value in v1.items():
         if key == b"version" and isinstance(value, bytes):
             version = decode_varint(value, "v1/version")
@@ -166,14 +170,25 @@ def general_snapshot(tx: Tx) -> MetadataSnapshot:
         images_bucket = value.bucket(b"images")
         if images_bucket is not None:
             for name, image in images_bucket.buckets():
-                images.append(metadata._read_image(namespace, metadata._text(name), image))
+                try:
+                    images.append(metadata._read_image(namespace, metadata._text(name), image))
+                except MetadataFormatError as exc:
+                    skipped.append(
+                        SkippedRecord("image", namespace, metadata._text(name), str(exc))
+                    )
         content = value.bucket(b"content")
         blob_bucket = content.bucket(b"blob") if content is not None else None
-        blobs[namespace] = {
-            metadata._text(d): metadata._read_blob(namespace, metadata._text(d), b)
-            for d, b in (blob_bucket.buckets() if blob_bucket is not None else ())
-        }
-    return MetadataSnapshot(tx.txid, version, tuple(namespaces), tuple(images), blobs)
+        blobs[namespace] = {}
+        for d, b in blob_bucket.buckets() if blob_bucket is not None else ():
+            try:
+                blobs[namespace][metadata._text(d)] = metadata._read_blob(
+                    namespace, metadata._text(d), b
+                )
+            except MetadataFormatError as exc:
+                skipped.append(SkippedRecord("blob", namespace, metadata._text(d), str(exc)))
+    return MetadataSnapshot(
+        tx.txid, version, tuple(namespaces), tuple(images), blobs, tuple(skipped)
+    )
 
 
 def outcome(path: Path, read: Callable[[Tx], MetadataSnapshot]) -> object:
@@ -190,7 +205,7 @@ def outcome(path: Path, read: Callable[[Tx], MetadataSnapshot]) -> object:
         ns: {d: (b, dict(b.labels)) for d, b in records.items()}
         for ns, records in snap.blobs.items()
     }
-    return snap.txid, snap.db_version, snap.namespaces, images, blobs
+    return snap.txid, snap.db_version, snap.namespaces, images, blobs, snap.skipped
 
 
 def page_path(tx: Tx) -> MetadataSnapshot:
@@ -353,3 +368,63 @@ def test_reuse_records_never_reuses_records_read_from_other_pages(corpus: Corpus
     label = "test.example.com/big.1"
     assert after.labels[label] == "b" * 100 + "B" + "b" * 3899
     store.close()
+
+
+# ---------------------------------------------------------------------- odd records
+
+
+def test_one_undecodable_record_is_skipped_and_reported_once(
+    corpus: Corpus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A target digest containerd would never write hides only its own image, logged once."""
+    data = bytearray(corpus.pristine)
+    reachable = set(reachable_pages(corpus.pristine))
+    needle = b"digest" + corpus.single_digest.encode()
+    at = data.find(needle)
+    while at // PAGE_SIZE not in reachable:
+        at = data.find(needle, at + 1)
+    bad = data.copy()
+    bad[at + 6 : at + 12] = b"sha999"  # same length: the page stays well-formed
+    path = tmp_path / "meta.db"
+    path.write_bytes(bytes(bad))
+    store = MetadataStore(BoltFile(path))
+    with caplog.at_level("WARNING"):
+        snap = store.read()
+        again = store.read()
+    assert len(snap.images) == len(corpus.images) - 1
+    [skipped] = snap.skipped
+    assert skipped.kind == "image"
+    assert skipped.namespace == NAMESPACE
+    assert skipped.name in corpus.images
+    assert skipped.name not in {r.name for r in snap.images}
+    assert f"invalid target digest b'sha999:{corpus.single_digest[7:]}'" in skipped.reason
+    assert again.skipped == snap.skipped
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert skipped.reason in warnings[0]
+    assert str(path) in warnings[0]
+    # Repaired, then broken again: reported again.
+    caplog.clear()
+    path.write_bytes(corpus.pristine)
+    assert store.read().skipped == ()
+    path.write_bytes(bytes(bad))
+    assert store.read().skipped == snap.skipped
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+
+
+def test_gc_expire_counts_from_db_version_4():
+    """containerd 2.x (db version 4) collects images whose gc.expire passed; 1.x never does."""
+    target = Descriptor("application/vnd.oci.image.manifest.v1+json", "sha256:" + "1" * 64, 1)
+
+    def record(value: str) -> ImageRecord:
+        return ImageRecord("default", "a:1", target, labels={"containerd.io/gc.expire": value})
+
+    expected = datetime(2020, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert record("2020-01-02T03:04:05Z").expires_at(4) == expected
+    assert record("2020-01-02T05:04:05.5+02:00").expires_at(4) == expected.replace(
+        microsecond=500000
+    )
+    assert record("2020-01-02T03:04:05Z").expires_at(3) is None
+    for invalid in ("2020-01-02", "2020-01-02 03:04:05Z", "2020-13-02T03:04:05Z", "soon"):
+        assert record(invalid).expires_at(4) is None, invalid
+    assert ImageRecord("default", "a:1", target).expires_at(4) is None

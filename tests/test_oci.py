@@ -26,7 +26,16 @@ D2 = "sha256:" + "2" * 64
 def test_digest_validation():
     assert is_digest(D1)
     assert is_digest("sha512:" + "f" * 128)
-    for bad in ("sha256:" + "A" * 64, "sha256:../../etc", "md5:abc", D1 + "0", ""):
+    assert is_digest("sha384:" + "0a" * 48)
+    for bad in (
+        "sha256:" + "A" * 64,
+        "sha256:../../etc",
+        "md5:abc",
+        D1 + "0",
+        "",
+        "sha384:" + "0" * 64,
+        "blake3:" + "0" * 64,
+    ):
         assert not is_digest(bad)
 
 

@@ -28,6 +28,11 @@ from imagepushd.config import parse_config
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "daemon" / "imagepushd" / "data"
 DEBIAN = REPO / "packaging" / "debian"
+#: Prometheus rules and Grafana dashboard (installed under /usr/share/imagepushd/ by the .deb).
+MONITORING = (
+    "packaging/prometheus/imagepushd.rules.yml",
+    "packaging/grafana/imagepushd-dashboard.json",
+)
 
 
 def _script(name: str) -> ModuleType:
@@ -152,7 +157,17 @@ def test_bash_completion_completes_commands_options_and_choices(tmp_path: Path) 
         "error",
     ]
     assert "--all-namespaces" in _complete(script, "imagepushd", "images", "--")
-    assert _complete(script, "imagepushd", "--config", "x", "status", "--l") == ["--limit"]
+    # Global options are accepted after the subcommand too, so they complete there.
+    assert _complete(script, "imagepushd", "--config", "x", "status", "--l") == [
+        "--log-level",
+        "--limit",
+    ]
+    assert _complete(script, "imagepushd", "status", "--log-level", "") == [
+        "debug",
+        "info",
+        "warning",
+        "error",
+    ]
     (tmp_path / "conf.toml").touch()
     assert _complete(script, "imagepushd", "--config", f"{tmp_path}/con") == [
         f"{tmp_path}/conf.toml"
@@ -228,6 +243,15 @@ def test_debian_rules_is_executable_and_uses_pybuild() -> None:
     assert (REPO / "packaging" / "build-deb.sh").stat().st_mode & 0o111
 
 
+def test_debian_installs_the_alert_rules_and_dashboard_under_usr_share() -> None:
+    lines = (DEBIAN / "imagepushd.install").read_text().splitlines()
+    installs = dict(line.split() for line in lines)
+    for name in MONITORING:
+        assert (REPO / name).is_file(), name
+        kind = Path(name).parent.name  # prometheus/ or grafana/
+        assert installs.get(name) == f"usr/share/imagepushd/{kind}/", name
+
+
 # ------------------------------------------------------------------ wheel and sdist
 
 
@@ -283,6 +307,8 @@ def test_wheel_and_sdist_install_into_a_fresh_venv(tmp_path: Path) -> None:
             member = tf.getmember(base + name)
             assert member.isfile(), f"{name} is not a regular file in the sdist"
         assert tf.getmember(f"imagepushd-{__version__}/LICENSE").isfile()
+        for name in MONITORING:
+            assert tf.getmember(f"imagepushd-{__version__}/{name}").isfile(), name
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide
 from imagepushd.rules import Glob, Rule
 
@@ -161,3 +163,16 @@ def test_completeness_is_checked_only_for_targets_still_to_push():
     assert calls == ["walk"]
     assert one.enqueue == []
     assert [n.reason for n in one.waiting] == ["content incomplete: 1 blob missing"]
+
+
+def test_an_expired_image_is_skipped_with_its_expiry():
+    """containerd 2.x collects an image once its gc.expire passed: pushing it races the GC."""
+    expiry = datetime.fromtimestamp(100.0, UTC)
+    view = ImageView("default", "example.com/app:1", D1, expires=expiry)
+    out = run([view], settle=0, now=100.0)
+    assert out.enqueue == []
+    assert [n.reason for n in out.skipped] == [
+        "expired: containerd.io/gc.expire 1970-01-01T00:01:40+00:00 has passed "
+        "(containerd collects it)"
+    ]
+    assert len(run([view], settle=0, now=99.0).enqueue) == 2

@@ -197,6 +197,9 @@ INVALID: list[tuple[str, str]] = [
     (" alpine", "invalid character"),
     ("localhost/", "has no repository path"),
     ("@a/b", "has no repository name"),
+    # The character wrong in any case is named, not the upper-case letter before it.
+    ("Bad Ref::x@@", "invalid character ' '"),
+    ("Team/App Name:1", "invalid character ' '"),
 ]
 
 

@@ -11,6 +11,7 @@ from imagepushd.rules import (
     Rule,
     check_template,
     match_image,
+    push_target,
     render_target,
     source_reference,
 )
@@ -101,3 +102,32 @@ def test_match_image_namespaces_excludes_and_dedup():
     ]
     assert match_image(rules, "default", "example.com/team/app:latest") == []
     assert match_image(rules, "default", "other.com/app:1") == []
+
+
+@pytest.mark.parametrize(
+    ("target", "source", "expected"),
+    [
+        (None, "docker.io/library/nginx:v1", "docker.io/library/nginx:v1"),
+        ("gitea.corp.com/proj/", "docker.io/library/nginx:v1", "gitea.corp.com/proj/nginx:v1"),
+        ("gitea.corp.com/proj/", "nginx:v1", "gitea.corp.com/proj/nginx:v1"),
+        ("gitea.corp.com/", "ghcr.io/org/app:1", "gitea.corp.com/org/app:1"),
+        ("localhost:5000/m/", "ghcr.io/org/app:1", "localhost:5000/m/org/app:1"),
+        ("r.io/{namespace}/{repository}:{tag}", "ghcr.io/org/app:1", "r.io/k8s.io/org/app:1"),
+        ("r.io/x/y:2", "not a valid name", "r.io/x/y:2"),  # a full TARGET needs no source
+    ],
+)
+def test_push_targets(target: str | None, source: str, expected: str) -> None:
+    assert str(push_target(target, source, "k8s.io")) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "problem"),
+    [
+        ("r.io/{nope}:1", "unknown field {nope}"),
+        ("R.io/Proj/", "invalid"),
+        ("r.io/proj//", "empty component"),
+    ],
+)
+def test_bad_push_targets(target: str, problem: str) -> None:
+    with pytest.raises(InvalidReferenceError, match=problem):
+        push_target(target, "docker.io/library/nginx:v1", "default")

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from imagepushd.errors import ImagepushdError, StateError
 from imagepushd.registry.upload import SessionStore
 from imagepushd.state import (
+    BODY_LIMIT_MEMORY,
     JOB_STATUSES,
     MAX_ERROR_LENGTH,
     MIGRATIONS,
@@ -661,16 +662,16 @@ def test_registry_health_is_kept_for_status(state: State, clock: Clock) -> None:
     assert state.summary()["registries"] == []
 
 
-def test_a_version_1_file_gains_the_registries_table(tmp_path: Path) -> None:
+def test_a_version_2_file_gains_the_registries_table(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
-    with State(path, migrations=MIGRATIONS[:1]) as s:
+    with State(path, migrations=MIGRATIONS[:2]) as s:
         s.enqueue("ns", "a", D1, "r.example/a:1", 0)
-    assert pragma(path, "user_version") == 1
+    assert pragma(path, "user_version") == 2
     with State(path) as s:
         assert s.open_jobs_on("r.example") == 1
         s.save_registry("r.example", up=False, since=2.0, last_error="down", held_until=None)
         assert [r["registry"] for r in s.summary()["registries"]] == ["r.example"]
-    assert pragma(path, "user_version") == len(MIGRATIONS) == 2
+    assert pragma(path, "user_version") == len(MIGRATIONS) == 3
 
 
 # ---------------------------------------------------------------------- concurrency
@@ -732,7 +733,8 @@ def test_a_future_migration_runs_once_and_bumps_the_version(tmp_path: Path) -> N
     path = tmp_path / "state.db"
     with State(path) as s:
         s.set_flag("kept", "yes")
-    assert pragma(path, "user_version") == len(MIGRATIONS)
+    now = len(MIGRATIONS)
+    assert pragma(path, "user_version") == now
     calls: list[int] = []
 
     def v2(conn: sqlite3.Connection) -> None:
@@ -743,14 +745,14 @@ def test_a_future_migration_runs_once_and_bumps_the_version(tmp_path: Path) -> N
     with State(path, migrations=migrations) as s:
         assert s.get_flag("kept") == "yes"
         s.enqueue("ns", "a", D1, "t", 0)
-    assert calls == [len(MIGRATIONS)]
-    assert pragma(path, "user_version") == len(MIGRATIONS) + 1
+    assert calls == [now]
+    assert pragma(path, "user_version") == now + 1
     State(path, migrations=migrations).close()
-    assert calls == [len(MIGRATIONS)]
+    assert calls == [now]
     # a fresh file runs the whole history in order
     State(tmp_path / "fresh.db", migrations=migrations).close()
-    assert calls == [len(MIGRATIONS)] * 2
-    assert pragma(tmp_path / "fresh.db", "user_version") == len(MIGRATIONS) + 1
+    assert calls == [now, now]
+    assert pragma(tmp_path / "fresh.db", "user_version") == now + 1
     # and the older code refuses the migrated file
     with pytest.raises(StateError, match="newer imagepushd"):
         State(path)
@@ -911,3 +913,21 @@ def test_permission_denied_is_refused_untouched(shared_dir: Path, mode: int) -> 
     assert f"mv {path} {path}.broken" in message
     assert path.read_bytes() == before
     assert sorted(p.name for p in shared_dir.iterdir()) == ["state.db"]
+
+
+# ---------------------------------------------------------------------- body limits
+
+
+def test_body_limits_are_kept_per_registry_for_a_day(tmp_path: Path, clock: Clock) -> None:
+    with State(tmp_path / "state.db", clock=clock) as s:
+        store = s.body_limit("a.example")
+        assert store.load() is None
+        store.save(4 << 20)
+        store.save(1 << 20)
+        assert store.load() == 1 << 20
+        assert s.body_limit("b.example").load() is None
+    clock.advance(BODY_LIMIT_MEMORY - 1)
+    with State(tmp_path / "state.db", clock=clock) as s:
+        assert s.body_limit("a.example").load() == 1 << 20  # across restarts
+        clock.advance(2)
+        assert s.body_limit("a.example").load() is None  # learned again after a day

@@ -26,6 +26,7 @@ from imagepushd.errors import (
     StateError,
 )
 from imagepushd.oci import Descriptor
+from imagepushd.registry.bodylimit import BodyLimit
 from imagepushd.registry.client import RegistryClient
 from imagepushd.registry.credentials import Credentials
 from imagepushd.registry.upload import BlobUploader, MiB, Outcome
@@ -400,12 +401,13 @@ def test_blob_upload_unknown_starts_a_new_session(rig: Rig, tmp_path: Path) -> N
     assert after[:2] == [("HEAD", 404), ("POST", 202)]
 
 
-def test_413_halves_the_chunk(rig: Rig, tmp_path: Path) -> None:
+def test_413_steps_the_chunk_down_to_a_size_that_fits(rig: Rig, tmp_path: Path) -> None:
     rig.fake.max_body = MiB
     data = data_of(6 * MiB + 5)
     source = source_for(tmp_path, data)
 
-    result = rig.uploader(chunk_size=4 * MiB, monolithic_max=0).upload(REPO, source)
+    uploader = rig.uploader(chunk_size=4 * MiB, monolithic_max=0)
+    result = uploader.upload(REPO, source)
 
     assert result.outcome is Outcome.UPLOADED
     assert rig.fake.has_blob(REPO, source.descriptor.digest)
@@ -413,6 +415,67 @@ def test_413_halves_the_chunk(rig: Rig, tmp_path: Path) -> None:
     assert sizes[:3] == [(4 * MiB, 413), (2 * MiB, 413), (MiB, 202)]
     assert all(size <= MiB for size, status in sizes if status == 202)
     assert len(rig.fake.calls("POST")) == 1
+    assert uploader.body_limit.limit == MiB
+
+
+def test_413_on_a_whole_put_goes_chunked_in_the_same_session(rig: Rig, tmp_path: Path) -> None:
+    """nginx's default 1 MiB limit in front of a registry: a 5 MiB blob's single PUT is
+    refused; the same session takes it in chunks that fit, and later blobs never ask again."""
+    rig.fake.max_body = MiB
+    first, second = data_of(5 * MiB, 1), data_of(3 * MiB + 7, 2)
+    uploader = rig.uploader()
+
+    for data in (first, second):
+        result = uploader.upload(REPO, source_for(tmp_path, data))
+        assert result.outcome is Outcome.UPLOADED
+        assert rig.fake.has_blob(REPO, sha256_digest(data))
+
+    refused = [
+        (r.method, int(r.headers["content-length"])) for r in rig.fake.calls() if r.status == 413
+    ]
+    # The 5 MiB PUT, then a first adaptive chunk (a quarter of the blob): two refusals teach
+    # 1 MiB, once per registry.
+    assert refused == [("PUT", 5 * MiB), ("PATCH", 5 * MiB // 4)]
+    assert len(rig.fake.calls("POST")) == 2  # one session per blob: the refused PUT kept its own
+    accepted = [r for r in rig.fake.calls() if r.status != 413 and r.method in ("PUT", "PATCH")]
+    assert all(int(r.headers["content-length"]) <= MiB for r in accepted)
+    assert uploader.body_limit.limit == MiB
+
+
+def test_a_learned_limit_comes_from_its_store(rig: Rig, tmp_path: Path) -> None:
+    """The daemon keeps the limit in its state: a restarted uploader refuses nothing."""
+
+    class Store:
+        def __init__(self) -> None:
+            self.saved: list[int] = []
+
+        def load(self) -> int | None:
+            return self.saved[-1] if self.saved else None
+
+        def save(self, limit: int) -> None:
+            self.saved.append(limit)
+
+    store = Store()
+    rig.fake.max_body = MiB
+    rig.uploader(body_limit=BodyLimit(HOST, store)).upload(
+        REPO, source_for(tmp_path, data_of(3 * MiB))
+    )
+    assert store.saved == [2 * MiB]  # chunks of a quarter of the blob fit under 1 MiB
+    before = len(rig.fake.calls())
+    rig.uploader(body_limit=BodyLimit(HOST, store)).upload(
+        REPO, source_for(tmp_path, data_of(3 * MiB, 9))
+    )
+    assert all(r.status != 413 for r in rig.fake.calls()[before:])
+
+
+def test_a_limit_below_the_smallest_chunk_is_one_clear_error(rig: Rig, tmp_path: Path) -> None:
+    rig.fake.max_body = 100 << 10
+    with pytest.raises(RegistryError) as failure:
+        rig.uploader().upload(REPO, source_for(tmp_path, data_of(2 * MiB)))
+    message = str(failure.value)
+    assert failure.value.status == 413
+    assert "\n" not in message
+    assert "must accept at least 256.0 KiB" in message and "client_max_body_size" in message
 
 
 def test_ecr_201_on_patch_and_5_mib_minimum(rigs: Callable[..., Rig], tmp_path: Path) -> None:
@@ -504,6 +567,19 @@ def test_artifact_registry_gets_no_chunked_patch(rigs: Callable[..., Rig], tmp_p
     assert "content-range" not in patch.headers
     assert patch.received == len(data)
     assert len(rig.fake.calls("POST")) == 1
+
+
+def test_a_body_limit_on_a_registry_without_chunks_is_one_clear_error(
+    rigs: Callable[..., Rig], tmp_path: Path
+) -> None:
+    rig = rigs("europe-west1-docker.pkg.dev")
+    rig.fake.chunked = False
+    rig.fake.max_body = MiB
+    with pytest.raises(RegistryError) as failure:
+        rig.uploader(chunk_size=MiB).upload(REPO, source_for(tmp_path, data_of(3 * MiB)))
+    assert failure.value.status == 413
+    assert "no chunked uploads" in str(failure.value) and "3.0 MiB" in str(failure.value)
+    assert len(rig.fake.calls("PATCH")) == 1  # a 413 is not retried
 
 
 # ---- existence and mounts ---------------------------------------------------------------

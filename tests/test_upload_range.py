@@ -158,11 +158,10 @@ def test_adaptive_respects_the_announced_minimum_and_the_part_count() -> None:
     assert chunk_sizer(huge, None, ChunkLimits()).chunk == -(-huge // 4000)
 
 
-def test_shrink_halves_and_keeps_later_chunks_that_small() -> None:
+def test_limit_to_keeps_later_chunks_within_the_limit() -> None:
     sizer = chunk_sizer(96 * MiB, None, ChunkLimits())
-    assert sizer.shrink() and sizer.chunk == 4 * MiB
+    assert sizer.limit_to(4 * MiB) and sizer.chunk == 4 * MiB
     sizer.observe(4 * MiB, 0.0)
-    assert sizer.chunk == 4 * MiB
-    while sizer.shrink():
-        pass
-    assert sizer.chunk == 256 << 10  # the floor
+    assert sizer.chunk == 4 * MiB  # adaptive growth stays under the limit
+    assert sizer.limit_to(1) and sizer.chunk == 256 << 10  # never below the floor
+    assert not sizer.limit_to(1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -389,3 +391,60 @@ def test_bad_timings_are_rejected(meta: Path) -> None:
         MetaWatcher(meta, txid=lambda: 1, debounce=2.0, max_delay=1.0)
     with pytest.raises(ValueError):
         MetaWatcher(meta, txid=lambda: 1, poll_interval=0)
+
+
+#: Runs in a child process (a deadlock there must not hang the test run): the main thread
+#: waits on a real watcher whose meta.db another thread keeps writing, while an interval timer
+#: delivers SIGALRM every 200 µs to a handler that wakes the watcher, as the daemon's do.
+_SIGNAL_STORM = """
+import signal, sys, threading, time
+from pathlib import Path
+from imagepushd.watcher import MetaWatcher
+
+meta = Path(sys.argv[1])
+watcher = MetaWatcher(meta, txid=lambda: 1, debounce=0.0, max_delay=0.0, poll_interval=0.001)
+handled = 0
+
+def handler(signum, frame):
+    global handled
+    handled += 1
+    watcher.notify_external()
+
+done = threading.Event()
+
+def churn():
+    while not done.is_set():
+        with meta.open("a") as f:
+            f.write("x")
+
+signal.signal(signal.SIGALRM, handler)
+watcher.start()
+writer = threading.Thread(target=churn)
+writer.start()
+signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+end = time.monotonic() + float(sys.argv[2])
+waits = 0
+while time.monotonic() < end:
+    watcher.wait(0.01)
+    waits += 1
+signal.setitimer(signal.ITIMER_REAL, 0)
+done.set()
+writer.join()
+watcher.stop()
+print(handled, waits)
+"""
+
+
+def test_signal_handlers_waking_the_watcher_never_deadlock(meta: Path) -> None:
+    """A handler calling notify_external while the main thread is inside wait() (it held the
+    watcher's lock there once: a signal in that window hung the daemon)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_STORM, str(meta), "3"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,  # a hang guard only: the child runs for 3 s when nothing deadlocks
+    )
+    assert proc.returncode == 0, proc.stderr
+    handled, waits = map(int, proc.stdout.split())
+    assert handled > 1000 and waits > 100

@@ -23,13 +23,15 @@ from imagepushd import __version__
 from imagepushd.archive import ArchiveStore
 from imagepushd.blobs import BlobStore
 from imagepushd.config import Config, ConfigError, config_path, load_config
-from imagepushd.containerd.content import ContentStore, ImageGraph, discover_root
+from imagepushd.containerd.content import ContentStore, ImageGraph
 from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot, MetadataStore
+from imagepushd.containerd.roots import Found, discover_root
 from imagepushd.errors import (
     ImageNotFoundError,
     ImagepushdError,
     InvalidReferenceError,
     NamespaceNotFoundError,
+    RootNotFoundError,
     UsageError,
 )
 from imagepushd.layout import ExportImage, export_layout
@@ -37,13 +39,14 @@ from imagepushd.logs import configure_logging
 from imagepushd.notify import Notifier
 from imagepushd.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
 from imagepushd.progress import ProgressRenderer
-from imagepushd.push import PlatformPolicy, Pusher, PushResult
+from imagepushd.push import PlatformPolicy, Pusher, PushResult, host_platform
 from imagepushd.reference import Reference, parse_reference
 from imagepushd.referrers import ReferrerFinder, ReferrersResult, push_referrers
 from imagepushd.registry import login as registry_login
 from imagepushd.registry.client import HostSettings, RegistryClient
-from imagepushd.registry.credentials import Credentials, CredentialStore
+from imagepushd.registry.credentials import Credentials, CredentialSource, CredentialStore
 from imagepushd.registry.upload import BlobUploader
+from imagepushd.rules import push_target
 from imagepushd.service import Service, plan_preview
 from imagepushd.state import OPEN_STATUSES, State
 from imagepushd.units import human_size, parse_size
@@ -67,6 +70,7 @@ class Context:
     stdout: TextIO
     stderr: TextIO = sys.stderr
     stdin: TextIO = sys.stdin
+    fs: Path = Path("/")  # the file system root containerd's roots are looked for under
 
 
 class _Store:
@@ -76,9 +80,9 @@ class _Store:
         configured = None
         if args.root is None:
             configured = _config(args, ctx, missing_ok=True).containerd.root
-        root = discover_root(args.root, configured, ctx.env, ctx.home)
-        self.metadata = MetadataStore.at_root(root)
-        self.content = ContentStore(root)
+        self.found: Found = discover_root(args.root, configured, ctx.env, ctx.home, ctx.fs)
+        self.metadata = MetadataStore.at_root(self.found.path)
+        self.content = ContentStore(self.found.path)
 
     def snapshot(self, namespace: str | None) -> MetadataSnapshot:
         snap = self.metadata.read(None if namespace is None else [namespace], blobs=True)
@@ -187,6 +191,8 @@ def _image_json(record: ImageRecord, shared: _TargetRow) -> str:
 def cmd_images(args: argparse.Namespace, ctx: Context) -> int:
     """List images with their content status."""
     store = _Store(args, ctx)
+    if args.root is None:
+        ctx.stderr.write(f"imagepushd: {store.found.describe()}\n")
     namespace = _namespace(args, ctx)
     snap = store.snapshot(namespace)
     # Thousands of tags share a few targets: their graph and derived fields are computed once.
@@ -250,7 +256,7 @@ def cmd_export(args: argparse.Namespace, ctx: Context) -> int:
         if record is None:
             raise ImageNotFoundError(f"image {name!r} not found in namespace {namespace!r}")
         images.append(ExportImage(name, record.target, store.content.walk(record.target, known)))
-    result = export_layout(store.content, images, args.output)
+    result = export_layout(store.content, images, args.output, host_platform())
     log.info(
         "exported %d image(s), %d blobs, %s to %s",
         result.images,
@@ -274,15 +280,17 @@ def _find_image(snap: MetadataSnapshot, namespace: str, name: str) -> ImageRecor
     return record
 
 
-def _credentials(args: argparse.Namespace, ctx: Context, host: str) -> Credentials | None:
+def _credentials(args: argparse.Namespace, ctx: Context, host: str) -> CredentialSource:
+    """``--password-stdin``'s credentials, or the stored ones (read again if rejected)."""
     if args.password_stdin:
         if not args.username:
             raise UsageError("--password-stdin needs --username")
         password = ctx.stdin.readline().removesuffix("\n").removesuffix("\r")
-        return Credentials(username=args.username, password=password)
+        return CredentialSource.fixed(Credentials(username=args.username, password=password))
     if args.username:
         raise UsageError("--username needs --password-stdin (passwords never go in argv)")
-    return CredentialStore(ctx.env, ctx.home).lookup(host)
+    store = CredentialStore(ctx.env, ctx.home)
+    return CredentialSource(lambda: store.lookup(host))
 
 
 def cmd_push(args: argparse.Namespace, ctx: Context) -> int:
@@ -297,7 +305,7 @@ def cmd_push(args: argparse.Namespace, ctx: Context) -> int:
     assert namespace is not None
     snap = store.snapshot(namespace)
     record = _find_image(snap, namespace, args.image)
-    target = parse_reference(args.target or record.name)
+    target = push_target(args.target, record.name, namespace)
     blobs = snap.blobs.get(namespace, {})
     graph = store.content.walk(record.target, blobs)
 
@@ -434,6 +442,13 @@ def cmd_check_config(args: argparse.Namespace, ctx: Context) -> int:
         f"{path}: ok ({len(config.rules)} rule(s), {len(config.registries)} registry "
         f"section(s), state {config.state_path})\n"
     )
+    # Not a configuration error: containerd may not have started yet.
+    try:
+        found = discover_root(None, config.containerd.root, ctx.env, ctx.home, ctx.fs)
+    except RootNotFoundError as exc:
+        ctx.stdout.write(f"{exc}\n")
+    else:
+        ctx.stdout.write(f"{found.describe()}\n")
     return 0
 
 
@@ -646,14 +661,37 @@ def cmd_logout(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+_NAMESPACE_HELP = "containerd namespace (default: $CONTAINERD_NAMESPACE, else default)"
+
+
 def _add_store_options(parser: argparse.ArgumentParser, all_namespaces: bool) -> None:
     parser.add_argument("--root", type=Path, help="containerd root (default: discovered)")
     if all_namespaces:
         group = parser.add_mutually_exclusive_group()
-        group.add_argument("-n", "--namespace", help="containerd namespace (default: default)")
+        group.add_argument("-n", "--namespace", help=_NAMESPACE_HELP)
         group.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
     else:
-        parser.add_argument("-n", "--namespace", help="containerd namespace (default: default)")
+        parser.add_argument("-n", "--namespace", help=_NAMESPACE_HELP)
+
+
+def _add_global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """``--config`` and ``--log-level``, on the main parser and again on each subcommand.
+
+    On a subcommand they default to ``SUPPRESS``, so ``imagepushd check-config --config F``
+    works as well as ``imagepushd --config F check-config`` and neither hides the other.
+    """
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        help="configuration file (default: $IMAGEPUSHD_CONFIG or /etc/imagepushd/config.toml)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=default,
+        help="log verbosity (default: info for run, warning otherwise; debug shows tracebacks)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -663,24 +701,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Push images from containerd's content store to OCI registries.",
     )
     parser.add_argument("--version", action="version", version=f"imagepushd {__version__}")
-    parser.add_argument(
-        "--config",
-        type=Path,
-        help="configuration file (default: $IMAGEPUSHD_CONFIG or /etc/imagepushd/config.toml)",
-    )
-    parser.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity (default: info for run, warning otherwise; debug shows tracebacks)",
-    )
+    _add_global_options(parser, None)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    images = sub.add_parser("images", help="list images in containerd and their content status")
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description, parents=[common])
+
+    images = command(
+        "images",
+        "list images in containerd and their content status",
+        "List the images in containerd's metadata: namespace, name, digest, media type, size, "
+        "platforms, and whether all of their content is present.",
+    )
     _add_store_options(images, all_namespaces=True)
     images.add_argument("--json", action="store_true", help="print a JSON list")
     images.set_defaults(func=cmd_images)
 
-    export = sub.add_parser("export", help="write images as an OCI image layout")
+    export = command(
+        "export",
+        "write images as an OCI image layout",
+        "Write images from containerd's content store as an OCI image layout (a directory, or "
+        "a tar when OUTPUT ends in .tar) that ctr, skopeo and docker load read.",
+    )
     export.add_argument("images", nargs="+", metavar="IMAGE", help="image name in containerd")
     export.add_argument(
         "-o", "--output", type=Path, required=True, help="directory, or a tar if it ends in .tar"
@@ -688,10 +732,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_options(export, all_namespaces=False)
     export.set_defaults(func=cmd_export)
 
-    push = sub.add_parser(
+    push = command(
         "push",
-        help="push one image to a registry",
-        description="Push one image from containerd's content store, or with --archive from a "
+        "push one image to a registry",
+        "Push one image from containerd's content store, or with --archive from a "
         "docker save or OCI image-layout tar (positionals then [IMAGE] TARGET: IMAGE may be "
         "left out when the archive holds one image).",
     )
@@ -699,7 +743,12 @@ def build_parser() -> argparse.ArgumentParser:
         "image", metavar="IMAGE", help="image name in containerd (or in the --archive)"
     )
     push.add_argument(
-        "target", metavar="TARGET", nargs="?", help="destination reference (default: IMAGE)"
+        "target",
+        metavar="TARGET",
+        nargs="?",
+        help="destination reference (default: IMAGE); a prefix ending in / "
+        "(host/proj/: the image's path and tag go under it) or a template with "
+        "{image} {registry} {repository} {tag} {namespace}, as a rule's target",
     )
     push.add_argument(
         "--archive",
@@ -734,23 +783,47 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--json", action="store_true", help="print the result as JSON")
     push.set_defaults(func=cmd_push)
 
-    run_cmd = sub.add_parser("run", help="the daemon: watch containerd and push (for systemd)")
+    run_cmd = command(
+        "run",
+        "the daemon: watch containerd and push (for systemd)",
+        "Watch containerd's meta.db and push newly tagged images that match the configured "
+        "rules; runs in the foreground, as systemd's Type=notify service.",
+    )
     run_cmd.add_argument("--once", action="store_true", help="scan, push what is due, exit")
     run_cmd.set_defaults(func=cmd_run)
 
-    plan = sub.add_parser("plan", help="what the rules match now and what would be pushed")
+    plan = command(
+        "plan",
+        "what the rules match now and what would be pushed",
+        "Show what the configured rules match in containerd now and what the daemon would do "
+        "with each image (push, wait, skip) and why, without pushing or writing the state.",
+    )
     plan.add_argument("--json", action="store_true", help="print a JSON list")
     plan.set_defaults(func=cmd_plan)
 
-    status = sub.add_parser("status", help="pushed targets and pending or failing jobs")
+    status = command(
+        "status",
+        "pushed targets and pending or failing jobs",
+        "Read the daemon's state file: recent pushes, queued and failing jobs with their last "
+        "error and next attempt, recent cancellations.",
+    )
     status.add_argument("--json", action="store_true", help="print a JSON object")
     status.add_argument("--limit", type=_positive, default=20, help="recent pushes to show")
     status.set_defaults(func=cmd_status)
 
-    check = sub.add_parser("check-config", help="validate the configuration file")
+    check = command(
+        "check-config",
+        "validate the configuration file",
+        "Validate the configuration file and report every problem with its key and line; "
+        "exit 2 when it is invalid.",
+    )
     check.set_defaults(func=cmd_check_config)
 
-    unit = sub.add_parser("print-unit", help="print the packaged systemd unit")
+    unit = command(
+        "print-unit",
+        "print the packaged systemd unit",
+        "Print the systemd unit shipped with the package (for a pip install).",
+    )
     unit.add_argument(
         "--exec",
         default=_PACKAGED_EXEC,
@@ -759,11 +832,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     unit.set_defaults(func=cmd_print_unit)
 
-    example = sub.add_parser("print-config", help="print the example configuration")
+    example = command(
+        "print-config",
+        "print the example configuration",
+        "Print the example configuration shipped with the package, every key commented.",
+    )
     example.set_defaults(func=cmd_print_config)
 
-    login = sub.add_parser(
-        "login", help="verify registry credentials, then store them for docker's tooling"
+    login = command(
+        "login",
+        "verify registry credentials, then store them for docker's tooling",
+        "Verify credentials against a registry, then store them where docker and imagepushd "
+        "look for them (a credential helper, else docker's config.json).",
     )
     login.add_argument(
         "registry", metavar="REGISTRY", help="host[:port], docker.io, or https://host/"
@@ -774,7 +854,11 @@ def build_parser() -> argparse.ArgumentParser:
     login.add_argument("--ca-file", type=Path, help="extra CA certificates (PEM) to trust")
     login.set_defaults(func=cmd_login)
 
-    logout = sub.add_parser("logout", help="remove a registry's stored credentials")
+    logout = command(
+        "logout",
+        "remove a registry's stored credentials",
+        "Remove a registry's stored credentials (credential helper and docker's config.json).",
+    )
     logout.add_argument(
         "registry", metavar="REGISTRY", help="host[:port], docker.io, or https://host/"
     )

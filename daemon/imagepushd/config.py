@@ -76,6 +76,9 @@ class RegistrySettings:
     password_credential: str | None = None
     chunk_size: int | None = None
     concurrency: int | None = None
+    # Shared by every job and target of the registry (registry.throttle).
+    requests_per_second: float | None = None
+    max_concurrent_requests: int | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,12 @@ def _positive(value: int) -> int:
     return value
 
 
+def _rate(value: float) -> float:
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number of requests per second (e.g. 10 or 0.5)")
+    return float(value)
+
+
 def _size(value: str | int) -> int:
     size = value if isinstance(value, int) else parse_size(value)
     if size < 1:
@@ -428,6 +437,12 @@ def _registries(check: _Checker, table: Mapping[str, Any]) -> dict[str, Registry
                 raw, p, "chunk_size", kind=(str, int), default=None, convert=_size
             ),
             concurrency=check.get(raw, p, "concurrency", kind=int, default=None, convert=_positive),
+            requests_per_second=check.get(
+                raw, p, "requests_per_second", kind=(int, float), default=None, convert=_rate
+            ),
+            max_concurrent_requests=check.get(
+                raw, p, "max_concurrent_requests", kind=int, default=None, convert=_positive
+            ),
         )
         if settings.password_file and settings.password_credential:
             check.problem(p, "set password_file or password_credential, not both")

@@ -1,5 +1,11 @@
 """Writing OCI image layouts (a directory, or a tar of one) from containerd's content store.
 
+Beside ``index.json`` the layout carries what ``docker save`` writes, ``manifest.json`` and
+``repositories``, pointing at the same ``blobs/`` files (as Docker 25's own ``docker save``
+does), so ``docker load`` of any Docker version reads it too, not only ctr and skopeo. Docker
+loads one platform per image: the host's manifest of an index (an image without one is left
+out of ``manifest.json`` and stays in ``index.json``).
+
 The output appears atomically: everything is written under a temporary sibling name and
 renamed into place only when every blob has been copied and verified, so a failure (missing
 or corrupt content, a full disk) leaves nothing half-written behind.
@@ -18,9 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagepushd.containerd.content import ContentStore, ImageGraph
-from imagepushd.errors import ImagepushdError, MissingContentError, OutputError
-from imagepushd.oci import OCI_INDEX, Descriptor
+from imagepushd.containerd.content import ContentStore, ImageGraph, ManifestNode
+from imagepushd.errors import (
+    ImagepushdError,
+    InvalidReferenceError,
+    MissingContentError,
+    OutputError,
+)
+from imagepushd.oci import OCI_INDEX, Descriptor, Platform
+from imagepushd.reference import parse_reference
 
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"
@@ -61,6 +73,51 @@ def index_json(images: Sequence[ExportImage]) -> bytes:
     return json.dumps(doc, indent=2).encode() + b"\n"
 
 
+def _docker_manifest(graph: ImageGraph, host: Platform) -> ManifestNode | None:
+    """The manifest ``docker load`` should load: the image's own, or the host's of an index."""
+    if isinstance(graph.root, ManifestNode):
+        return graph.root
+    for node in graph.manifests():
+        if node.is_attestation or node.manifest is None:
+            continue
+        platform = node.platform
+        if (
+            platform is not None
+            and (platform.os, platform.architecture) == (host.os, host.architecture)
+            and (not host.variant or platform.variant == host.variant)
+        ):
+            return node
+    return None
+
+
+def docker_save_json(images: Sequence[ExportImage], host: Platform) -> tuple[bytes, bytes]:
+    """``manifest.json`` and ``repositories`` as ``docker save`` writes them, over ``blobs/``."""
+    entries: list[dict[str, Any]] = []
+    repositories: dict[str, dict[str, str]] = {}
+    for image in images:
+        node = _docker_manifest(image.graph, host)
+        if node is None or node.manifest is None:
+            continue
+        try:
+            ref = parse_reference(image.name, default_tag=None)
+        except InvalidReferenceError:
+            ref = None
+        tags = []
+        layers = [_blob_name(d) for d in node.manifest.layers]
+        if ref is not None and ref.tag is not None and ref.digest is None:
+            familiar = ref.familiar()
+            tags.append(familiar)
+            if layers:
+                name = familiar.rsplit(":", 1)[0]
+                top = node.manifest.layers[-1].digest.partition(":")[2]
+                repositories.setdefault(name, {})[ref.tag] = top
+        entries.append(
+            {"Config": _blob_name(node.manifest.config), "RepoTags": tags, "Layers": layers}
+        )
+    manifest = json.dumps(entries, indent=2).encode() + b"\n"
+    return manifest, json.dumps(repositories, indent=2).encode() + b"\n"
+
+
 def _blobs(images: Sequence[ExportImage]) -> list[Descriptor]:
     seen: dict[str, Descriptor] = {}
     for image in images:
@@ -78,8 +135,13 @@ def _blob_name(descriptor: Descriptor) -> str:
     return f"blobs/{algorithm}/{hex_}"
 
 
-def export_layout(store: ContentStore, images: Sequence[ExportImage], out: Path) -> ExportResult:
-    """Write ``images`` as an OCI layout at ``out`` (a tar when its name ends in ``.tar``)."""
+def export_layout(
+    store: ContentStore, images: Sequence[ExportImage], out: Path, host: Platform
+) -> ExportResult:
+    """Write ``images`` as an OCI layout at ``out`` (a tar when its name ends in ``.tar``).
+
+    ``host`` is the platform ``docker load`` gets of a multi-platform image.
+    """
     blobs = _blobs(images)
     as_tar = out.name.endswith(".tar")
     if out.exists() and (as_tar or not out.is_dir() or any(out.iterdir())):
@@ -87,10 +149,10 @@ def export_layout(store: ContentStore, images: Sequence[ExportImage], out: Path)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         if as_tar:
-            _write_tar(store, images, blobs, partial)
+            _write_tar(store, images, blobs, partial, host)
             os.replace(partial, out)
         else:
-            _write_dir(store, images, blobs, partial)
+            _write_dir(store, images, blobs, partial, host)
             if out.exists():
                 out.rmdir()
             os.replace(partial, out)
@@ -106,7 +168,11 @@ def export_layout(store: ContentStore, images: Sequence[ExportImage], out: Path)
 
 
 def _write_dir(
-    store: ContentStore, images: Sequence[ExportImage], blobs: Sequence[Descriptor], dest: Path
+    store: ContentStore,
+    images: Sequence[ExportImage],
+    blobs: Sequence[Descriptor],
+    dest: Path,
+    host: Platform,
 ) -> None:
     dest.mkdir()
     (dest / "oci-layout").write_bytes(OCI_LAYOUT)
@@ -116,6 +182,9 @@ def _write_dir(
         with store.open(descriptor) as reader, path.open("wb") as file:
             for chunk in reader:
                 file.write(chunk)
+    manifest, repositories = docker_save_json(images, host)
+    (dest / "manifest.json").write_bytes(manifest)
+    (dest / "repositories").write_bytes(repositories)
     (dest / "index.json").write_bytes(index_json(images))
 
 
@@ -126,10 +195,15 @@ def _tar_info(name: str, size: int, mode: int, mtime: int, kind: bytes) -> tarfi
 
 
 def _write_tar(
-    store: ContentStore, images: Sequence[ExportImage], blobs: Sequence[Descriptor], dest: Path
+    store: ContentStore,
+    images: Sequence[ExportImage],
+    blobs: Sequence[Descriptor],
+    dest: Path,
+    host: Platform,
 ) -> None:
     now = int(time.time())
     index = index_json(images)
+    manifest, repositories = docker_save_json(images, host)
     with (
         dest.open("xb") as file,
         tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT) as tar,
@@ -138,9 +212,12 @@ def _write_tar(
             _tar_info("oci-layout", len(OCI_LAYOUT), 0o644, now, tarfile.REGTYPE),
             io.BytesIO(OCI_LAYOUT),
         )
-        tar.addfile(
-            _tar_info("index.json", len(index), 0o644, now, tarfile.REGTYPE), io.BytesIO(index)
-        )
+        for name, data in (
+            ("index.json", index),
+            ("manifest.json", manifest),
+            ("repositories", repositories),
+        ):
+            tar.addfile(_tar_info(name, len(data), 0o644, now, tarfile.REGTYPE), io.BytesIO(data))
         dirs = sorted({_blob_name(b).rsplit("/", 1)[0] for b in blobs} | {"blobs"})
         for directory in dirs:
             tar.addfile(_tar_info(directory + "/", 0, 0o755, now, tarfile.DIRTYPE))

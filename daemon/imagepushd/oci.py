@@ -34,11 +34,14 @@ ATTESTATION_MANIFEST = "attestation-manifest"
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_CONFIG_SIZE = 16 << 20
 
-_DIGEST_RE = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
+#: What containerd's digest library (go-digest v1.0.0, algorithm.go) accepts: sha256, sha384
+#: and sha512 in lower-case hex of the algorithm's length (blake3 only when a program imports
+#: it, which containerd does not).
+_DIGEST_RE = re.compile(r"^(sha256:[a-f0-9]{64}|sha384:[a-f0-9]{96}|sha512:[a-f0-9]{128})$")
 
 
 def is_digest(value: str) -> bool:
-    """Whether ``value`` is a digest this tool can verify (sha256 or sha512, lower-case hex)."""
+    """Whether ``value`` is a digest containerd accepts and this tool can verify."""
     return _DIGEST_RE.fullmatch(value) is not None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from imagepushd.errors import InvalidReferenceError
 from imagepushd.rules import Rule, match_image
@@ -31,6 +32,8 @@ class ImageView:
     name: str
     digest: str
     missing: Callable[[], str | None] = _complete
+    #: When containerd may garbage-collect the image (its ``containerd.io/gc.expire``), if ever.
+    expires: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,11 @@ def decide(
             continue
         if not matches:
             out.skipped.append(Note(image.namespace, image.name, None, "no rule matches"))
+            continue
+        if image.expires is not None and image.expires.timestamp() <= now:
+            when = image.expires.isoformat()
+            reason = f"expired: containerd.io/gc.expire {when} has passed (containerd collects it)"
+            out.skipped.append(Note(image.namespace, image.name, None, reason))
             continue
         if record.baseline:
             out.skipped.append(

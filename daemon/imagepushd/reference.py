@@ -215,13 +215,15 @@ def _check(text: str, registry: str, path: str, tag: str | None, digest: str | N
 
 
 def _check_path(text: str, path: str) -> None:
-    if path.lower() != path:
-        raise _invalid(text, f"repository name {path!r} must be lowercase")
     if not path:
         raise _invalid(text, "has no repository path")
-    bad = _PATH_CHARS_RE.match(path)
+    # A character that is wrong in any case is the real problem ("Bad Ref" has a space);
+    # only then is an upper-case letter worth naming.
+    bad = _PATH_CHARS_RE.match(path.lower())
     if bad is not None and bad.end() < len(path):
         raise _invalid(text, f"invalid character {path[bad.end()]!r} in repository path")
+    if path.lower() != path:
+        raise _invalid(text, f"repository name {path!r} must be lowercase")
     if path.startswith("/"):
         raise _invalid(text, f"repository path {path!r} starts with '/'")
     if path.endswith("/"):

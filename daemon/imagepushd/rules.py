@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from imagepushd.errors import InvalidReferenceError
-from imagepushd.reference import Reference, parse_reference
+from imagepushd.reference import DOCKER_HUB, Reference, parse_reference
 
 _CONFIG_NAME = re.compile(r"sha256:[0-9a-f]{64}")
 TEMPLATE_FIELDS = ("image", "registry", "repository", "tag", "namespace")
@@ -85,6 +85,33 @@ def render_target(template: str, source: Reference, namespace: str) -> Reference
         namespace=namespace,
     )
     return parse_reference(text)
+
+
+def push_target(target: str | None, source_name: str, namespace: str) -> Reference:
+    """``imagepushd push``'s TARGET for ``source_name``: a reference, a template, a prefix.
+
+    None pushes to the source's own name; a full reference needs no valid source name. A
+    TARGET with ``{...}`` fields is a template, as a rule's ``target``. A TARGET ending in
+    ``/`` is a prefix, as docker-image-pusher's ``--target`` (this project's ancestor): the
+    source's path (Docker Hub's ``library/`` dropped) and tag go under it, so
+    ``docker.io/nginx:v1`` with ``mirror.example.com/proj/`` goes to
+    ``mirror.example.com/proj/nginx:v1``, and ``ghcr.io/org/app:1`` to
+    ``mirror.example.com/proj/org/app:1`` (the whole path, so two sources never collide).
+    """
+    if target is None or not (target.endswith("/") or "{" in target):
+        return parse_reference(target or source_name)
+    source = parse_reference(source_name)
+    if target.endswith("/"):
+        path = source.repository
+        if source.registry == DOCKER_HUB:
+            path = path.removeprefix("library/")
+        tag = source.tag or "latest"
+        return parse_reference(f"{target}{path}:{tag}")
+    try:
+        check_template(target)
+    except ValueError as exc:
+        raise InvalidReferenceError(f"TARGET {exc}") from None
+    return render_target(target, source, namespace)
 
 
 @dataclass(frozen=True)

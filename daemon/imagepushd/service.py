@@ -25,8 +25,9 @@ import httpx
 
 from imagepushd.config import Config, load_config
 from imagepushd.containerd.bbolt import BoltFile
-from imagepushd.containerd.content import DEFAULT_ROOT, ContentStore, ImageGraph, discover_root
+from imagepushd.containerd.content import ContentStore, ImageGraph
 from imagepushd.containerd.metadata import META_DB, ImageRecord, MetadataSnapshot, MetadataStore
+from imagepushd.containerd.roots import Found, discover_root, expected_root
 from imagepushd.errors import (
     ContainerdError,
     ImagepushdError,
@@ -43,15 +44,18 @@ from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, dec
 from imagepushd.push import Pusher, PushResult, host_platform, plan
 from imagepushd.reference import parse_reference
 from imagepushd.referrers import ReferrerFinder, ReferrerPushed, push_referrers, repush_jobs
+from imagepushd.registry.bodylimit import BodyLimit
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.credentials import (
     Credentials,
+    CredentialSource,
     CredentialStore,
     read_secret_file,
     systemd_credential,
 )
 from imagepushd.registry.health import RegistryHealth
 from imagepushd.registry.retry import Retrier, RetryPolicy
+from imagepushd.registry.throttle import RequestThrottle
 from imagepushd.registry.upload import BlobUploader
 from imagepushd.state import OPEN_STATUSES, RUNNING, JobRecord, State
 from imagepushd.units import human_size
@@ -87,7 +91,8 @@ def image_view(
             return str(exc)
         return f"{len(graph.missing)} blob(s) missing, e.g. {graph.missing[0].digest}"
 
-    return ImageView(record.namespace, record.name, record.target.digest, missing)
+    expires = record.expires_at(snap.db_version)
+    return ImageView(record.namespace, record.name, record.target.digest, missing, expires)
 
 
 def _partial_ok(graph: ImageGraph, config: Config) -> bool:
@@ -142,7 +147,7 @@ def _decide(
 
 def plan_preview(config: Config, env: Mapping[str, str], home: Path) -> list[dict[str, str]]:
     """``imagepushd plan``: the decision for containerd's images now, without writing state."""
-    root = discover_root(None, config.containerd.root, env, home)
+    root = discover_root(None, config.containerd.root, env, home).path
     metadata = MetadataStore.at_root(root)
     try:
         snap = metadata.read(config.containerd.namespaces, blobs=True)
@@ -217,6 +222,8 @@ class Service:
         self._metrics = metrics or Metrics()
         self._metrics.rules_known(rule.index for rule in self._config.rules)
         self._stop = threading.Event()
+        # Set by signal handlers, which only record and wake (see _signals); the loop acts.
+        self._stop_requested = False
         self._reload = False
         self._clients: dict[str, tuple[RegistryClient, BlobUploader]] = {}
         self._clients_lock = threading.Lock()
@@ -239,11 +246,12 @@ class Service:
         """Run until stopped (or one pass with ``once``); the process exit code."""
         config = self._config
         try:
-            root = discover_root(None, config.containerd.root, self._env, self._home)
+            found = discover_root(None, config.containerd.root, self._env, self._home)
         except RootNotFoundError as exc:
             # containerd may simply not have started yet: watch where its root will be.
-            root = config.containerd.root or DEFAULT_ROOT
-            log.warning("%s; waiting for containerd at %s", exc, root)
+            found = Found(expected_root(config.containerd.root, self._env, self._home))
+            log.warning("%s; waiting for containerd at %s", exc, found.place)
+        root = found.path
         self._metadata = MetadataStore.at_root(root, reuse_records=True)
         self._content = ContentStore(root)
         self._finder = ReferrerFinder(self._content)
@@ -274,15 +282,20 @@ class Service:
             try:
                 self._scan()
                 self._notifier.ready()
-                log.info("watching %s; %d rule(s); state %s", root, len(config.rules), state.path)
+                log.info(
+                    "watching %s; %d rule(s); state %s",
+                    found.describe(),
+                    len(config.rules),
+                    state.path,
+                )
                 self._loop(pool, watcher)
             finally:
                 self._notifier.stopping()
                 self._stop.set()
                 self._drain(pool)
                 state.requeue_running()
-                watcher.stop()
                 self._restore(previous)
+                watcher.stop()
                 for client, _ in self._clients.values():
                     client.close()
                 self._metadata.close()
@@ -298,8 +311,11 @@ class Service:
             return {}
         previous: dict[int, object] = {}
 
+        # A handler runs on the main thread between two bytecodes, possibly while that thread
+        # holds a lock (the watcher's, or the stop Event's own), so it takes none: it records
+        # the signal and wakes the loop through the watcher's lock-free self-pipe.
         def stop(signum: int, frame: FrameType | None) -> None:
-            self._stop.set()
+            self._stop_requested = True
             if self._watcher is not None:
                 self._watcher.notify_external()
 
@@ -323,7 +339,7 @@ class Service:
     def _loop(self, pool: ThreadPoolExecutor, watcher: MetaWatcher) -> None:
         interval = watchdog_interval(self._env)
         last_ping = 0.0
-        while not self._stop.is_set():
+        while not self._stopping():
             if self._reload:
                 self._reload = False
                 self._do_reload()
@@ -338,12 +354,18 @@ class Service:
                 return
             timeout = self._sleep_budget(now, interval)
             changed = watcher.wait(timeout)
-            if self._stop.is_set():
+            if self._stopping():
                 return
             now = self._clock()
             resync = now - self._last_scan >= self._config.push.resync_interval
             if changed or resync or (self._wake_at is not None and now >= self._wake_at):
                 self._scan()
+
+    def _stopping(self) -> bool:
+        """Whether to leave the loop; turns a recorded stop signal into the workers' stop."""
+        if self._stop_requested:
+            self._stop.set()
+        return self._stop.is_set()
 
     def _sleep_budget(self, now: float, interval: float | None) -> float:
         # Finished pushes wake the loop themselves (see _dispatch).
@@ -695,7 +717,7 @@ class Service:
             client = RegistryClient(
                 host,
                 settings=HostSettings(plain_http=settings.plain_http, ca_file=settings.ca_file),
-                credentials=self._credentials(host),
+                credentials=CredentialSource(functools.partial(self._credentials, host)),
                 retrier=Retrier(
                     RetryPolicy(push.retry_attempts, push.retry_initial, push.retry_max),
                     sleep=self._retry_sleep,
@@ -703,11 +725,16 @@ class Service:
                     gate=self._health.gate(host),
                 ),
                 transport=self._transport,
+                throttle=RequestThrottle(
+                    rate=settings.requests_per_second,
+                    concurrency=settings.max_concurrent_requests,
+                ),
             )
             uploader = BlobUploader(
                 client,
                 chunk_size=settings.chunk_size or push.chunk_size,
                 sessions=self._state.upload_sessions(host),
+                body_limit=BodyLimit(host, self._state.body_limit(host)),
                 should_stop=self._stop.is_set,
                 on_resume=functools.partial(self._metrics.resume_count, host),
             )
@@ -720,6 +747,7 @@ class Service:
             raise PushInterrupted("stopping: retry abandoned")
 
     def _credentials(self, host: str) -> Credentials | None:
+        """Read ``host``'s credentials now: at first use and when the registry rejects them."""
         settings = self._config.registry(host)
         if settings.username:
             if settings.password_file is not None:

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds a write waits for another process's transaction before failing.
 BUSY_TIMEOUT = 10.0
+#: How long a learned request-body limit is believed: a proxy's limit may be raised, and
+#: learning it again costs a few refused requests.
+BODY_LIMIT_MEMORY = 86400.0
 #: Longest ``last_error`` (and cancel reason) kept for a job, in characters.
 MAX_ERROR_LENGTH = 1000
 
@@ -128,8 +131,19 @@ def _v1_initial(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-def _v2_registries(conn: sqlite3.Connection) -> None:
-    """Version 2: the health of each registry, as the running daemon last saw it."""
+def _v2_body_limits(conn: sqlite3.Connection) -> None:
+    """Version 2: request-body limits learned per registry from HTTP 413 answers."""
+    conn.execute(
+        """CREATE TABLE body_limits (
+            registry TEXT PRIMARY KEY,
+            max_body INTEGER NOT NULL,
+            learned REAL NOT NULL
+        ) WITHOUT ROWID"""
+    )
+
+
+def _v3_registries(conn: sqlite3.Connection) -> None:
+    """Version 3: the health of each registry, as the running daemon last saw it."""
     conn.execute(
         """CREATE TABLE registries (
             registry TEXT PRIMARY KEY,
@@ -142,7 +156,7 @@ def _v2_registries(conn: sqlite3.Connection) -> None:
 
 
 #: Every schema version in order: version ``n`` is reached by running the first ``n``.
-MIGRATIONS: tuple[Migration, ...] = (_v1_initial, _v2_registries)
+MIGRATIONS: tuple[Migration, ...] = (_v1_initial, _v2_body_limits, _v3_registries)
 
 
 @dataclass(frozen=True)
@@ -862,6 +876,30 @@ class State:
         """Upload sessions of ``registry``, shaped as the uploader's ``SessionStore``."""
         return RegistrySessions(self, registry)
 
+    def body_limit(self, registry: str) -> RegistryBodyLimit:
+        """``registry``'s learned request-body limit, shaped as the uploader's ``LimitStore``."""
+        return RegistryBodyLimit(self, registry)
+
+    def load_body_limit(self, registry: str) -> int | None:
+        """The body limit learned for ``registry`` within :data:`BODY_LIMIT_MEMORY`, if any."""
+        cutoff = self._clock() - BODY_LIMIT_MEMORY
+        with self._transaction(write=False) as conn:
+            row = conn.execute(
+                "SELECT max_body FROM body_limits WHERE registry = ? AND learned >= ?",
+                (registry, cutoff),
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    def save_body_limit(self, registry: str, limit: int) -> None:
+        """Remember ``registry``'s newly learned body limit."""
+        with self._transaction(write=True) as conn:
+            conn.execute(
+                "INSERT INTO body_limits (registry, max_body, learned) VALUES (?, ?, ?) "
+                "ON CONFLICT (registry) DO UPDATE SET max_body = excluded.max_body, "
+                "learned = excluded.learned",
+                (registry, limit, self._clock()),
+            )
+
     def drop_stale_uploads(self, older_than: float) -> int:
         """Forget upload sessions not updated for more than ``older_than`` seconds.
 
@@ -984,6 +1022,26 @@ class State:
             ],
             registries=registries,
         )
+
+
+class RegistryBodyLimit:
+    """One registry's learned body limit in a :class:`State`.
+
+    Has the shape of ``imagepushd.registry.bodylimit.LimitStore`` (structurally, like
+    :class:`RegistrySessions`).
+    """
+
+    def __init__(self, state: State, registry: str) -> None:
+        self.state = state
+        self.registry = registry
+
+    def load(self) -> int | None:
+        """The limit learned within the last :data:`BODY_LIMIT_MEMORY` seconds, if any."""
+        return self.state.load_body_limit(self.registry)
+
+    def save(self, limit: int) -> None:
+        """Remember a newly learned limit."""
+        self.state.save_body_limit(self.registry, limit)
 
 
 class RegistrySessions:

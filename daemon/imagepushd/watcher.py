@@ -21,8 +21,12 @@ would otherwise wake it up forever.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -117,7 +121,12 @@ class MetaWatcher:
     monotonic clock in seconds.
 
     Start the watcher *before* the first scan so no commit can fall between the two. Every
-    public method is thread-safe.
+    public method is thread-safe; :meth:`wait` is for one waiting thread at a time (the loop).
+
+    The waiter sleeps in ``poll`` on a socket pair that every hand-over writes a byte to, not
+    on a condition variable, and :meth:`notify_external` takes no lock: a signal handler runs
+    on the main thread between two bytecodes, possibly while that thread holds the watcher's
+    lock, so waking the loop from it must never wait for one.
     """
 
     def __init__(
@@ -145,13 +154,20 @@ class MetaWatcher:
         # Serialises txid calls and orders poll against hand-over; taken before _lock.
         self._txid_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._changes = threading.Condition(self._lock)  # waiters of wait()
         self._work = threading.Condition(self._lock)  # the watcher's own thread
+        # The waiter's self-pipe: readable when there may be something to hand over.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        # poll, not select: a busy daemon's descriptors may number past select's 1024.
+        self._wake_poll = select.poll()
+        self._wake_poll.register(self._wake_r, select.POLLIN)
+        # Set without the lock (see notify_external); read and cleared by the waiter.
+        self._external = False
         # Guarded by _lock.
         self._burst_first: float | None = None
         self._burst_last: float | None = None
         self._changed = False
-        self._external = False
         self._rearm_requested = False
         self._started = False
         self._stopping = False
@@ -201,14 +217,18 @@ class MetaWatcher:
             if self._stopping:
                 return
             self._stopping = True
-            self._changes.notify_all()
             self._work.notify_all()
+        self._kick()
         if self._thread is not None:
             self._thread.join()
         if self._observer is not None:
             self._unschedule()
             self._observer.stop()
             self._observer.join(timeout=5.0)
+        # A late notify_external (a push ending after the stop) finds a closed socket object
+        # and does nothing; a bare file descriptor could by then be someone else's.
+        self._wake_r.close()
+        self._wake_w.close()
 
     # ------------------------------------------------------------------ the waiter's side
 
@@ -236,14 +256,17 @@ class MetaWatcher:
 
     def _wait_ready(self, deadline: float) -> bool:
         """Block until a change is due (True) or a wake-up, stop or the deadline (False)."""
-        with self._lock:
-            while True:
+        while True:
+            # Drain before looking: a byte written after this makes the poll return.
+            self._drain()
+            if self._external:
+                self._external = False
+                if not self._change_due():
+                    return False
+            with self._lock:
                 now = self._clock()
                 if self._changed or self._burst_settled(now):
                     return True
-                if self._external:
-                    self._external = False
-                    return False
                 if self._stopping or now >= deadline:
                     return False
                 wake = deadline
@@ -253,13 +276,32 @@ class MetaWatcher:
                         self._burst_last + self._debounce,
                         self._burst_first + self._max_delay,
                     )
-                self._changes.wait(max(0.0, wake - now))
+            self._wake_poll.poll(max(0, math.ceil((wake - now) * 1000)))
+
+    def _change_due(self) -> bool:
+        with self._lock:
+            return self._changed or self._burst_settled(self._clock())
 
     def notify_external(self) -> None:
-        """Wake :meth:`wait` now (or make the next call return at once), e.g. for a signal."""
-        with self._lock:
-            self._external = True
-            self._changes.notify_all()
+        """Wake :meth:`wait` now (or make the next call return at once), e.g. for a signal.
+
+        Safe in a signal handler and from any thread: it takes no lock.
+        """
+        self._external = True
+        self._kick()
+
+    def _kick(self) -> None:
+        """Make the waiter's poll return (a full buffer is as good as one more byte)."""
+        # BlockingIOError: already readable; closed: stopped.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _drain(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:  # BlockingIOError: empty; closed: stopped
+            pass
 
     def _burst_settled(self, now: float) -> bool:
         if self._burst_first is None or self._burst_last is None:
@@ -274,15 +316,18 @@ class MetaWatcher:
         kind = event.event_type
         paths = [os.fsdecode(event.src_path), os.fsdecode(getattr(event, "dest_path", "") or "")]
         now = self._clock()
+        kick = False
         with self._lock:
             if kind in _CHANGE_EVENTS and self._target_file in paths:
                 if self._burst_first is None:
                     self._burst_first = now
-                    self._changes.notify_all()
+                    kick = True
                 self._burst_last = now
             if kind in _PATH_EVENTS and any(_is_on_the_way(p, self._target_dir) for p in paths):
                 self._rearm_requested = True
                 self._work.notify_all()
+        if kick:
+            self._kick()
 
     # ------------------------------------------------------------------ the watcher's thread
 
@@ -328,10 +373,12 @@ class MetaWatcher:
         with self._txid_lock:
             seen = self._observe()
             with self._lock:
-                if seen != self._seen:
+                changed = seen != self._seen
+                if changed:
                     self._seen = seen
                     self._changed = True
-                    self._changes.notify_all()
+            if changed:
+                self._kick()
 
     def _arm(self) -> bool:
         """Watch the deepest existing directory on the way to meta.db; True if the watch moved."""

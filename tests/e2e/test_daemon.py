@@ -968,3 +968,29 @@ def test_plan_previews_images_not_seen_yet_as_pushes(
     assert once.returncode == 0, once.stderr
     registry.verify_image("team/app:1", root.digest, tmp_path / "pull")
     assert [(r["action"], r["reason"]) for r in rows] == [("push", "")], rows
+
+
+def test_signal_storm_while_containerd_churns_never_hangs(
+    containerd: Containerd,
+    registry: Registry,
+    daemon: Daemon,
+    image_builder: ImageBuilder,
+    tmp_path: Path,
+) -> None:
+    """SIGHUPs sent back to back while meta.db keeps changing: the daemon stays responsive
+    (signal handlers only record and wake the loop), still pushes, and stops on SIGTERM."""
+    b = image_builder
+    host = registry.host
+    images = {f"build/app:{i}": small(b, f"storm/{i}") for i in range(2)}
+    load(containerd, b, tmp_path, images)
+    configure(daemon, containerd, host, _one_rule(host))
+    daemon.start()
+    for i in range(40):
+        containerd.tag("build/app:1", f"build/churn:{i}")  # unrelated commits
+        for _ in range(50):
+            daemon.send_signal(signal.SIGHUP)
+    started = time.monotonic()
+    containerd.tag("build/app:0", f"{host}/team/app:0")
+    wait_served(registry, ["team/app:0"], images["build/app:0"].digest, started=started, timeout=60)
+    registry.verify_image("team/app:0", images["build/app:0"].digest)
+    assert daemon.stop(timeout=30) == 0

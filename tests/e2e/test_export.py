@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import platform
 import subprocess
 import tarfile
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 
 from imagepushd.cli import Context, run
 from tests.support.containerd import Containerd
+from tests.support.docker import Dockerd
 from tests.support.images import ImageBuilder
 from tests.support.process import require_tools
 
@@ -142,3 +144,43 @@ def test_full_disk_is_one_clear_line_and_leaves_nothing(
         assert err.startswith("imagepushd: error: writing ") and "No space left" in err
         assert err.count("\n") == 1
         assert list(tiny_disk.iterdir()) == []
+
+
+@pytest.fixture
+def dockerd(tmp_path: Path) -> Iterator[Dockerd]:
+    """Debian's dockerd on a private data root and socket (no networking)."""
+    with Dockerd(tmp_path / "docker") as daemon:
+        yield daemon
+
+
+def test_docker_load_reads_the_export(
+    containerd: Containerd, dockerd: Dockerd, image_builder: ImageBuilder, tmp_path: Path
+) -> None:
+    """``docker load`` (Docker Engine 20.10, which predates OCI-layout loading) takes the
+    export through its manifest.json: a single-platform image and the host's platform of an
+    index, named by their tags, each checked by docker against its config's diff IDs; the
+    loaded image ID is the config digest."""
+    b = image_builder
+    app = b.manifest([b.tar_layer({"app/one": b"1" * 3000}), b.tar_layer({"app/two": b"two"})])
+    amd = b.manifest([b.tar_layer({"multi/amd64": b"amd"})])
+    arm = b.manifest([b.tar_layer({"multi/arm64": b"arm"})], architecture="arm64", variant="v8")
+    roots = {
+        "docker.io/library/app:1": app,
+        "registry.example.com/team/multi:2": b.index([amd, arm]),
+    }
+    b.write_oci_archive(tmp_path / "src.tar", roots)
+    containerd.import_archive(tmp_path / "src.tar")
+    out = tmp_path / "export.tar"
+    code, err = export(containerd, *roots, "-o", str(out))
+    assert code == 0, err
+
+    loaded = dockerd.docker("load", "-i", str(out))
+    assert "Loaded image: app:1" in loaded and "registry.example.com/team/multi:2" in loaded
+    host = amd if platform.machine() == "x86_64" else arm
+    for name, manifest in (("app:1", app), ("registry.example.com/team/multi:2", host)):
+        inspected = json.loads(dockerd.docker("image", "inspect", name))[0]
+        assert inspected["Id"] == manifest.json()["config"]["digest"]
+        assert (
+            inspected["RootFS"]["Layers"]
+            == json.loads(b.get(manifest.json()["config"]["digest"]).data)["rootfs"]["diff_ids"]
+        )

@@ -53,8 +53,15 @@ UNIT_TEST_PACKAGES = [
     "python3-cryptography",
     "python3-bcrypt",
 ]
-#: Not run inside: tests/test_packaging.py builds wheels with pip from PyPI.
-NOT_INSIDE = {"test_packaging.py"}
+#: Not run inside: tests/test_packaging.py builds wheels with pip from PyPI;
+#: tests/test_prometheus.py checks packaging/'s rules and dashboard with promtool (the files
+#: the package installs are compared with those below).
+NOT_INSIDE = {"test_packaging.py", "test_prometheus.py"}
+#: Files installed under /usr/share/imagepushd/ as they are in the source tree.
+SHARED = {
+    "prometheus/imagepushd.rules.yml": "packaging/prometheus/imagepushd.rules.yml",
+    "grafana/imagepushd-dashboard.json": "packaging/grafana/imagepushd-dashboard.json",
+}
 IMAGE = "example.com/build/app:1"
 
 
@@ -313,8 +320,12 @@ def test_package_installs_files_and_starts_doing_nothing(installed: Machine) -> 
         "/usr/share/doc/imagepushd/README.md",
         "/usr/share/man/man8/imagepushd.8.gz",
         "/usr/share/bash-completion/completions/imagepushd",
+        *(f"/usr/share/imagepushd/{name}" for name in SHARED),
     ):
         assert path in listing, path
+    for name, source in SHARED.items():
+        installed_file = box.root / "usr/share/imagepushd" / name
+        assert installed_file.read_bytes() == (REPO / source).read_bytes(), name
     conffiles = box.sh("cat /var/lib/dpkg/info/imagepushd.conffiles", check=True).stdout
     assert conffiles.split() == ["/etc/imagepushd/config.toml"]
     # The package's own copy, and nothing pip-installed anywhere.
@@ -483,7 +494,7 @@ def test_purge_removes_everything(installed: Machine) -> None:
         "ls -d /usr/lib/python3/dist-packages/imagepushd* /etc/imagepushd /var/lib/imagepushd "
         "/lib/systemd/system/imagepushd.service /usr/lib/systemd/system/imagepushd.service "
         "/etc/systemd/system/multi-user.target.wants/imagepushd.service /usr/bin/imagepushd "
-        "/usr/share/doc/imagepushd /usr/share/man/man8/imagepushd.8.gz "
+        "/usr/share/doc/imagepushd /usr/share/imagepushd /usr/share/man/man8/imagepushd.8.gz "
         "/usr/share/bash-completion/completions/imagepushd 2>/dev/null; true"
     ).stdout
     assert leftovers == "", leftovers

@@ -114,6 +114,28 @@ def test_single_platform_oci_manifest(
     registry.verify_image(ref, root.digest, tmp_path)
 
 
+def test_target_prefix_and_template(
+    containerd: Containerd, registry: Registry, image_builder: ImageBuilder, tmp_path: Path
+) -> None:
+    """TARGET ending in / takes the image's path and tag (as docker-image-pusher's --target);
+    a TARGET with fields renders as a rule's target does."""
+    b = image_builder
+    root = b.image([3000], "prefix")
+    load(containerd, b, tmp_path, {"docker.io/library/nginx:v1": root})
+
+    by_prefix = push(containerd, "nginx:v1", f"{registry.host}/proj/", home=tmp_path).result
+    assert by_prefix["target"] == f"{registry.host}/proj/nginx:v1"
+    registry.verify_image("proj/nginx:v1", root.digest, tmp_path / "prefix")
+
+    template = f"{registry.host}/{{namespace}}/{{repository}}:{{tag}}-mirror"
+    by_template = push(containerd, "nginx:v1", template, home=tmp_path).result
+    assert by_template["target"] == f"{registry.host}/default/library/nginx:v1-mirror"
+    registry.verify_image("default/library/nginx:v1-mirror", root.digest, tmp_path / "tpl")
+
+    bad = push(containerd, "nginx:v1", f"{registry.host}/{{nope}}", home=tmp_path)
+    assert bad.code == 2 and len(bad.error_lines) == 1 and "{nope}" in bad.stderr
+
+
 def test_multi_platform_index_all(
     containerd: Containerd, registry: Registry, image_builder: ImageBuilder, tmp_path: Path
 ) -> None:

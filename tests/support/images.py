@@ -14,6 +14,7 @@ Typical use::
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -170,6 +171,8 @@ class ImageBuilder:
         self._blobs: dict[str, Content] = {}
         self._platforms: dict[str, dict[str, str]] = {}
         self._annotations: dict[str, dict[str, str]] = {}
+        # The true diff IDs of real (gzip'd tar) layers; other layers get made-up ones.
+        self._diff_ids: dict[str, str] = {}
 
     # ------------------------------------------------------------------ content
     def add(self, blob: Content) -> Content:
@@ -195,6 +198,23 @@ class ImageBuilder:
             raise ValueError(f"negative layer size {size}")
         data = random.Random(seed).randbytes(size)
         blob = Blob(DOCKER_LAYER if docker else OCI_LAYER, data)
+        self.add(blob)
+        return blob
+
+    def tar_layer(self, files: Mapping[str, bytes], docker: bool = False) -> Blob:
+        """Return a real gzip'd tar layer holding ``files`` (path -> content), reproducibly.
+
+        Configs built over it carry its true diff ID, so ``docker load`` can unpack and check it.
+        """
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in sorted(files.items()):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
+        uncompressed = raw.getvalue()
+        blob = Blob(DOCKER_LAYER if docker else OCI_LAYER, gzip.compress(uncompressed, mtime=0))
+        self._diff_ids[blob.digest] = sha256_digest(uncompressed)
         self.add(blob)
         return blob
 
@@ -241,7 +261,10 @@ class ImageBuilder:
             "architecture": architecture,
             "os": os,
             "config": {},
-            "rootfs": {"type": "layers", "diff_ids": [_diff_id(layer) for layer in layers]},
+            "rootfs": {
+                "type": "layers",
+                "diff_ids": [self._diff_ids.get(x.digest) or _diff_id(x) for x in layers],
+            },
         }
         if variant:
             cfg["variant"] = variant

@@ -231,15 +231,33 @@ class Registry:
             self._cert_dir.mkdir(exist_ok=True)
             shutil.copyfile(self._tls_dir / "ca.crt", self._cert_dir / "ca.crt")
         if self.htpasswd is not None:
-            lines = [
-                f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()}\n"
-                for user, pw in self.htpasswd.items()
-            ]
-            self._htpasswd_path.write_text("".join(lines))
+            self._write_htpasswd()
         if token is not None:
             self._token_root.write_bytes(token.cert_pem)
         self._authfile.write_text('{"auths": {}}\n')
         self._policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}\n')
+
+    def _write_htpasswd(self) -> None:
+        assert self.htpasswd is not None
+        lines = [
+            f"{user}:{bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode()}\n"
+            for user, pw in self.htpasswd.items()
+        ]
+        temp = self._htpasswd_path.with_suffix(".tmp")
+        temp.write_text("".join(lines))
+        temp.replace(self._htpasswd_path)
+
+    def set_password(self, user: str, password: str) -> None:
+        """Change (or add) an htpasswd user's password, taking effect on the running registry.
+
+        docker-registry re-reads its htpasswd file when the file's modification time changes
+        (measured with 2.8: the old password is refused on the next request, no restart).
+        The file is replaced whole, so the registry never reads half of it.
+        """
+        if self.htpasswd is None:
+            raise ValueError("not an htpasswd registry")
+        self.htpasswd[user] = password
+        self._write_htpasswd()
 
     # ------------------------------------------------------------------ addresses and files
     @property

@@ -1,4 +1,4 @@
-"""containerd's content store: find the root, open blobs with verification, walk image graphs.
+"""containerd's content store: open blobs with verification, walk image graphs.
 
 Blob files are shared by all namespaces; whether a namespace may use one is decided by its
 ``content/blob`` record in meta.db, so completeness checks take that set of digests too.
@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import BinaryIO
 
 from imagepushd.blobs import BlobSource, BlobStore
-from imagepushd.containerd.metadata import META_DB
 from imagepushd.errors import (
     BlobCorruptError,
     ContainerdError,
     ManifestError,
     MissingContentError,
-    RootNotFoundError,
 )
 from imagepushd.oci import (
     INDEX_TYPES,
@@ -43,41 +41,8 @@ from imagepushd.oci import (
 )
 
 CONTENT_BLOBS = Path("io.containerd.content.v1.content") / "blobs"
-DEFAULT_ROOT = Path("/var/lib/containerd")
 MAX_INDEX_DEPTH = 8
 READ_SIZE = 256 << 10
-
-
-def root_candidates(env: Mapping[str, str], home: Path) -> list[Path]:
-    """Where containerd's root usually is: the system root, then the rootless one."""
-    xdg = env.get("XDG_DATA_HOME")
-    rootless = Path(xdg) / "containerd" if xdg else home / ".local" / "share" / "containerd"
-    return [DEFAULT_ROOT, rootless]
-
-
-def _has_meta_db(root: Path) -> bool:
-    try:
-        return (root / META_DB).is_file()
-    except PermissionError:
-        raise ContainerdError(
-            f"{root}: permission denied (containerd's root is private: run as root "
-            "or as the rootless containerd's user)"
-        ) from None
-
-
-def discover_root(
-    explicit: Path | None,
-    configured: Path | None,
-    env: Mapping[str, str],
-    home: Path,
-) -> Path:
-    """The containerd root to read: ``--root``, else the configured one, else the usual places."""
-    chosen = explicit if explicit is not None else configured
-    candidates = [chosen] if chosen is not None else root_candidates(env, home)
-    for root in candidates:
-        if _has_meta_db(root):
-            return root
-    raise RootNotFoundError([str(c) for c in candidates])
 
 
 class BlobReader:

@@ -1,9 +1,11 @@
 """containerd's v1 metadata schema, read from meta.db through the lock-free bbolt reader.
 
 Only the subtrees a pusher needs are walked: ``v1/<namespace>/images`` and, on request,
-``v1/<namespace>/content/blob``. Values are decoded strictly; a value that does not decode is a
-:class:`MetadataFormatError`, which the bbolt snapshot treats like any structural error (retried
-while meta.db is moving, reported when it is not).
+``v1/<namespace>/content/blob``. Values are decoded strictly; a record (one image, one blob)
+holding a value that does not decode is left out of the snapshot and listed in its ``skipped``,
+so one odd record never hides the others (:class:`MetadataStore` logs each once). A structural
+error (a bad page, a bucket value of the wrong size) still fails the whole snapshot, which the
+bbolt reader retries while meta.db is moving and reports when it is not.
 
 Speed (10,000 images take one page each): an image or blob record is read straight from its
 bucket's leaf page (one ``pread``, one leaf parse, no :class:`Bucket` per field), inline
@@ -45,6 +47,14 @@ log = logging.getLogger(__name__)
 META_DB = Path("io.containerd.metadata.v1.bolt") / "meta.db"
 NEWEST_KNOWN_DB_VERSION = 4
 SOURCE_LABEL_PREFIX = "containerd.io/distribution.source."
+#: An image label containerd 2.x's garbage collector reads (core/metadata/gc.go, v2.0.11:76 and
+#: isExpiredImage at :771-785): once its RFC 3339 time has passed, the image is no longer a GC
+#: root and is removed at the next collection (unless a lease holds it). containerd 1.x ignores
+#: it on images. The 2.x schema is db version 4.
+GC_EXPIRE_LABEL = "containerd.io/gc.expire"
+GC_EXPIRE_DB_VERSION = 4
+#: Go's ``time.Parse(time.RFC3339, ...)`` (fractional seconds allowed, as Go parses them).
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
 
 _GO_UNIX_OFFSET = 62135596800  # seconds from 0001-01-01 to 1970-01-01
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -161,6 +171,29 @@ class ImageRecord:
     labels: Mapping[str, str] = field(default_factory=dict, compare=False)
     annotations: Mapping[str, str] = field(default_factory=dict, compare=False)
 
+    def expires_at(self, db_version: int) -> datetime | None:
+        """When containerd (db ``db_version``) may collect this image; None: it never does.
+
+        A label Go's RFC 3339 parser rejects is ignored, as containerd ignores it.
+        """
+        value = self.labels.get(GC_EXPIRE_LABEL)
+        if db_version < GC_EXPIRE_DB_VERSION or value is None or not _RFC3339.fullmatch(value):
+            return None
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:  # a month 13 or a minute 61 matches the pattern, not the calendar
+            return None
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A record left out of a snapshot because a value in it does not decode."""
+
+    kind: str  # "image" or "blob"
+    namespace: str
+    name: str
+    reason: str
+
 
 @dataclass(frozen=True)
 class BlobRecord:
@@ -198,6 +231,7 @@ class MetadataSnapshot:
     namespaces: tuple[str, ...]
     images: tuple[ImageRecord, ...]
     blobs: Mapping[str, Mapping[str, BlobRecord]] = field(default_factory=dict)
+    skipped: tuple[SkippedRecord, ...] = ()
 
     def image(self, namespace: str, name: str) -> ImageRecord | None:
         """The image called ``name`` in ``namespace``, if any."""
@@ -413,6 +447,7 @@ class _Reader:
         namespaces: list[str] = []
         images: list[ImageRecord] = []
         blob_records: dict[str, dict[str, BlobRecord]] = {}
+        skipped: list[SkippedRecord] = []
         for key, value in v1.items():
             if key == b"version" and isinstance(value, bytes):
                 version = decode_varint(value, "v1/version")
@@ -428,7 +463,10 @@ class _Reader:
                 record, kind = self._record, self.image_kind
                 for name, flags, raw in images_bucket.raw_items():
                     if flags & LEAF_BUCKET:
-                        images.append(cast(ImageRecord, record(kind, namespace, name, raw)))
+                        try:
+                            images.append(cast(ImageRecord, record(kind, namespace, name, raw)))
+                        except MetadataFormatError as exc:
+                            skipped.append(SkippedRecord("image", namespace, _text(name), str(exc)))
             if blobs:
                 content = value.bucket(b"content")
                 blob_bucket = content.bucket(b"blob") if content is not None else None
@@ -437,11 +475,18 @@ class _Reader:
                     record, kind = self._record, self.blob_kind
                     for digest, flags, raw in blob_bucket.raw_items():
                         if flags & LEAF_BUCKET:
-                            records[_text(digest)] = cast(
-                                BlobRecord, record(kind, namespace, digest, raw)
-                            )
+                            try:
+                                records[_text(digest)] = cast(
+                                    BlobRecord, record(kind, namespace, digest, raw)
+                                )
+                            except MetadataFormatError as exc:
+                                skipped.append(
+                                    SkippedRecord("blob", namespace, _text(digest), str(exc))
+                                )
                 blob_records[namespace] = records
-        return MetadataSnapshot(tx.txid, version, tuple(namespaces), tuple(images), blob_records)
+        return MetadataSnapshot(
+            tx.txid, version, tuple(namespaces), tuple(images), blob_records, tuple(skipped)
+        )
 
     def _record(self, kind: _Kind, namespace: str, key: bytes, value: bytes) -> object:
         """The record in the sub-bucket ``value`` at ``key``, from its leaf page if it has one.
@@ -619,6 +664,7 @@ class MetadataStore:
     def __init__(self, bolt: BoltFile, *, reuse_records: bool = False) -> None:
         self._bolt = bolt
         self._warned_version = 0
+        self._warned_skips: frozenset[SkippedRecord] = frozenset()
         self._cache = _RecordCache() if reuse_records else None
 
     @classmethod
@@ -657,6 +703,7 @@ class MetadataStore:
             raise UnsupportedSchemaError(
                 f"{self.path}: containerd metadata version {snap.db_version} is not supported"
             )
+        self._warn_skipped(snap.skipped)
         if snap.db_version > NEWEST_KNOWN_DB_VERSION and snap.db_version != self._warned_version:
             self._warned_version = snap.db_version
             log.warning(
@@ -667,3 +714,14 @@ class MetadataStore:
                 NEWEST_KNOWN_DB_VERSION,
             )
         return snap
+
+    def _warn_skipped(self, skipped: Sequence[SkippedRecord]) -> None:
+        """One warning per skipped record while it stays as it is (not one per snapshot)."""
+        for record in skipped:
+            if record not in self._warned_skips:
+                log.warning(
+                    "%s: skipping a record this reader cannot decode (every other one is read): %s",
+                    self.path,
+                    record.reason,
+                )
+        self._warned_skips = frozenset(skipped)

@@ -4,7 +4,9 @@ This is not an ``httpx.Auth``: an httpx auth flow answers a 401 by re-sending th
 and an upload body streamed from a file cannot be replayed. Instead the client asks for an
 ``Authorization`` header before each request (refreshing tokens shortly before expiry, so a
 long upload asks again before every chunk) and reports a 401 here; the client then rebuilds
-the body itself and sends once more. A second 401 is final, so there are no loops.
+the body itself and sends again. Each way out of a 401 (answer a challenge learned only now,
+fetch a fresh token, resolve refused credentials again) is taken at most once per request,
+so there are no loops.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from imagepushd.errors import RegistryAuthError, RegistryConnectionError
-from imagepushd.registry.credentials import Credentials
+from imagepushd.registry.credentials import Credentials, CredentialSource
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,26 @@ class _Token:
     expires_at: float
 
 
+@dataclass
+class RequestAuth:
+    """The authentication of one request across its re-sends after 401s.
+
+    Each way out of a 401 is taken at most once per request (answer a newly learned
+    challenge, fetch a fresh token, resolve the credentials again), so a request is sent a
+    bounded number of times and runs a credential helper at most once.
+    """
+
+    scopes: tuple[str, ...]
+    #: The credentials behind the last header sent; None when none were consulted (no
+    #: challenge known yet, or a request to another host).
+    credentials: Credentials | None = None
+    learned: bool = False
+    refetched: bool = False
+    #: The credentials were resolved during this request: resolving them again after a
+    #: refusal would only repeat the answer (and run the helper twice in a row).
+    fresh: bool = False
+
+
 class Authenticator:
     """Produces Authorization headers for one registry host and reacts to 401s."""
 
@@ -106,14 +128,14 @@ class Authenticator:
         self,
         http: httpx.Client,
         host: str,
-        credentials: Credentials | None,
+        credentials: CredentialSource,
         *,
         basic_allowed: Callable[[httpx.URL], bool],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._http = http
         self._host = host
-        self._credentials = credentials
+        self._source = credentials
         self._basic_allowed = basic_allowed
         self._clock = clock
         self._challenge: Challenge | None = None
@@ -140,14 +162,18 @@ class Authenticator:
             )
         self._challenge = preferred[0]
 
-    def authorization(self, scopes: tuple[str, ...], url: httpx.URL) -> str | None:
-        """The header value to send for a request needing ``scopes``, or None (anonymous)."""
+    def authorization(self, request: RequestAuth, url: httpx.URL) -> str | None:
+        """The header value to send for ``request`` to ``url``, or None (anonymous)."""
         challenge = self._challenge
-        creds = self._credentials
+        request.credentials = None
         if challenge is None:
             return None
+        resolutions = self._source.resolutions
+        creds = request.credentials = self._source.get()
+        if self._source.resolutions != resolutions:
+            request.fresh = True
         if challenge.scheme == "basic":
-            if creds is None or not creds.username:
+            if not creds.username:
                 return None
             if not self._basic_allowed(url):
                 raise RegistryAuthError(
@@ -155,71 +181,111 @@ class Authenticator:
                     "(allow it for this registry in the configuration)"
                 )
             return "Basic " + creds.basic()
-        if creds is not None and creds.registry_token:
+        if creds.registry_token:
             return "Bearer " + creds.registry_token
-        return "Bearer " + self._token(challenge, scopes).value
+        return "Bearer " + self._token(challenge, request).value
 
-    def unauthorized(self, response: httpx.Response, scopes: tuple[str, ...]) -> tuple[str, ...]:
-        """Handle a 401: learn the challenge, drop the stale token, return scopes to ask for.
+    def unauthorized(self, request: RequestAuth, response: httpx.Response) -> None:
+        """Handle a 401 to ``request``: prepare the next send, or raise when none is left.
 
-        Called at most once per request by the client; a second 401 is the caller's error.
+        A challenge learned only now is answered; a refused token is fetched afresh (with
+        the merged scopes an ``insufficient_scope`` challenge asks for); refused credentials
+        are resolved again, and sent again only if that changed them.
         """
         previous = self._challenge
         self.learn(response)
         challenge = self._challenge
         assert challenge is not None
-        if challenge.scheme == "basic":
-            if previous is not None and previous.scheme == "basic":
-                raise self.denied()
-            return scopes
-        wanted = merge_scopes(scopes, challenge.scopes)
-        with self._lock:
-            self._tokens.pop(self._key(challenge, wanted), None)
-            self._tokens.pop(self._key(challenge, scopes), None)
-        return wanted
+        if challenge.scheme == "bearer":
+            wanted = merge_scopes(request.scopes, challenge.scopes)
+            with self._lock:
+                self._tokens.pop(self._key(challenge, wanted), None)
+                self._tokens.pop(self._key(challenge, request.scopes), None)
+            request.scopes = wanted
+        creds = request.credentials
+        if not request.learned and (
+            creds is None or previous is None or previous.scheme != challenge.scheme
+        ):
+            request.learned = True
+            return
+        if challenge.scheme == "bearer" and not (creds is not None and creds.registry_token):
+            if not request.refetched:
+                request.refetched = True
+                return
+            if creds is not None and not creds.anonymous:
+                # The token server took these credentials: what they lack is permission.
+                raise self.denied(creds)
+        if creds is not None and not request.fresh and self._renew(request, creds):
+            return
+        raise self.denied(creds)
 
-    def denied(self) -> RegistryAuthError:
-        """The error for a request still unauthorized after a fresh token or credentials."""
+    def denied(self, credentials: Credentials | None) -> RegistryAuthError:
+        """The error for a request still unauthorized after fresh tokens or credentials."""
         challenge = self._challenge
         if challenge is not None and challenge.params.get("error") == "insufficient_scope":
             return RegistryAuthError(
                 f"{self._host}: not allowed: {' '.join(challenge.scopes) or 'insufficient scope'}",
                 status=401,
             )
-        if self._credentials is None or not (
-            self._credentials.username or self._credentials.registry_token
-        ):
+        if credentials is None or credentials.anonymous:
             return RegistryAuthError(
                 f"{self._host}: authentication required and no credentials are configured",
                 status=401,
             )
         return RegistryAuthError(f"{self._host}: credentials rejected", status=401)
 
+    def _renew(self, request: RequestAuth, rejected: Credentials) -> bool:
+        """Resolve the credentials again after ``rejected`` was refused; whether they changed."""
+        request.fresh = True
+        resolutions = self._source.resolutions
+        changed = self._source.renew(rejected)
+        request.credentials = self._source.get()
+        if self._source.resolutions != resolutions:
+            log.info(
+                "%s: credentials rejected; resolved them again: %s",
+                self._host,
+                "changed, sending again" if changed else "unchanged",
+            )
+        return changed
+
     @staticmethod
     def _key(challenge: Challenge, scopes: tuple[str, ...]) -> tuple[str, str, tuple[str, ...]]:
         return (challenge.params.get("realm", ""), challenge.params.get("service", ""), scopes)
 
-    def _token(self, challenge: Challenge, scopes: tuple[str, ...]) -> _Token:
-        key = self._key(challenge, scopes)
+    def _token(self, challenge: Challenge, request: RequestAuth) -> _Token:
+        """A cached token for the request's scopes, else one fetched with its credentials.
+
+        The token server is where Bearer credentials are checked: refused there, they are
+        resolved again (at most once per request) and the fetch is repeated if they changed.
+        """
+        key = self._key(challenge, request.scopes)
         with self._lock:
             cached = self._tokens.get(key)
             if cached is not None and cached.expires_at - REFRESH_MARGIN > self._clock():
                 return cached
-            token = self._fetch(challenge, scopes)
+            creds = request.credentials or Credentials()
+            token = self._fetch(challenge, request.scopes, creds)
+            if token is None and not request.fresh and self._renew(request, creds):
+                creds = request.credentials or Credentials()
+                token = self._fetch(challenge, request.scopes, creds)
+            if token is None:
+                raise self.denied(creds)
             self._tokens[key] = token
             return token
 
-    def _fetch(self, challenge: Challenge, scopes: tuple[str, ...]) -> _Token:
+    def _fetch(
+        self, challenge: Challenge, scopes: tuple[str, ...], creds: Credentials
+    ) -> _Token | None:
+        """A token from the challenge's realm; None when the token server refuses ``creds``."""
         realm = challenge.params.get("realm")
         if not realm:
             raise RegistryAuthError(f"{self._host}: Bearer challenge without a realm")
         url = httpx.URL(realm)
         service = challenge.params.get("service", "")
-        creds = self._credentials
         started = self._clock()
         try:
             response = None
-            if creds is not None and creds.identity_token:
+            if creds.identity_token:
                 response = self._http.post(
                     url,
                     data={
@@ -232,7 +298,7 @@ class Authenticator:
                 )
             if response is None or response.status_code == 404:
                 headers = {}
-                if creds is not None and creds.username:
+                if creds.username:
                     if not self._basic_allowed(url):
                         raise RegistryAuthError(
                             f"{self._host}: refusing to send a password to token server "
@@ -248,7 +314,7 @@ class Authenticator:
                 f"{self._host}: token server {url.host}: {type(exc).__name__}: {exc}"
             ) from None
         if response.status_code in (401, 403):
-            raise self.denied()
+            return None
         if response.status_code != 200:
             raise RegistryAuthError(
                 f"{self._host}: token server {url.host} answered {response.status_code}",

@@ -27,9 +27,10 @@ from imagepushd.errors import (
     RegistryError,
 )
 from imagepushd.oci import MAX_MANIFEST_SIZE, OCI_INDEX, Descriptor, load_object
-from imagepushd.registry.auth import Authenticator, repository_scope
-from imagepushd.registry.credentials import Credentials
+from imagepushd.registry.auth import Authenticator, RequestAuth, repository_scope
+from imagepushd.registry.credentials import Credentials, CredentialSource
 from imagepushd.registry.retry import Retrier, parse_retry_after
+from imagepushd.registry.throttle import RequestThrottle
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +101,23 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
 
 
 class RegistryClient:
-    """One registry host. Thread-safe for concurrent blob uploads (httpx.Client is)."""
+    """One registry host. Thread-safe for concurrent blob uploads (httpx.Client is).
+
+    ``throttle`` bounds the rate and concurrency of every request this client sends.
+    """
 
     def __init__(
         self,
         host: str,
         *,
         settings: HostSettings | None = None,
-        credentials: Credentials | None = None,
+        credentials: CredentialSource | Credentials | None = None,
         retrier: Retrier | None = None,
         transport: httpx.BaseTransport | None = None,
+        throttle: RequestThrottle | None = None,
     ) -> None:
         self.host = host
+        self.throttle = throttle or RequestThrottle()
         self.settings = settings or HostSettings()
         self.retrier = retrier or Retrier()
         self.api_host = "registry-1.docker.io" if host == "docker.io" else host
@@ -127,7 +133,12 @@ class RegistryClient:
         if is_loopback(self.api_host) and not self.settings.plain_http:
             self._schemes.append("http")
         self.scheme = self._schemes[0]
-        self.auth = Authenticator(self._http, host, credentials, basic_allowed=self._basic_allowed)
+        source = (
+            credentials
+            if isinstance(credentials, CredentialSource)
+            else CredentialSource.fixed(credentials)
+        )
+        self.auth = Authenticator(self._http, host, source, basic_allowed=self._basic_allowed)
         self._pinged = False
 
     def close(self) -> None:
@@ -225,7 +236,8 @@ class RegistryClient:
             timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
         )
         try:
-            return self._http.send(request)
+            with self.throttle.slot():
+                return self._http.send(request)
         except httpx.HTTPError as exc:
             if _caused_by(exc, ssl.SSLCertVerificationError):
                 raise RegistryConnectionError(
@@ -266,19 +278,18 @@ class RegistryClient:
                 ),
             )
         self.ping()
-        for attempt in range(2):
+        auth = RequestAuth(scopes)
+        while True:
             request_headers = dict(headers or {})
             own = self._url("/")
             if (url.scheme, url.host, url.port) == (own.scheme, own.host, own.port):
-                authorization = self.auth.authorization(scopes, url)
+                authorization = self.auth.authorization(auth, url)
                 if authorization is not None:
                     request_headers["Authorization"] = authorization
             response = self._transport_send(method, url, headers=request_headers, body=body)
-            if response.status_code != 401 or attempt == 1:
+            if response.status_code != 401:
                 break
-            scopes = self.auth.unauthorized(response, scopes)
-        if response.status_code == 401:
-            raise self.auth.denied()
+            self.auth.unauthorized(auth, response)  # raises when nothing is left to try
         if response.status_code not in ok:
             raise self._error(response, what)
         return response

@@ -23,8 +23,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,59 @@ class Credentials:
     def basic(self) -> str:
         """``base64(username:password)``: the Basic auth value, and docker's ``auth`` field."""
         return base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
+    @property
+    def anonymous(self) -> bool:
+        """Whether there is nothing to authenticate with."""
+        return not (self.username or self.identity_token or self.registry_token)
+
+
+class CredentialSource:
+    """Credentials resolved on first use and again only when a registry rejects them.
+
+    A daemon runs for months while helpers' tokens expire (ECR's after 12 h) and robot
+    passwords rotate: resolving once at start would keep sending the refused ones, and
+    resolving before every request would run a helper per request. ``resolve`` (a helper
+    lookup, a secret file read) runs at the first :meth:`get` and then at most once per
+    :meth:`renew` of the answer in use; it returns None for anonymous.
+    """
+
+    def __init__(self, resolve: Callable[[], Credentials | None]) -> None:
+        self._resolve = resolve
+        self._current: Credentials | None = None
+        self._lock = threading.Lock()
+        #: How many times ``resolve`` ran (helper runs, file reads).
+        self.resolutions = 0
+
+    @classmethod
+    def fixed(cls, credentials: Credentials | None) -> CredentialSource:
+        """A source whose answer never changes (``--password-stdin``, ``login``)."""
+        return cls(lambda: credentials)
+
+    def get(self) -> Credentials:
+        """The credentials in use (resolved now if this is the first ask); empty: anonymous."""
+        with self._lock:
+            if self._current is None:
+                self._current = self._fresh()
+            return self._current
+
+    def renew(self, rejected: Credentials) -> bool:
+        """Resolve again because ``rejected`` (an answer of :meth:`get`) was refused.
+
+        Returns whether the answer now in use differs from ``rejected``, that is whether
+        sending again can succeed. Requests refused together hold the same answer object:
+        only the first of them resolves again, the others take its result.
+        """
+        with self._lock:
+            if self._current is rejected:
+                self._current = self._fresh()
+            return self._current != rejected
+
+    def _fresh(self) -> Credentials:
+        # A new object per resolution, even when equal, so renew() can tell them apart.
+        self.resolutions += 1
+        found = self._resolve()
+        return replace(found) if found is not None else Credentials()
 
 
 HelperRunner = Callable[[Sequence[str], str], "subprocess.CompletedProcess[str]"]
@@ -289,9 +343,7 @@ class CredentialStore:
             identity_token=identity if isinstance(identity, str) else "",
             registry_token=registry_token if isinstance(registry_token, str) else "",
         )
-        if not (creds.username or creds.identity_token or creds.registry_token):
-            return None
-        return creds
+        return None if creds.anonymous else creds
 
     def _from_helper(self, helper: str, server: str) -> Credentials | None:
         program = f"docker-credential-{helper}"

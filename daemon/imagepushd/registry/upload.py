@@ -32,7 +32,9 @@ import httpx
 from imagepushd.blobs import BlobSource
 from imagepushd.errors import BlobCorruptError, ContainerdError, PushInterrupted, RegistryError
 from imagepushd.registry.auth import repository_scope
+from imagepushd.registry.bodylimit import BodyLimit
 from imagepushd.registry.client import RegistryClient
+from imagepushd.units import human_size
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +156,11 @@ class ChunkSizer:
         target -= target % READ_SIZE
         self.chunk = min(self.cap, max(self.low, target))
 
-    def shrink(self) -> bool:
-        """Halve the chunk (and keep later ones that small) after a 413; False at the floor."""
+    def limit_to(self, limit: int) -> bool:
+        """Keep this and later chunks within ``limit`` (a 413 taught it); False at the floor."""
         if self.chunk <= self.floor:
             return False
-        self.chunk = self.cap = max(self.floor, self.chunk // 2)
+        self.chunk = self.cap = max(self.floor, min(self.chunk, limit))
         self.low = min(self.low, self.chunk)
         return True
 
@@ -303,7 +305,9 @@ class BlobUploader:
     go in one PUT. ``sessions`` persists chunked sessions across restarts; ``should_stop`` is
     polled between chunks so a stopping daemon leaves a resumable session instead of a
     half-sent chunk; ``clock`` times chunks for the adaptive size; ``on_resume`` is called
-    each time a chunked upload continues from the registry's offset.
+    each time a chunked upload continues from the registry's offset. ``body_limit`` is the
+    registry's learned request-body limit (HTTP 413): no request body goes over it, and a
+    413 lowers it and sends the same bytes again in smaller requests.
     """
 
     def __init__(
@@ -316,8 +320,10 @@ class BlobUploader:
         should_stop: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_resume: Callable[[], None] = lambda: None,
+        body_limit: BodyLimit | None = None,
     ) -> None:
         self.client = client
+        self.body_limit = body_limit or BodyLimit(client.host)
         self.on_resume = on_resume
         self.sessions = sessions
         self._should_stop = should_stop or (lambda: False)
@@ -346,8 +352,9 @@ class BlobUploader:
         refusal followed by one HEAD (did the blob land anyway?). So: HEAD R; each mount
         source R POSTs (an unavailable registry ends the call rather than trying the next);
         then per session one POST, and one PUT, one PATCH and the closing PUT, or each chunk
-        and the closing PUT, each R at most. A registry answering 503 to every PUT gets one
-        POST and R PUTs; one refusing every session gets 3 POSTs, 3 PUTs and 4 HEADs.
+        and the closing PUT, each R at most (a 413 sends the same bytes again in smaller
+        requests, see ``body_limit``). A registry answering 503 to every PUT gets one POST
+        and R PUTs; one refusing every session gets 3 POSTs, 3 PUTs and 4 HEADs.
         """
         client = self.client
         desc = source.descriptor
@@ -369,7 +376,7 @@ class BlobUploader:
             started = response
             break
         resume = None
-        if started is None and self.sessions is not None and desc.size > self._monolithic_max:
+        if started is None and self.sessions is not None and not self._whole(desc.size):
             saved = self.sessions.load(repository, desc.digest)
             if saved is not None:
                 resume = client.url("/").join(saved[0])
@@ -390,9 +397,13 @@ class BlobUploader:
             result = self._upload(repository, transfer, started, resume)
         finally:
             os.close(fd)
-        if self.sessions is not None and desc.size > self._monolithic_max:
+        if self.sessions is not None and not self._whole(desc.size):
             self.sessions.drop(repository, desc.digest)
         return result
+
+    def _whole(self, size: int) -> bool:
+        """Whether a blob of ``size`` bytes goes in one PUT."""
+        return size <= self._monolithic_max and self.body_limit.fits(size)
 
     def _upload(
         self,
@@ -414,8 +425,16 @@ class BlobUploader:
                 location, resuming = client.session_url(response), False
             started = None
             try:
-                if transfer.size <= self._monolithic_max:
-                    self._monolithic(repository, transfer, location)
+                if self._whole(transfer.size):
+                    try:
+                        self._monolithic(repository, transfer, location)
+                    except RegistryError as exc:
+                        if exc.status != 413:
+                            raise
+                        self.body_limit.refused(transfer.size, exc)
+                        # Refused before the body was read: the session is still empty.
+                        started, last = response, exc
+                        continue
                 elif streamed:
                     self._streamed(repository, transfer, location)
                 else:
@@ -510,9 +529,18 @@ class BlobUploader:
     def _streamed(self, repository: str, transfer: _Transfer, location: httpx.URL) -> None:
         """One PATCH without Content-Range (for registries that do not chunk), then PUT."""
         body = _Body(transfer, 0, transfer.size, transfer.new_hasher(), verify_at_end=False)
-        response = self._send_whole(
-            repository, "PATCH", location, transfer, body, ok={201, 202, 204}
-        )
+        try:
+            response = self._send_whole(
+                repository, "PATCH", location, transfer, body, ok={201, 202, 204}
+            )
+        except RegistryError as exc:
+            if exc.status != 413:
+                raise
+            raise RegistryError(
+                f"{exc}: this registry takes no chunked uploads, so a blob of "
+                f"{human_size(transfer.size)} needs a body limit at least that large",
+                status=413,
+            ) from None
         transfer.verify(body.hasher)
         if response.headers.get("location"):
             location = self.client.session_url(response)
@@ -521,10 +549,15 @@ class BlobUploader:
     def _sizer_for(self, transfer: _Transfer, response: httpx.Response | None) -> ChunkSizer:
         headers = response.headers if response is not None else {}
         announced = headers.get("oci-chunk-min-length", "")
+        limits = self._limits
+        learned = self.body_limit.limit
+        if learned is not None:
+            maximum = learned if limits.maximum is None else min(limits.maximum, learned)
+            limits = ChunkLimits(limits.minimum, maximum, limits.chunked)
         return chunk_sizer(
             transfer.size,
             self._chunk_size,
-            self._limits,
+            limits,
             int(announced) if announced.isdigit() else 0,
         )
 
@@ -554,9 +587,15 @@ class BlobUploader:
                     f"{client.host}: upload {transfer.descriptor.digest}", session.next_chunk
                 )
             except RegistryError as exc:
-                if exc.status == 413 and session.sizer.shrink():
-                    log.info("%s: chunk too large, now %d bytes", client.host, session.sizer.chunk)
-                    continue
+                if exc.status == 413:
+                    limit = self.body_limit.refused(session.sent_size, exc)
+                    if session.sizer.limit_to(limit):
+                        continue
+                    raise RegistryError(
+                        f"{exc}: chunks of {human_size(session.sizer.chunk)} are the smallest "
+                        f"this registry takes, and bodies over {human_size(limit)} are refused",
+                        status=413,
+                    ) from None
                 if exc.status == 416:
                     range_errors += 1
                     if range_errors <= 2:
@@ -627,6 +666,7 @@ class _ChunkSession:
         self.acked = 0
         self.snapshot = transfer.new_hasher()
         self.resync = False
+        self.sent_size = 0  # the body size of the last chunk sent
 
     def resume(self) -> None:
         """Continue where the registry says the session stands: the one place a resume happens.
@@ -665,6 +705,7 @@ class _ChunkSession:
                 return  # the registry kept everything: only the closing PUT is left
         offset, hasher = self.acked, self.snapshot
         end = min(offset + self.sizer.chunk, transfer.size)
+        self.sent_size = end - offset
         body = _Body(transfer, offset, end, hasher, verify_at_end=False)
         started = self._uploader.clock()
         try:
