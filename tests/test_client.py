@@ -17,7 +17,7 @@ from imagepushd.errors import (
     RegistryError,
 )
 from imagepushd.oci import OCI_INDEX, OCI_MANIFEST, Descriptor
-from imagepushd.registry.client import RegistryClient, is_loopback
+from imagepushd.registry.client import PROBE_TIMEOUT, RegistryClient, is_loopback
 from imagepushd.registry.credentials import Credentials
 from imagepushd.registry.retry import RetryPolicy
 from tests.support.fakeregistry import (
@@ -171,6 +171,42 @@ def test_first_ping_503_is_retried(clients: Callable[..., RegistryClient]) -> No
 
     assert client.blob_exists(REPO, Descriptor(LAYER, sha256_digest(b"x"), 1)) is False
     assert len(sleeps) == 1
+
+
+@pytest.mark.parametrize(("status", "answers"), [(200, True), (401, True), (503, False)])
+def test_probe_is_one_get_without_retries_and_a_short_timeout(
+    clients: Callable[..., RegistryClient], status: int, answers: bool
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(status, headers={"WWW-Authenticate": 'Basic realm="r"'})
+
+    sleeps: list[float] = []
+    client = clients(handle, sleeps=sleeps)
+
+    if answers:
+        client.probe()
+    else:
+        with pytest.raises(RegistryError) as caught:
+            client.probe()
+        assert caught.value.is_unavailable()
+
+    assert [(r.method, r.url.path) for r in seen] == [("GET", "/v2/")]
+    assert seen[0].extensions["timeout"]["read"] == PROBE_TIMEOUT
+    assert sleeps == []
+
+
+def test_probe_of_a_registry_not_listening(clients: Callable[..., RegistryClient]) -> None:
+    sleeps: list[float] = []
+    client = clients(Network(), sleeps=sleeps)  # nothing routed: connection refused
+
+    with pytest.raises(RegistryConnectionError) as caught:
+        client.probe()
+
+    assert caught.value.is_unavailable()
+    assert sleeps == []
 
 
 # ---- TLS and connections -------------------------------------------------------------------

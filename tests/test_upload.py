@@ -1054,3 +1054,148 @@ def test_session_store_failure_does_not_leak_the_blob_fd(rig: Rig, tmp_path: Pat
         uploader.upload(REPO, source)
 
     assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+# ---- the request budget per blob and attempt (retry at exactly one layer) ---------------
+#
+# R = 5 tries of any one request, by the retrier alone; a new upload session (at most
+# SESSION_ATTEMPTS = 3) only when the registry refuses the session itself (400, 404, 416).
+# Statuses and codes as distribution documents them (docs/spec/api.md, "Errors"); a 503 on
+# every request of one kind is what a failing storage backend or proxy gives.
+
+R = 5
+
+
+def answer(method: str, status: int, code: str, path_part: str = "") -> Callable[..., object]:
+    """A hook answering every ``method`` request (whose path has ``path_part``) with ``status``."""
+
+    def hook(request: httpx.Request) -> httpx.Response | None:
+        if request.method == method and path_part in request.url.path:
+            return error(status, code)
+        return None
+
+    return hook
+
+
+def methods(rig: Rig) -> dict[str, int]:
+    """Requests to blobs and upload sessions by method (``/v2/`` pings left out)."""
+    counts: dict[str, int] = {}
+    for call in rig.fake.calls():
+        counts[call.method] = counts.get(call.method, 0) + 1
+    return counts
+
+
+def test_503_forever_on_the_put_costs_r_puts_in_one_session(rig: Rig, tmp_path: Path) -> None:
+    """The issue's case: 15 PUTs (3 sessions x 5) before; now the retrier's 5, then the end."""
+    rig.fake.hooks.append(answer("PUT", 503, "UNAVAILABLE"))
+    source = source_for(tmp_path, data_of(1000))
+
+    with pytest.raises(RegistryError) as caught:
+        rig.uploader().upload(REPO, source)
+
+    assert caught.value.status == 503
+    assert methods(rig) == {"HEAD": 1, "POST": 1, "PUT": R}
+    assert len(rig.sleeps) == R - 1
+
+
+def test_503_forever_on_everything_costs_r_requests(rig: Rig, tmp_path: Path) -> None:
+    rig.fake.hooks.append(lambda request: error(503, "UNAVAILABLE"))
+    source = source_for(tmp_path, data_of(1000))
+
+    with pytest.raises(RegistryError) as caught:
+        rig.uploader().upload(REPO, source)
+
+    assert caught.value.status == 503
+    assert len(rig.network.log) == R  # the ping: nothing after it
+
+
+def test_503_forever_on_patches_costs_r_tries_of_the_chunk(rig: Rig, tmp_path: Path) -> None:
+    """A chunk's unit is a PATCH, preceded after a failure by GET status: R tries of that."""
+    rig.fake.hooks.append(answer("PATCH", 503, "UNAVAILABLE"))
+    source = source_for(tmp_path, data_of(3 * MiB))
+
+    with pytest.raises(RegistryError) as caught:
+        rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert caught.value.status == 503
+    assert methods(rig) == {"HEAD": 1, "POST": 1, "PATCH": R, "GET": R - 1}
+
+
+def test_503_forever_on_the_closing_put_costs_r_puts(rig: Rig, tmp_path: Path) -> None:
+    rig.fake.hooks.append(answer("PUT", 503, "UNAVAILABLE"))
+    source = source_for(tmp_path, data_of(2 * MiB))
+
+    with pytest.raises(RegistryError):
+        rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert methods(rig) == {"HEAD": 1, "POST": 1, "PATCH": 2, "PUT": R}
+
+
+def test_streamed_503_forever_costs_r_patches(rigs: Callable[..., Rig], tmp_path: Path) -> None:
+    rig = rigs("europe-docker.pkg.dev")  # takes no chunks: one streamed PATCH
+    rig.fake.hooks.append(answer("PATCH", 503, "UNAVAILABLE"))
+    source = source_for(tmp_path, data_of(2 * MiB))
+
+    with pytest.raises(RegistryError):
+        rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert methods(rig) == {"HEAD": 1, "POST": 1, "PATCH": R}
+
+
+def test_unavailable_mount_ends_the_attempt(rig: Rig, tmp_path: Path) -> None:
+    """A 503 on a mount is the registry's, not the source's: no other source, no plain POST."""
+    rig.fake.hooks.append(answer("POST", 503, "UNAVAILABLE"))
+    source = source_for(tmp_path, data_of(1000))
+
+    with pytest.raises(RegistryError):
+        rig.uploader().upload(REPO, source, mount_from=["team/a", "team/b", "team/c"])
+
+    assert methods(rig) == {"HEAD": 1, "POST": R}
+    assert {c.url.params.get("from") for c in rig.fake.calls("POST")} == {"team/a"}
+
+
+def test_a_temporary_error_that_passes_needs_no_new_session(rig: Rig, tmp_path: Path) -> None:
+    failures: list[int] = []
+
+    def three_503s(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "PUT" and len(failures) < 3:
+            failures.append(1)
+            return error(503, "UNAVAILABLE")
+        return None
+
+    rig.fake.hooks.append(three_503s)
+    source = source_for(tmp_path, data_of(1000))
+
+    result = rig.uploader().upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert methods(rig) == {"HEAD": 1, "POST": 1, "PUT": 4}
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(404, "BLOB_UPLOAD_UNKNOWN"), (416, "RANGE_INVALID"), (400, "BLOB_UPLOAD_INVALID")],
+)
+def test_a_session_refused_every_time_costs_three_sessions(
+    rig: Rig, tmp_path: Path, status: int, code: str
+) -> None:
+    """Each refusal is answered once, by a new session (and a HEAD: did it land anyway?)."""
+    rig.fake.hooks.append(answer("PUT", status, code, "/blobs/uploads/"))
+    source = source_for(tmp_path, data_of(1000))
+
+    with pytest.raises(RegistryError, match="after 3 upload sessions") as caught:
+        rig.uploader().upload(REPO, source)
+
+    assert caught.value.status == status
+    assert methods(rig) == {"HEAD": 4, "POST": 3, "PUT": 3}
+    assert rig.sleeps == []
+
+
+def test_chunked_session_unknown_every_time_costs_three_sessions(rig: Rig, tmp_path: Path) -> None:
+    rig.fake.hooks.append(answer("PATCH", 404, "BLOB_UPLOAD_UNKNOWN"))
+    source = source_for(tmp_path, data_of(3 * MiB))
+
+    with pytest.raises(RegistryError, match="after 3 upload sessions"):
+        rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert methods(rig) == {"HEAD": 4, "POST": 3, "PATCH": 3}

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 CERTS_DIRS = (Path("/etc/docker/certs.d"), Path("/etc/containers/certs.d"))
 MAX_REDIRECTS = 3
+#: Seconds a health probe waits for an answer (a hung registry is as good as down).
+PROBE_TIMEOUT = 10.0
 Body = Callable[[], Iterator[bytes]]
 
 
@@ -164,10 +166,21 @@ class RegistryClient:
         """``GET /v2/``: choose the scheme (loopback may be plain HTTP) and learn the challenge."""
         if self._pinged:
             return
+        self._ping(lambda: self.retrier.call(f"{self.host}: GET /v2/", self._ping_once))
+
+    def probe(self) -> None:
+        """One ``GET /v2/``, not retried, with a short timeout: whether the registry answers.
+
+        The health check of a registry that is down (``registry/health.py``); raises the
+        classified :class:`RegistryError` when it does not answer 200 or 401.
+        """
+        self._ping(lambda: self._ping_once(PROBE_TIMEOUT))
+
+    def _ping(self, once: Callable[[], httpx.Response]) -> None:
         for scheme in self._schemes:
             self.scheme = scheme
             try:
-                response = self.retrier.call(f"{self.host}: GET /v2/", self._ping_once)
+                response = once()
             except RegistryConnectionError as exc:
                 if scheme != self._schemes[-1] and exc.tls_handshake:
                     continue  # https to a loopback host that speaks plain HTTP: try http
@@ -199,8 +212,8 @@ class RegistryClient:
             raise RegistryAuthError(f"{self.host}: login failed: {detail}", status=401) from None
         return True
 
-    def _ping_once(self) -> httpx.Response:
-        response = self._transport_send("GET", self._url("/v2/"))
+    def _ping_once(self, timeout: float | None = None) -> httpx.Response:
+        response = self._transport_send("GET", self._url("/v2/"), timeout=timeout)
         if response.status_code not in (200, 401):
             raise self._error(response, "GET /v2/")
         return response
@@ -212,9 +225,16 @@ class RegistryClient:
         *,
         headers: dict[str, str] | None = None,
         body: Body | bytes | None = None,
+        timeout: float | None = None,
     ) -> httpx.Response:
         content = body() if callable(body) else body
-        request = self._http.build_request(method, url, headers=headers, content=content)
+        request = self._http.build_request(
+            method,
+            url,
+            headers=headers,
+            content=content,
+            timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
+        )
         try:
             with self.throttle.slot():
                 return self._http.send(request)

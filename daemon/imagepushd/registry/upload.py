@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 READ_SIZE = 256 << 10
 SESSION_ATTEMPTS = 3
+#: Answers about the upload session itself (bad state, unknown, out of range): a new one helps.
+SESSION_REFUSED = frozenset({400, 404, 416})
 MAX_MOUNT_SOURCES = 3
 MAX_PARTS = 4000
 # Adaptive chunks, used unless a chunk size is configured. Each PATCH costs a registry round
@@ -347,7 +349,21 @@ class BlobUploader:
         mount_from: Sequence[str] = (),
         progress: Callable[[int], None] | None = None,
     ) -> UploadResult:
-        """Make the blob exist in ``repository``: skip, mount, or upload it."""
+        """Make the blob exist in ``repository``: skip, mount, or upload it.
+
+        Request budget per blob and call, with R the retrier's attempts (``retry_attempts``,
+        5): each request, or each chunk (a PATCH, after a failure preceded by GET status), is
+        tried at most R times, by the retrier alone; a temporary error that outlasts them ends
+        the call (the caller's backoff, or the registry's health, decides when to come back).
+        A new upload session, at most ``SESSION_ATTEMPTS`` (3) in all, is started only when
+        the registry refuses the session itself (400, 404, 416: ``SESSION_REFUSED``), each
+        refusal followed by one HEAD (did the blob land anyway?). So: HEAD R; each mount
+        source R POSTs (an unavailable registry ends the call rather than trying the next);
+        then per session one POST, and one PUT, one PATCH and the closing PUT, or each chunk
+        and the closing PUT, each R at most (a 413 sends the same bytes again in smaller
+        requests, see ``body_limit``). A registry answering 503 to every PUT gets one POST
+        and R PUTs; one refusing every session gets 3 POSTs, 3 PUTs and 4 HEADs.
+        """
         client = self.client
         desc = source.descriptor
         if client.blob_exists(repository, desc):
@@ -357,6 +373,8 @@ class BlobUploader:
             try:
                 response = client.upload_start(repository, mount=desc.digest, source=origin)
             except RegistryError as exc:
+                if exc.is_unavailable():
+                    raise  # the registry, not the mount: another source would fail the same
                 log.info(
                     "%s: mount of %s from %s failed (%s)", client.host, desc.digest, origin, exc
                 )
@@ -473,7 +491,7 @@ class BlobUploader:
                 retry=True,
             )
         except RegistryError as exc:
-            if exc.status in (400, 404, 416):
+            if exc.status in SESSION_REFUSED:
                 raise _RestartSession(exc) from None
             raise
 
@@ -495,7 +513,11 @@ class BlobUploader:
         *,
         ok: Collection[int],
     ) -> httpx.Response:
-        """Send the whole blob in one request; a session it broke is restarted by the caller."""
+        """Send the whole blob in one request; a session it broke is restarted by the caller.
+
+        Only a refusal of the session itself (400, 404, 416) calls for a new one: a temporary
+        error the retrier already gave up on ends the attempt, as it would on any request.
+        """
         try:
             return self.client.send(
                 method,
@@ -508,7 +530,7 @@ class BlobUploader:
                 retry=True,
             )
         except RegistryError as exc:
-            if exc.is_temporary() or exc.status in (400, 404, 416):
+            if exc.status in SESSION_REFUSED:
                 raise _RestartSession(exc) from None
             raise
 
