@@ -1,6 +1,6 @@
 """Blob upload with bounded memory.
 
-Existence check, cross-repo mount, monolithic, chunked and streamed uploads, resume from the
+Existence check, cross-repo mount, monolithic and chunked uploads, resume from the
 registry's offset, and digest verification before the closing PUT.
 
 Bodies are streamed from file offsets in small reads, so memory does not grow with blob size.
@@ -33,6 +33,7 @@ from imagepushd.blobs import BlobSource
 from imagepushd.errors import BlobCorruptError, ContainerdError, PushInterrupted, RegistryError
 from imagepushd.registry.auth import repository_scope
 from imagepushd.registry.client import RegistryClient
+from imagepushd.registry.hosts import is_ecr, is_google_artifact_registry
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,9 @@ def registry_limits(host: str) -> ChunkLimits:
     """Known per-registry limits (GHCR ≤ 4 MiB chunks, ECR ≥ 5 MiB, Artifact Registry none)."""
     if host == "ghcr.io":
         return ChunkLimits(maximum=4 * MiB)
-    if host.endswith(".amazonaws.com") and ".dkr.ecr." in host:
+    if is_ecr(host):
         return ChunkLimits(minimum=5 * MiB)
-    if host.endswith("-docker.pkg.dev") or host == "gcr.io" or host.endswith(".gcr.io"):
+    if is_google_artifact_registry(host):
         return ChunkLimits(chunked=False)
     return ChunkLimits()
 
@@ -386,7 +387,9 @@ class BlobUploader:
     ) -> UploadResult:
         client = self.client
         desc = transfer.descriptor
-        streamed = not self._limits.chunked
+        # Artifact Registry takes no PATCH at all, not even a single streamed one (skopeo
+        # #1101): registries that refuse chunks get the whole blob in one PUT.
+        whole = not self._limits.chunked
         last: RegistryError | None = None
         for _ in range(SESSION_ATTEMPTS):
             if resume is not None:
@@ -397,20 +400,18 @@ class BlobUploader:
                 location, resuming = client.session_url(response), False
             started = None
             try:
-                if transfer.size <= self._monolithic_max:
+                if transfer.size <= self._monolithic_max or whole:
                     self._monolithic(repository, transfer, location)
-                elif streamed:
-                    self._streamed(repository, transfer, location)
                 else:
                     try:
                         self._chunked(repository, transfer, location, response, resuming)
-                    except _FallBackToStreamed as fallback:
+                    except _FallBackToWhole as fallback:
                         log.info(
-                            "%s: chunked upload refused (%s); streaming instead",
+                            "%s: chunked upload refused (%s); sending the blob in one PUT",
                             client.host,
                             fallback.error,
                         )
-                        streamed = True
+                        whole = True
                         last = fallback.error
                         continue
                 return UploadResult(desc.digest, Outcome.UPLOADED, transfer.sent)
@@ -486,17 +487,6 @@ class BlobUploader:
                 raise _RestartSession(exc) from None
             raise
 
-    def _streamed(self, repository: str, transfer: _Transfer, location: httpx.URL) -> None:
-        """One PATCH without Content-Range (for registries that do not chunk), then PUT."""
-        body = _Body(transfer, 0, transfer.size, transfer.new_hasher(), verify_at_end=False)
-        response = self._send_whole(
-            repository, "PATCH", location, transfer, body, ok={201, 202, 204}
-        )
-        transfer.verify(body.hasher)
-        if response.headers.get("location"):
-            location = self.client.session_url(response)
-        self._close(repository, transfer, location)
-
     def _sizer_for(self, transfer: _Transfer, response: httpx.Response | None) -> ChunkSizer:
         headers = response.headers if response is not None else {}
         announced = headers.get("oci-chunk-min-length", "")
@@ -544,7 +534,7 @@ class BlobUploader:
                 if exc.status == 404:
                     raise _RestartSession(exc) from None
                 if first and not exc.is_temporary() and exc.status not in (401, 403):
-                    raise _FallBackToStreamed(exc) from None
+                    raise _FallBackToWhole(exc) from None
                 raise
             first = False
             transfer.report(session.acked)
@@ -579,7 +569,7 @@ class BlobUploader:
         return here, own if offset is None else offset
 
 
-class _FallBackToStreamed(_SessionSignal):
+class _FallBackToWhole(_SessionSignal):
     """The registry refused the first chunk in a way that says it does not take chunks."""
 
 
