@@ -40,6 +40,7 @@ from tests.support.profiles import (
     MountNeedsSourcePull,
     NoPatch,
     NoReferrersApi,
+    PartTooSmall,
     Patch201,
     PlainTextRateLimit,
     ProfileProxy,
@@ -59,6 +60,10 @@ PASSWORD = TOKEN_USERS["alice"]
 GHOST = "ghost/app"
 #: Repositories the tests push to (ECR's must exist first, as with `aws ecr create-repository`).
 REPOSITORIES = {"cli/app", "daemon/app", "daemon/copy"}
+#: Chunk sizes: ECR takes no part under 5 MiB but the last (the client knows that from ECR's
+#: host names, which a proxy on 127.0.0.1 does not have); 1 MiB elsewhere, so the 6 MB layer
+#: goes in several PATCHes.
+CHUNK = {"ecr": "5MiB"}
 #: The habits each profile's pushes must have met (others only answer what our client never
 #: sends, such as ACR's refusals, or are checked separately).
 EXERCISED: dict[str, tuple[type[Habit], ...]] = {
@@ -94,7 +99,7 @@ class World:
 
 def build(b: ImageBuilder) -> dict[str, Blob]:
     """A two-platform index with attestations, its cosign signature and an SBOM referrer."""
-    amd = b.image([2_500_000, 1200], "profiles/amd")
+    amd = b.image([6_000_000, 1200], "profiles/amd")
     arm = b.image([2000], "profiles/arm", architecture="arm64")
     index = b.index([amd, arm, b.attestation(amd), b.attestation(arm)])
     return {
@@ -181,7 +186,7 @@ def push(world: World, target: str, *args: str, home: Path) -> Outcome:
         "--plain-http",
         "--referrers",
         "--chunk-size",
-        "1MiB",
+        CHUNK.get(world.name, "1MiB"),
         "--username",
         "alice",
         "--password-stdin",
@@ -265,7 +270,11 @@ def test_daemon_push_to_two_targets(world: World, daemon: Daemon, tmp_path: Path
         world.containerd,
         world.host,
         [rule],
-        registry={"username": "alice", "password_file": str(password), "chunk_size": "1MiB"},
+        registry={
+            "username": "alice",
+            "password_file": str(password),
+            "chunk_size": CHUNK.get(world.name, "1MiB"),
+        },
         on_start="all",
     )
 
@@ -276,17 +285,25 @@ def test_daemon_push_to_two_targets(world: World, daemon: Daemon, tmp_path: Path
     check(world, "daemon/copy", tmp_path / "pull")
 
 
-def test_ecr_repository_that_does_not_exist(tmp_path: Path) -> None:
-    """A push to a repository ECR does not have says to create it, and pushes nothing."""
+def test_ecr_refusals_are_one_clear_line(tmp_path: Path) -> None:
+    """A repository ECR does not have, and parts under 5 MiB: each a one-line error."""
     with running("ecr", tmp_path) as world:
-        outcome = push(world, "cli/absent:1", home=tmp_path)
+        absent = push(world, "cli/absent:1", home=tmp_path)
+        small = push(world, "cli/app:1", "--chunk-size", "1MiB", home=tmp_path)
 
-        assert outcome.code == 1
-        [line] = outcome.error_lines
+        assert absent.code == 1
+        [line] = absent.error_lines
         assert "NAME_UNKNOWN: The repository with name 'cli/absent' does not exist" in line
         assert "does not create it on push: create it first" in line
         assert world.proxy.records_of(RepositoryMustExist)
         assert world.registry.tags("cli/absent") == []
+
+        assert small.code == 1
+        errors = [x for x in small.error_lines if not x.startswith("imagepushd: WARNING")]
+        [line] = errors
+        assert "All layer parts except the last part should be at least 5MB" in line
+        assert world.proxy.records_of(PartTooSmall)
+        assert world.registry.tags("cli/app") == []
 
 
 def test_ghcr_refuses_a_patch_over_4_mib(tmp_path: Path) -> None:

@@ -140,12 +140,13 @@ class Habit:
 
 @dataclass
 class PlainTextRateLimit(Habit):
-    """Docker Hub: 429 with a plain-text body and ``Retry-After`` to the first ``times`` HEADs
-    or GETs of manifests. Text body: docker/hub-feedback#1907 ("Too Many Requests" alone for
-    the overall limit); ``Retry-After`` in seconds: docker/docs#22916."""
+    """Docker Hub's overall (anti-abuse) limit: a 429 whose body is only the text "Too Many
+    Requests (HAP429)" (docker/hub-feedback#1907), here for the first ``times`` HEADs or GETs
+    of manifests. (The pull limit answers the OCI JSON ``TOOMANYREQUESTS`` instead,
+    apache/incubator-kie-kogito-runtimes#2854; ``Retry-After`` is documented only for the Hub
+    API, docker/docs#22916, so none is sent.)"""
 
     times: int = 1
-    retry_after: int = 1
     seen: int = 0
 
     def before(self, ex: Exchange, proxy: ProfileProxy) -> Answer | None:
@@ -154,8 +155,7 @@ class PlainTextRateLimit(Habit):
         self.seen += 1
         if self.seen > self.times:
             return None
-        headers = {"Content-Type": "text/plain", "Retry-After": str(self.retry_after)}
-        return Answer(429, headers, b"Too Many Requests (HAP429).\n")
+        return Answer(429, {"Content-Type": "text/plain"}, b"Too Many Requests (HAP429).\n")
 
 
 class MountNeedsSourcePull(Habit):
@@ -245,6 +245,31 @@ class StaleRange(Habit):
         start = int((ex.header("content-range") or "0-0").split("-", 1)[0] or 0)
         answer.set_header("Range", f"0-{max(start - 1, 0)}")
         return answer
+
+
+@dataclass
+class PartTooSmall(Habit):
+    """ECR: "All layer parts except the last part should be at least 5MB"
+    (LayerPartTooSmallException, dotnet/sdk-container-builds#424, #279), found when the upload
+    is completed. The HTTP status and code are not documented: 400 BLOB_UPLOAD_INVALID here."""
+
+    minimum: int = 5 * MiB
+    parts: dict[str, list[int]] = field(default_factory=dict)
+
+    def before(self, ex: Exchange, proxy: ProfileProxy) -> Answer | None:
+        if "/blobs/uploads/" not in ex.path or ex.path.endswith("/uploads/"):
+            return None
+        session = ex.path.rsplit("/", 1)[1]
+        if ex.method == "PATCH":
+            self.parts.setdefault(session, []).append(ex.length)
+            return None
+        if ex.method != "PUT":
+            return None
+        sizes = [size for size in [*self.parts.pop(session, []), ex.length] if size]
+        if any(size < self.minimum for size in sizes[:-1]):
+            message = "All layer parts except the last part should be at least 5MB"
+            return oci_error(400, "BLOB_UPLOAD_INVALID", message)
+        return None
 
 
 @dataclass
@@ -431,7 +456,7 @@ def profiles() -> dict[str, Callable[[], Profile]]:
         "ghcr": lambda: Profile("ghcr", [ChunkTooLarge(), NoReferrersApi(_ghcr_303)]),
         "ecr": lambda: Profile(
             "ecr",
-            [RepositoryMustExist(), Patch201(), StaleRange(), StorageRedirect()],
+            [RepositoryMustExist(), PartTooSmall(), Patch201(), StaleRange(), StorageRedirect()],
             referrers_api=True,
         ),
         "gar": lambda: Profile("gar", [NoPatch()], referrers_api=True),
