@@ -148,13 +148,15 @@ class PlainTextRateLimit(Habit):
 
     times: int = 1
     seen: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def before(self, ex: Exchange, proxy: ProfileProxy) -> Answer | None:
         if ex.method not in ("HEAD", "GET") or _MANIFEST.match(ex.path) is None:
             return None
-        self.seen += 1
-        if self.seen > self.times:
-            return None
+        with self.lock:
+            self.seen += 1
+            if self.seen > self.times:
+                return None
         return Answer(429, {"Content-Type": "text/plain"}, b"Too Many Requests (HAP429).\n")
 
 
@@ -255,17 +257,19 @@ class PartTooSmall(Habit):
 
     minimum: int = 5 * MiB
     parts: dict[str, list[int]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def before(self, ex: Exchange, proxy: ProfileProxy) -> Answer | None:
         if "/blobs/uploads/" not in ex.path or ex.path.endswith("/uploads/"):
             return None
         session = ex.path.rsplit("/", 1)[1]
-        if ex.method == "PATCH":
-            self.parts.setdefault(session, []).append(ex.length)
-            return None
-        if ex.method != "PUT":
-            return None
-        sizes = [size for size in [*self.parts.pop(session, []), ex.length] if size]
+        with self.lock:
+            if ex.method == "PATCH":
+                self.parts.setdefault(session, []).append(ex.length)
+                return None
+            if ex.method != "PUT":
+                return None
+            sizes = [size for size in [*self.parts.pop(session, []), ex.length] if size]
         if any(size < self.minimum for size in sizes[:-1]):
             message = "All layer parts except the last part should be at least 5MB"
             return oci_error(400, "BLOB_UPLOAD_INVALID", message)
