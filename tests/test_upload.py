@@ -970,3 +970,21 @@ def test_session_store_failure_does_not_leak_the_blob_fd(rig: Rig, tmp_path: Pat
         uploader.upload(REPO, source)
 
     assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_quay_status_one_byte_ahead_never_corrupts(rig: Rig, tmp_path: Path) -> None:
+    """Quay's GET status renders ``byte_count + 1`` as an inclusive end (quay/quay
+    ``endpoints/v2/blob.py``): one byte more than it holds. Resuming there gets 416 (Quay
+    checks the start); the blob still lands whole, in a new session if need be."""
+    rig.fake.on_break = "keep"
+    rig.fake.breaks = [None, 300_000]
+    rig.fake.status_range = lambda session: f"bytes=0-{session.size}"
+    data = data_of(3 * MiB)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    resumed = [r for r in rig.fake.calls("PATCH") if r.status == 416]
+    assert resumed and resumed[0].headers["content-range"].startswith(f"{MiB + 300_000 + 1}-")

@@ -341,6 +341,24 @@ class StrictUploads(Habit):
         return None
 
 
+class OffByOneStatus(Habit):
+    """Quay's upload ``Range`` headers (quay/quay ``endpoints/v2/blob.py``, ``_render_range``):
+    a new session says ``bytes=0--1``; GET status says ``bytes=0-<bytes held>``, one byte more
+    than it holds (``byte_count + 1`` rendered as an inclusive end); PATCH answers are right."""
+
+    def after(self, ex: Exchange, answer: Answer, proxy: ProfileProxy) -> Answer | None:
+        if "/blobs/uploads/" not in ex.path:
+            return None
+        if ex.method == "POST" and answer.status == 202:
+            answer.set_header("Range", "bytes=0--1")
+            return answer
+        if ex.method == "GET" and answer.status == 204:
+            held = int((answer.header("range") or "0-0").rsplit("-", 1)[1]) + 1
+            answer.set_header("Range", f"bytes=0-{held}")
+            return answer
+        return None
+
+
 class ForbiddenAbsentManifest(Habit):
     """Artifactory: 403 instead of 404 on a HEAD of an absent manifest (virtual repositories;
     google/go-containerregistry#1691, "first reported in 2017")."""
@@ -465,7 +483,9 @@ def profiles() -> dict[str, Callable[[], Profile]]:
         ),
         "gar": lambda: Profile("gar", [NoPatch()], referrers_api=True),
         "acr": lambda: Profile("acr", [StrictUploads()], referrers_api=True),
-        "quay": lambda: Profile("quay", referrers_api=True, api_unknown_subject=400),
+        "quay": lambda: Profile(
+            "quay", [OffByOneStatus()], referrers_api=True, api_unknown_subject=400
+        ),
         "harbor": lambda: Profile(
             "harbor",
             [MountFromMissingProject()],
