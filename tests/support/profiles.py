@@ -1,7 +1,7 @@
 """Big registries' documented habits, reproduced in front of the real docker-registry 2.8.
 
 :class:`ProfileProxy` is a reverse proxy (plain HTTP on 127.0.0.1) to a real distribution 2.8
-registry. Every request goes to the registry, which stays the reference; a :class:`Profile`
+registry, which stays the reference: a :class:`Profile`
 only changes what a named registry is documented to answer differently: it may answer a
 request itself (:meth:`Habit.before`) or rewrite the registry's answer (:meth:`Habit.after`).
 Each habit's docstring names its source; docs/registries.md has the whole table.
@@ -16,7 +16,8 @@ Two parts of the proxy stand in for services distribution 2.8 lacks:
   serves them from the registry with its own credentials and, as S3 does for a presigned URL,
   refuses a request that carries an ``Authorization`` header too.
 
-Requests are recorded (:attr:`ProfileProxy.records`), with the habit that answered them.
+Requests are recorded (:attr:`ProfileProxy.records`), with the habits that answered or
+rewrote them.
 Request bodies are streamed to the registry in 64 KiB pieces; answers are read whole (the
 client under test reads manifests and small error bodies from here; skopeo verifies against
 the registry itself).
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 from urllib.parse import parse_qs, quote
 
 PIECE = 64 << 10
@@ -794,7 +795,6 @@ class ProfileProxy:
 def _proxy_handler(proxy: ProfileProxy) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
-        methods: ClassVar[tuple[str, ...]] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
