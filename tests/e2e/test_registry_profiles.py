@@ -33,6 +33,7 @@ from tests.support.images import OCI_INDEX, OCI_MANIFEST, Blob, ImageBuilder
 from tests.support.process import require_tools
 from tests.support.profiles import (
     ChunkTooLarge,
+    CsrfCookie,
     ForbiddenAbsentManifest,
     Habit,
     MiB,
@@ -75,7 +76,7 @@ EXERCISED: dict[str, tuple[type[Habit], ...]] = {
     "gar": (NoPatch,),
     "acr": (),
     "quay": (OffByOneStatus,),
-    "harbor": (MountFromMissingProject,),
+    "harbor": (MountFromMissingProject, CsrfCookie),
     "artifactory": (ForbiddenAbsentManifest, NoReferrersApi),
     "gitlab": (NoReferrersApi,),
     "cdn": (StorageRedirect,),

@@ -1,9 +1,9 @@
 """Big registries' documented habits, reproduced in front of the real docker-registry 2.8.
 
 :class:`ProfileProxy` is a reverse proxy (plain HTTP on 127.0.0.1) to a real distribution 2.8
-registry, which stays the reference: a :class:`Profile`
-only changes what a named registry is documented to answer differently: it may answer a
-request itself (:meth:`Habit.before`) or rewrite the registry's answer (:meth:`Habit.after`).
+registry, which stays the reference: a :class:`Profile` only changes what a named registry is
+documented to answer differently, answering a request itself (:meth:`Habit.before`) or
+rewriting the registry's answer (:meth:`Habit.after`).
 Each habit's docstring names its source; docs/registries.md has the whole table.
 
 Two parts of the proxy stand in for services distribution 2.8 lacks:
@@ -197,6 +197,21 @@ class MountFromMissingProject(Habit):
         message = f"project {project} not found: project {project} not found"
         challenge = proxy.challenge(f"repository:{source}:pull")
         return oci_error(401, "UNAUTHORIZED", message, **{"WWW-Authenticate": challenge})
+
+
+class CsrfCookie(Habit):
+    """Harbor sets a CSRF cookie on its answers and refuses a write that sends a session cookie
+    back without the matching token: 403 FORBIDDEN "CSRF token invalid" (goharbor/harbor#11682,
+    openai/tart#295; clients stopped keeping cookies, dotnet/sdk#37221)."""
+
+    def before(self, ex: Exchange, proxy: ProfileProxy) -> Answer | None:
+        if ex.method in ("GET", "HEAD") or "__csrf=" not in (ex.header("cookie") or ""):
+            return None
+        return oci_error(403, "FORBIDDEN", "CSRF token invalid")
+
+    def after(self, ex: Exchange, answer: Answer, proxy: ProfileProxy) -> Answer | None:
+        answer.set_header("Set-Cookie", "__csrf=c2lnbmVk; Path=/; Secure; SameSite=Strict")
+        return answer
 
 
 @dataclass
@@ -489,7 +504,7 @@ def profiles() -> dict[str, Callable[[], Profile]]:
         ),
         "harbor": lambda: Profile(
             "harbor",
-            [MountFromMissingProject()],
+            [MountFromMissingProject(), CsrfCookie()],
             referrers_api=True,
             api_content_type="application/json; charset=utf-8",
         ),
