@@ -210,7 +210,8 @@ class CsrfCookie(Habit):
         return oci_error(403, "FORBIDDEN", "CSRF token invalid")
 
     def after(self, ex: Exchange, answer: Answer, proxy: ProfileProxy) -> Answer | None:
-        answer.set_header("Set-Cookie", "__csrf=c2lnbmVk; Path=/; Secure; SameSite=Strict")
+        # Harbor marks it Secure; not here, where the proxy speaks plain HTTP.
+        answer.set_header("Set-Cookie", "__csrf=c2lnbmVk; Path=/; SameSite=Strict")
         return answer
 
 
