@@ -5,11 +5,11 @@ behind a :class:`ProfileProxy` that answers as that registry is documented to. c
 holds a two-platform index with BuildKit attestations, a cosign signature (``.sig`` tag) and
 an SBOM naming the index as its ``subject``; its layers claim to come from a repository
 nobody pushed to (a ``distribution.source`` label), so every push tries a mount first. One
-push goes through the CLI (``--referrers``, 1 MiB chunks so that PATCH is used), one through
-the daemon to two targets (the second mounts from the first). Each is checked against the
-real registry with skopeo: digests equal, every manifest and blob pulled and verified, the
-referrers listed where the profile says (its referrers API, or the tag-schema index).
-containerd, registry and proxy are shared by a profile's tests.
+push goes through the CLI (``--referrers``, chunks of 1 MiB, 5 MiB on ECR, so that PATCH is
+used), one through the daemon to two targets (the second mounts from the first). Each is
+checked against the real registry with skopeo: digests equal, every manifest and blob pulled
+and verified, the referrers listed where the profile says (its referrers API, or the
+tag-schema index). containerd, registry and proxy are shared by a profile's tests.
 """
 
 from __future__ import annotations
