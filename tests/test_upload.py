@@ -972,11 +972,12 @@ def test_session_store_failure_does_not_leak_the_blob_fd(rig: Rig, tmp_path: Pat
     assert len(os.listdir("/proc/self/fd")) == open_before
 
 
-def test_quay_status_one_byte_ahead_never_corrupts(rig: Rig, tmp_path: Path) -> None:
+@pytest.mark.parametrize("on_break", ["keep", "drop"])
+def test_quay_status_one_byte_ahead_costs_one_416(rig: Rig, tmp_path: Path, on_break: str) -> None:
     """Quay's GET status renders ``byte_count + 1`` as an inclusive end (quay/quay
-    ``endpoints/v2/blob.py``): one byte more than it holds. Resuming there gets 416 (Quay
-    checks the start); the blob still lands whole, in a new session if need be."""
-    rig.fake.on_break = "keep"
+    ``endpoints/v2/blob.py``): one byte more than it holds. Resuming there gets a 416 (Quay
+    checks the start); the next status is read one byte lower, and the session goes on."""
+    rig.fake.on_break = on_break
     rig.fake.breaks = [None, 300_000]
     rig.fake.status_range = lambda session: f"bytes=0-{session.size}"
     data = data_of(3 * MiB)
@@ -986,5 +987,31 @@ def test_quay_status_one_byte_ahead_never_corrupts(rig: Rig, tmp_path: Path) -> 
 
     assert result.outcome is Outcome.UPLOADED
     assert rig.fake.has_blob(REPO, source.descriptor.digest)
-    resumed = [r for r in rig.fake.calls("PATCH") if r.status == 416]
-    assert resumed and resumed[0].headers["content-range"].startswith(f"{MiB + 300_000 + 1}-")
+    held = MiB + (300_000 if on_break == "keep" else 0)
+    patches = [(r.status, r.headers["content-range"]) for r in rig.fake.calls("PATCH")]
+    assert patches[2:4] == [
+        (416, f"{held + 1}-{held + MiB}"),
+        (202, f"{held}-{held + MiB - 1}"),
+    ]
+    assert len(rig.fake.calls("POST")) == 1
+    assert result.bytes_sent < 1.25 * len(data)
+
+
+def test_a_416_after_resuming_at_our_own_count_learns_no_skew(rig: Rig, tmp_path: Path) -> None:
+    """The one-byte correction is for a status that claimed more than was acknowledged."""
+    answered: list[int] = []
+
+    def second_and_third_patch_416(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "PATCH":
+            answered.append(1)
+            if len(answered) in (2, 3):
+                return error(416, "RANGE_INVALID")
+        return None
+
+    rig.fake.hooks.append(second_and_third_patch_416)
+    source = source_for(tmp_path, data_of(3 * MiB))
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert content_ranges(rig.fake)[1:4] == [f"{MiB}-{2 * MiB - 1}"] * 3
