@@ -346,3 +346,28 @@ def test_acr_refuses_other_content_range_forms(tmp_path: Path) -> None:
 
         assert [a.status_code for a in answers] == [400, 400, 202]
         assert "the Content-Range header format is invalid" in answers[0].text
+
+
+def test_artifactory_403_on_a_manifest_head_hides_no_real_denial(tmp_path: Path) -> None:
+    """The 403 taken as "absent" on the existence check: a user who may only pull still gets
+    one clear error from the first write, and nothing is pushed."""
+    with running("artifactory", tmp_path) as world:
+        argv = [
+            "push",
+            SOURCE,
+            f"{world.host}/cli/app:1",
+            "--root",
+            str(world.containerd.root),
+            "--plain-http",
+            "--username",
+            "bob",
+            "--password-stdin",
+            "--json",
+        ]
+        outcome = run_cli(argv, home=tmp_path, stdin=TOKEN_USERS["bob"] + "\n")
+
+        assert outcome.code == 1
+        [line] = outcome.error_lines
+        assert "not allowed: repository:cli/app:pull,push" in line, line
+        assert world.proxy.records_of(ForbiddenAbsentManifest)
+        assert world.registry.tags("cli/app") == []
