@@ -194,6 +194,45 @@ def test_name_unknown_on_push_says_to_create_the_repository(
     assert not caught.value.is_temporary()
 
 
+@pytest.mark.parametrize(
+    ("tags_list", "attempts"),
+    [(lambda: error(404, "NAME_UNKNOWN", NAME_UNKNOWN), 1), (lambda: httpx.Response(200), 3)],
+)
+def test_upload_start_hung_up_asks_whether_the_repository_exists(
+    clients: Callable[..., RegistryClient],
+    tags_list: Callable[[], httpx.Response],
+    attempts: int,
+) -> None:
+    """ECR hangs up on an upload to a repository it does not have (aws/containers-roadmap#1970):
+    NAME_UNKNOWN from tags/list makes that one clear, permanent error; otherwise the hang-up is
+    an ordinary connection failure, retried."""
+    posts: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            posts.append(request)
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        assert request.url.path == f"/v2/{REPO}/tags/list"
+        return tags_list()
+
+    client = clients(
+        ping_ok(handle),
+        host="123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+        policy=RetryPolicy(attempts=3),
+    )
+
+    with pytest.raises(RegistryError) as caught:
+        client.upload_start(REPO)
+
+    assert len(posts) == attempts
+    if attempts == 1:
+        assert caught.value.codes == ("NAME_UNKNOWN",) and not caught.value.is_temporary()
+        assert "no answer; GET tags/list: HTTP 404 NAME_UNKNOWN" in str(caught.value)
+        assert "aws ecr create-repository --repository-name team/app" in str(caught.value)
+    else:
+        assert isinstance(caught.value, RegistryConnectionError)
+
+
 def test_missing_location_is_a_registry_error(clients: Callable[..., RegistryClient]) -> None:
     client = clients(ping_ok(lambda r: httpx.Response(202)))
 

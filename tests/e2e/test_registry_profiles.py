@@ -295,6 +295,7 @@ def test_ecr_refusals_are_one_clear_line(tmp_path: Path) -> None:
 
         assert absent.code == 1
         [line] = absent.error_lines
+        assert "POST /v2/cli/absent/blobs/uploads/" in line
         assert "NAME_UNKNOWN: The repository with name 'cli/absent' does not exist" in line
         assert "does not create it on push: create it first" in line
         assert world.proxy.records_of(RepositoryMustExist)

@@ -79,6 +79,10 @@ class Answer:
             self.headers[name] = value
 
 
+#: Not an answer: the connection is closed without one.
+HANG_UP = Answer(0)
+
+
 def oci_error(status: int, code: str, message: str, **headers: str) -> Answer:
     """An answer with the OCI ``errors`` JSON body."""
     body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()
@@ -295,10 +299,11 @@ class PartTooSmall(Habit):
 
 @dataclass
 class RepositoryMustExist(Habit):
-    """ECR does not create repositories on push: 404 NAME_UNKNOWN "The repository with name
-    'X' does not exist in the registry with id 'N'" (plexsystems/sinker#55,
-    concourse/docker-image-resource#197) unless it was created first (``created``) or a
-    repository creation template applies for CREATE_ON_PUSH (``create_on_push``)."""
+    """ECR does not create repositories on push (unless a repository creation template applies
+    for CREATE_ON_PUSH): its upload endpoint hangs up without an answer
+    (aws/containers-roadmap#1970, open; dotnet/sdk-container-builds#279; moby/moby#24473),
+    and other requests get 404 NAME_UNKNOWN "The repository with name 'X' does not exist in
+    the registry with id 'N'" (plexsystems/sinker#55)."""
 
     created: set[str] = field(default_factory=set)
     create_on_push: bool = False
@@ -308,6 +313,8 @@ class RepositoryMustExist(Habit):
         repository = ex.repository
         if repository is None or repository in self.created or self.create_on_push:
             return None
+        if ex.method == "POST" and ex.path.endswith("/blobs/uploads/"):
+            return HANG_UP
         message = (
             f"The repository with name '{repository}' does not exist in the registry with id "
             f"'{self.account}'"
@@ -841,6 +848,9 @@ def _proxy_handler(proxy: ProfileProxy) -> type[BaseHTTPRequestHandler]:
             except Exception as exc:  # keep serving; the test asserts errors stay empty
                 proxy.errors.append(f"{self.command} {self.path}: {type(exc).__name__}: {exc}")
                 answer = Answer(502, {"Content-Type": "text/plain"}, b"proxy error")
+            if answer is HANG_UP:
+                self.close_connection = True
+                return
             _send(self, answer, self.command == "HEAD")
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle

@@ -373,16 +373,42 @@ class RegistryClient:
         if mount is not None and source is not None:
             url = url.copy_merge_params({"mount": mount, "from": source})
             scopes.append(repository_scope(source, "pull"))
-        return self.send(
-            "POST",
-            url,
-            scopes=tuple(scopes),
-            ok={201, 202},
-            headers={"Content-Length": "0"},
-            body=b"",
-            what=f"POST {path}" + (f" (mount {mount} from {source})" if mount else ""),
-            retry=True,
-        )
+        what = f"POST {path}" + (f" (mount {mount} from {source})" if mount else "")
+
+        def attempt() -> httpx.Response:
+            try:
+                return self.send(
+                    "POST",
+                    url,
+                    scopes=tuple(scopes),
+                    ok={201, 202},
+                    headers={"Content-Length": "0"},
+                    body=b"",
+                    what=what,
+                )
+            except RegistryConnectionError:
+                # ECR hangs up on an upload to a repository that does not exist instead of
+                # answering NAME_UNKNOWN (aws/containers-roadmap#1970): ask the repository.
+                self._raise_if_unknown(repository, what)
+                raise
+
+        return self.retrier.call(f"{self.host}: {what}", attempt)
+
+    def _raise_if_unknown(self, repository: str, what: str) -> None:
+        """Raise the registry's NAME_UNKNOWN for ``repository``, if it answers one."""
+        try:
+            response = self.send(
+                "GET",
+                self.url(f"/v2/{repository}/tags/list"),
+                scopes=(repository_scope(repository, "pull"),),
+                ok={200, 404},
+            )
+        except RegistryError:
+            return  # no better answer than the failure being handled
+        if response.status_code == 404:
+            error = self._error(response, f"{what}: no answer; GET tags/list")
+            if "NAME_UNKNOWN" in error.codes:
+                raise error
 
     def session_url(self, response: httpx.Response) -> httpx.URL:
         """The absolute upload-session URL from a response's ``Location``."""
