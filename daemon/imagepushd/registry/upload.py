@@ -1,6 +1,6 @@
 """Blob upload with bounded memory.
 
-Existence check, cross-repo mount, monolithic, chunked and streamed uploads, resume from the
+Existence check, cross-repo mount, monolithic and chunked uploads, resume from the
 registry's offset, and digest verification before the closing PUT.
 
 Bodies are streamed from file offsets in small reads, so memory does not grow with blob size.
@@ -42,6 +42,7 @@ from imagepushd.errors import BlobCorruptError, ContainerdError, PushInterrupted
 from imagepushd.registry.auth import repository_scope
 from imagepushd.registry.bodylimit import BodyLimit
 from imagepushd.registry.client import RegistryClient
+from imagepushd.registry.hosts import is_ecr, is_google_artifact_registry
 from imagepushd.units import human_size
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,9 @@ def registry_limits(host: str) -> ChunkLimits:
     """Known per-registry limits (GHCR ≤ 4 MiB chunks, ECR ≥ 5 MiB, Artifact Registry none)."""
     if host == "ghcr.io":
         return ChunkLimits(maximum=4 * MiB)
-    if host.endswith(".amazonaws.com") and ".dkr.ecr." in host:
+    if is_ecr(host):
         return ChunkLimits(minimum=5 * MiB)
-    if host.endswith("-docker.pkg.dev") or host == "gcr.io" or host.endswith(".gcr.io"):
+    if is_google_artifact_registry(host):
         return ChunkLimits(chunked=False)
     return ChunkLimits()
 
@@ -422,7 +423,9 @@ class BlobUploader:
     ) -> UploadResult:
         client = self.client
         desc = transfer.descriptor
-        streamed = not self._limits.chunked
+        # Artifact Registry takes no PATCH at all, not even a single streamed one (skopeo
+        # #1101): registries that refuse chunks get the whole blob in one PUT.
+        whole = not self._limits.chunked
         last: RegistryError | None = None
         for _ in range(SESSION_ATTEMPTS):
             if resume is not None:
@@ -433,28 +436,33 @@ class BlobUploader:
                 location, resuming = client.session_url(response), False
             started = None
             try:
-                if self._whole(transfer.size):
+                if self._whole(transfer.size) or whole:
                     try:
                         self._monolithic(repository, transfer, location)
                     except RegistryError as exc:
                         if exc.status != 413:
                             raise
+                        if whole:
+                            raise RegistryError(
+                                f"{exc}: this registry takes no chunked uploads, so a blob of "
+                                f"{human_size(transfer.size)} needs a body limit at least that "
+                                "large",
+                                status=413,
+                            ) from None
                         self.body_limit.refused(transfer.size, exc)
                         # Refused before the body was read: the session is still empty.
                         started, last = response, exc
                         continue
-                elif streamed:
-                    self._streamed(repository, transfer, location)
                 else:
                     try:
                         self._chunked(repository, transfer, location, response, resuming)
-                    except _FallBackToStreamed as fallback:
+                    except _FallBackToWhole as fallback:
                         log.info(
-                            "%s: chunked upload refused (%s); streaming instead",
+                            "%s: chunked upload refused (%s); sending the blob in one PUT",
                             client.host,
                             fallback.error,
                         )
-                        streamed = True
+                        whole = True
                         last = fallback.error
                         continue
                 return UploadResult(desc.digest, Outcome.UPLOADED, transfer.sent)
@@ -534,26 +542,6 @@ class BlobUploader:
                 raise _RestartSession(exc) from None
             raise
 
-    def _streamed(self, repository: str, transfer: _Transfer, location: httpx.URL) -> None:
-        """One PATCH without Content-Range (for registries that do not chunk), then PUT."""
-        body = _Body(transfer, 0, transfer.size, transfer.new_hasher(), verify_at_end=False)
-        try:
-            response = self._send_whole(
-                repository, "PATCH", location, transfer, body, ok={201, 202, 204}
-            )
-        except RegistryError as exc:
-            if exc.status != 413:
-                raise
-            raise RegistryError(
-                f"{exc}: this registry takes no chunked uploads, so a blob of "
-                f"{human_size(transfer.size)} needs a body limit at least that large",
-                status=413,
-            ) from None
-        transfer.verify(body.hasher)
-        if response.headers.get("location"):
-            location = self.client.session_url(response)
-        self._close(repository, transfer, location)
-
     def _sizer_for(self, transfer: _Transfer, response: httpx.Response | None) -> ChunkSizer:
         headers = response.headers if response is not None else {}
         announced = headers.get("oci-chunk-min-length", "")
@@ -612,7 +600,7 @@ class BlobUploader:
                 if exc.status == 404:
                     raise _RestartSession(exc) from None
                 if first and not exc.is_temporary() and exc.status not in (401, 403):
-                    raise _FallBackToStreamed(exc) from None
+                    raise _FallBackToWhole(exc) from None
                 raise
             first = False
             transfer.report(session.acked)
@@ -647,7 +635,7 @@ class BlobUploader:
         return here, own if offset is None else offset
 
 
-class _FallBackToStreamed(_SessionSignal):
+class _FallBackToWhole(_SessionSignal):
     """The registry refused the first chunk in a way that says it does not take chunks."""
 
 
@@ -675,6 +663,11 @@ class _ChunkSession:
         self.snapshot = transfer.new_hasher()
         self.resync = False
         self.sent_size = 0  # the body size of the last chunk sent
+        # Quay's GET status says one byte more than it holds (it renders byte_count + 1 as an
+        # inclusive end, quay/quay endpoints/v2/blob.py): a 416 right after resuming past our
+        # own count at the offset status gave teaches that skew, once, for this session.
+        self.status_skew = 0
+        self.ahead: tuple[int, Any] | None = None  # (offset, hash state) before such a resume
 
     def resume(self) -> None:
         """Continue where the registry says the session stands: the one place a resume happens.
@@ -685,6 +678,9 @@ class _ChunkSession:
         transfer = self._transfer
         acked = self.acked
         self.location, offset = self._uploader.status(self._repository, self.location, acked)
+        if offset > acked:
+            offset = max(acked, offset - self.status_skew)
+        self.ahead = (acked, self.snapshot) if offset > acked else None
         if offset > transfer.size:
             raise _RestartSession(
                 RegistryError(
@@ -730,9 +726,14 @@ class _ChunkSession:
                 body=body,
                 what=f"PATCH {transfer.descriptor.digest} [{offset}-{end - 1}]",
             )
-        except RegistryError:
+        except RegistryError as exc:
+            if exc.status == 416 and self.ahead is not None:
+                self.status_skew = 1
+                self.acked, self.snapshot = self.ahead
+            self.ahead = None
             self.resync = True
             raise
+        self.ahead = None
         self.sizer.observe(end - offset, self._uploader.clock() - started)
         if response.headers.get("location"):
             self.location = self._client.session_url(response)
