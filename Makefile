@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-APT_PACKAGES := containerd docker-registry skopeo strace nginx prometheus docker.io \
+APT_PACKAGES := containerd docker-registry skopeo strace nginx prometheus docker.io curl openssl \
                 systemd-container mmdebstrap libsystemd-dev pkg-config gcc python3-dev python3-venv
 PYTEST_ARGS ?=
 

@@ -1,4 +1,4 @@
-"""Benchmark: pushing large images with ``imagepushd push`` against ``ctr images push``.
+"""Benchmark: pushing large images with ``imagepushd push`` against ``ctr images push`` and curl.
 
 Run as root from the repository: ``.venv/bin/python bench/push.py [--sizes 1,8] [--rounds 2]``.
 
@@ -11,8 +11,11 @@ One real docker-registry (tests/support/registry.py) then receives, per size and
 - ``imagepushd push IMAGE HOST/repo:latest --root ROOT --plain-http --json`` (default: adaptive
   chunks, 8 MiB growing to 64 MiB), and the same with ``--chunk-size 64MiB`` (variant ``ipd64``);
 - ``ctr -a SOCK images push --plain-http HOST/repo:latest IMAGE``;
+- parallel ``curl -T``: one monolithic PUT per blob file, 3 at a time (``xargs -P``), then the
+  manifest; the upload sessions are opened before the measured child starts. A client that
+  neither hashes nor chunks: the floor for wall time and CPU.
 
-alternating the order every round (round 1: imagepushd first, round 2: ctr first). Every run
+alternating the order every round (round 1: variants in order, round 2: reversed). Every run
 goes to a fresh repository, so no blob is skipped (HEAD answers 404) and none is mounted
 (imported images carry no ``distribution.source`` labels; the registry's access log is checked
 for ``mount=`` requests and for one committed upload per blob). Each run is a child process:
@@ -23,16 +26,33 @@ see bench/_proc.py); containerd's and the registry's own CPU time over the run a
 the blob files). The pushed manifest is fetched back and its sha256 compared with the source
 digest.
 
+Each client's CPU is also printed per GiB pushed, with its ratios to ctr and to curl, and
+``openssl dgst -sha256`` of the same blob files gives what hashing every byte costs alone
+(curl + that: the floor for a client that verifies what it sends).
+
 Targets, on the medians of the rounds: wall(imagepushd)/wall(ctr) <= 1.0, CPU(imagepushd)/
-CPU(ctr) <= 1.2 (client processes only), imagepushd peak RSS <= 80 MiB. Everything (containerd
+CPU(ctr) <= 1.2 (client processes only), imagepushd CPU <= 1.0 s per GiB, wall(imagepushd)/
+wall(curl) <= 1.15, imagepushd peak RSS <= 80 MiB. Everything (containerd
 root, registry storage, archives) lives in one temporary directory removed at the end; the run
 refuses to start with less than 4x the total image size free there. Exit status 1 if a target
 is missed.
 
-``--variants ipd,ctr`` drops the 64 MiB variant. ``--profile`` (needs ``.venv/bin/pip install
-py-spy``) pushes the first image once more under ``py-spy record --idle`` and prints how the
-main and blob worker threads spend their time (waiting for the registry's answer, socket send,
-hashing, file reads, imports, pool waits) and the busiest lines.
+``--variants ipd,ctr,curl`` drops the 64 MiB variant. ``--profile`` (needs ``.venv/bin/pip
+install py-spy``) pushes the first image once more under ``py-spy record --idle`` and prints
+how the main and blob worker threads spend their time (waiting for the registry's answer,
+socket send, hashing, file reads, imports, pool waits) and the busiest lines.
+
+``--compete`` then measures what a push costs a build on the same machine: a CPU-bound busy
+loop (the "build", ~``--compete-seconds`` alone) and an imagepushd push of the first image,
+both pinned to one CPU, each in its own sibling CPU cgroup (as two system services are); the
+registry is left where the kernel puts it, like any other load. The build's wall time alone,
+under a push with default scheduling, and under a push with the unit's (``CPUWeight=``,
+``Nice=``, I/O class read from systemd/imagepushd.service and applied as systemd does:
+bench/_sched.py), ``--compete-rounds`` times in alternating order. Printed: the build's
+slowdown both ways and the push's own wall and CPU; a target missed if the unit's settings do
+not slow the build less. Wall times here move with the machine's other load: compare the two
+slowdowns of one run, over several rounds. ``--skip-comparison`` runs only ``--profile`` and
+``--compete``.
 """
 
 from __future__ import annotations
@@ -47,13 +67,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench._proc import proc_cpu, require_root, require_tools, verdict, wait_measured  # noqa: E402
+from bench._sched import Placement, Scheduling, cpu_groups  # noqa: E402
 from tests.support.containerd import Containerd  # noqa: E402
 from tests.support.images import Blob, ImageBuilder, sha256_digest  # noqa: E402
 from tests.support.registry import Registry  # noqa: E402
@@ -64,8 +88,16 @@ DISK_FACTOR = 4
 WALL_TARGET = 1.0
 CPU_TARGET = 1.2
 RSS_TARGET_MIB = 80.0
-VARIANTS = ("ipd", "ipd64", "ctr")
-LABELS = {"ipd": "imagepushd", "ipd64": "imagepushd 64MiB", "ctr": "ctr images push"}
+CPU_PER_GIB_TARGET = 1.0
+CURL_WALL_TARGET = 1.15
+CURL_CONCURRENCY = 3  # imagepushd's default --concurrency
+VARIANTS = ("ipd", "ipd64", "ctr", "curl")
+LABELS = {
+    "ipd": "imagepushd",
+    "ipd64": "imagepushd 64MiB",
+    "ctr": "ctr images push",
+    "curl": "parallel curl -T",
+}
 
 
 @dataclass
@@ -74,6 +106,8 @@ class SourceImage:
     name: str
     manifest: Blob
     blobs: int
+    #: (digest, size) of every layer and the config: what the parallel curl run PUTs.
+    contents: list[tuple[str, int]]
     layer_count: int
     layer_size: int
     content_bytes: int
@@ -138,21 +172,75 @@ def build_and_import(containerd: Containerd, workdir: Path, size_gib: int) -> So
         name=name,
         manifest=manifest,
         blobs=len(blobs) - 1,  # layers and config, not the manifest itself
+        contents=[(blob.digest, blob.size) for blob in blobs if blob.digest != manifest.digest],
         layer_count=count,
         layer_size=layer_size,
         content_bytes=sum(blob.size for blob in blobs),
     )
 
 
-def run_child(cmd: list[str], out: Path) -> tuple[int, float, float, float, float]:
-    """Run ``cmd``; return (exit code, wall s, user s, sys s, peak RSS MiB) of that child."""
+def run_child(
+    cmd: list[str],
+    out: Path,
+    placed: Placement | None = None,
+    during: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> tuple[int, float, float, float, float]:
+    """Run ``cmd``; return (exit code, wall s, user s, sys s, peak RSS MiB) of that child.
+
+    ``placed`` (for --compete) pins and places the child; ``during`` is called with the
+    running child before it is waited for (the competing build).
+    """
+    if placed is not None:
+        cmd = placed.command(cmd)
     with out.open("wb") as sink:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
+        if placed is not None:
+            placed.join(proc.pid)
+        if during is not None:
+            during(proc)
         code, usage, peak = wait_measured(proc.pid)
         wall = time.perf_counter() - started
     proc.returncode = code  # reaped here, not by Popen
     return code, wall, usage.ru_utime, usage.ru_stime, peak / MiB
+
+
+def curl_command(
+    image: SourceImage, containerd: Containerd, registry: Registry, repo: str, workdir: Path
+) -> list[str]:
+    """The parallel curl run: one ``curl -T`` PUT per blob (CURL_CONCURRENCY at a time,
+    ``xargs -P``), then the manifest; what a client that neither hashes nor chunks costs.
+
+    The upload sessions are opened here (POST), outside the measured child, so the child is
+    only the streaming of the blob files and the manifest PUT. ``Expect:`` is emptied so curl
+    does not wait for ``100 Continue`` before each body.
+    """
+    lines = []
+    with httpx.Client(base_url=registry.url, timeout=60) as client:
+        for digest, _ in image.contents:
+            response = client.post(f"/v2/{repo}/blobs/uploads/")
+            response.raise_for_status()
+            url = httpx.URL(registry.url).join(response.headers["location"])
+            url = url.copy_merge_params({"digest": digest})
+            path = (
+                containerd.root
+                / "io.containerd.content.v1.content/blobs"
+                / digest.replace(":", "/")
+            )
+            lines.append(f"{path} {url}\n")
+    jobs = workdir / f"{repo.replace('/', '_')}.jobs"
+    jobs.write_text("".join(lines))
+    manifest = workdir / f"{repo.replace('/', '_')}.manifest"
+    manifest.write_bytes(image.manifest.data)
+    curl = "curl -sS -f -o /dev/null -H Expect: -X PUT"
+    script = (
+        f"xargs -P {CURL_CONCURRENCY} -L 1 sh -c "
+        f'\'exec {curl} -H "Content-Type: application/octet-stream" -T "$1" "$2"\' sh '
+        f"< {jobs} && "
+        f"exec {curl} -H 'Content-Type: {image.manifest.media_type}' --data-binary @{manifest} "
+        f"{registry.url}/v2/{repo}/manifests/latest"
+    )
+    return ["sh", "-c", script]
 
 
 def push_once(
@@ -162,14 +250,25 @@ def push_once(
     containerd: Containerd,
     registry: Registry,
     workdir: Path,
+    *,
+    repo: str | None = None,
+    placed: Placement | None = None,
+    during: Callable[[subprocess.Popen[bytes]], None] | None = None,
 ) -> Run:
-    repo = f"bench/push-{image.size_gib}g-{variant}-r{rnd}"
+    """One push by ``variant`` to a fresh repository, measured and checked.
+
+    For --compete: ``placed`` pins the push to a CPU, in a cgroup, under the scheduling to
+    compare, and ``during`` runs the competing build while the push runs.
+    """
+    repo = repo or f"bench/push-{image.size_gib}g-{variant}-r{rnd}"
     target = f"{registry.host}/{repo}:latest"
     if variant == "ctr":
         ctr = shutil.which("ctr")
         assert ctr is not None
         cmd = [ctr, "-a", str(containerd.socket), "-n", "default"]
         cmd += ["images", "push", "--plain-http", target, image.name]
+    elif variant == "curl":
+        cmd = curl_command(image, containerd, registry, repo, workdir)
     else:
         cmd = [str(REPO / ".venv/bin/imagepushd"), "push", image.name, target]
         cmd += ["--root", str(containerd.root), "--plain-http", "--json"]
@@ -179,7 +278,7 @@ def push_once(
     mark = registry.log_mark()
     ctrd0, reg0 = proc_cpu(containerd.pid), proc_cpu(registry.pid)
     out = workdir / f"{repo.replace('/', '_')}.out"
-    code, wall, user, system, rss = run_child(cmd, out)
+    code, wall, user, system, rss = run_child(cmd, out, placed, during)
     ctrd1, reg1 = proc_cpu(containerd.pid), proc_cpu(registry.pid)
     text = out.read_text(errors="replace")
     out.unlink()
@@ -203,7 +302,7 @@ def push_once(
             f"{mounts} mount requests: the run did not upload everything"
         )
     detail: dict[str, object] = {}
-    if variant != "ctr":
+    if variant in ("ipd", "ipd64"):
         result = json.loads(text)
         detail = {k: result.get(k) for k in ("pushed_blobs", "mounted_blobs", "skipped_blobs")}
         if detail != {"pushed_blobs": image.blobs, "mounted_blobs": 0, "skipped_blobs": 0}:
@@ -236,7 +335,24 @@ def tree_bytes(path: Path) -> int:
     return total
 
 
-def report(image: SourceImage, runs: list[Run], registry: Registry, expected: int) -> bool:
+def hash_cpu(image: SourceImage, containerd: Containerd, workdir: Path) -> float:
+    """CPU seconds of ``openssl dgst -sha256`` over the image's blob files (OpenSSL's SHA-256,
+    the one Python's hashlib uses): what verifying every byte costs by itself."""
+    blobs = containerd.root / "io.containerd.content.v1.content/blobs"
+    cmd = ["openssl", "dgst", "-sha256"]
+    cmd += [str(blobs / digest.replace(":", "/")) for digest, _ in image.contents]
+    out = workdir / "sha256.out"
+    code, _, user, system, _ = run_child(cmd, out)
+    text = out.read_text()
+    out.unlink()
+    if code != 0 or any(digest.split(":")[1] not in text for digest, _ in image.contents):
+        raise SystemExit(f"openssl dgst exited {code}:\n{text[-2000:]}")
+    return user + system
+
+
+def report(
+    image: SourceImage, runs: list[Run], registry: Registry, expected: int, hashing: float
+) -> bool:
     print(
         f"\n=== {image.size_gib} GiB image: {image.layer_count} x {image.layer_size // MiB} MiB "
         f"layers + config ({image.content_bytes / GiB:.3f} GiB), "
@@ -265,30 +381,61 @@ def report(image: SourceImage, runs: list[Run], registry: Registry, expected: in
             "reg": statistics.median(r.registry_cpu for r in mine),
         }
     base = med["ctr"]
-    print("medians (peak RSS: max over rounds); ratios against ctr images push:")
+    floor = med.get("curl")
+    gib = image.content_bytes / GiB
     print(
-        f"  {'client':<17}{'wall s':>8}{'CPU s':>8}{'RSS MiB':>9}{'ctrd CPU':>10}"
-        f"{'reg CPU':>9}{'MB/s':>7}{'wall x':>8}{'CPU x':>7}{'CPU+ctrd x':>11}"
+        "medians (peak RSS: max over rounds); ratios against ctr images push (x ctr) and "
+        "the parallel curl floor (x curl):"
+    )
+    print(
+        f"  {'client':<17}{'wall s':>8}{'CPU s':>8}{'CPU/GiB':>9}{'RSS MiB':>9}{'ctrd CPU':>10}"
+        f"{'reg CPU':>9}{'MB/s':>7}{'wall x ctr':>11}{'CPU x ctr':>10}{'CPU+ctrd x ctr':>15}"
+        + (f"{'wall x curl':>12}{'CPU x curl':>11}" if floor else "")
     )
     for variant, m in med.items():
         own = m["cpu"] + m["ctrd"]
         print(
-            f"  {LABELS[variant]:<17}{m['wall']:>8.2f}{m['cpu']:>8.2f}{m['rss']:>9.1f}"
-            f"{m['ctrd']:>10.2f}{m['reg']:>9.2f}{image.content_bytes / m['wall'] / 1e6:>7.0f}"
-            f"{m['wall'] / base['wall']:>8.2f}{m['cpu'] / base['cpu']:>7.2f}"
-            f"{own / (base['cpu'] + base['ctrd']):>11.2f}"
+            f"  {LABELS[variant]:<17}{m['wall']:>8.2f}{m['cpu']:>8.2f}{m['cpu'] / gib:>9.2f}"
+            f"{m['rss']:>9.1f}{m['ctrd']:>10.2f}{m['reg']:>9.2f}"
+            f"{image.content_bytes / m['wall'] / 1e6:>7.0f}"
+            f"{m['wall'] / base['wall']:>11.2f}{m['cpu'] / base['cpu']:>10.2f}"
+            f"{own / (base['cpu'] + base['ctrd']):>15.2f}"
+            + (
+                f"{m['wall'] / floor['wall']:>12.2f}{m['cpu'] / floor['cpu']:>11.2f}"
+                if floor
+                else ""
+            )
+        )
+    if floor:
+        verified = floor["cpu"] + hashing
+        print(
+            f"verification: openssl dgst -sha256 of the same blobs {hashing:.2f} CPU s "
+            f"({hashing / gib:.2f}/GiB); parallel curl + that = {verified / gib:.2f} CPU s/GiB, "
+            f"the floor for a client that hashes what it sends; imagepushd / floor = "
+            f"{med['ipd']['cpu'] / verified:.2f}"
         )
     ok = True
     print("targets (imagepushd, default chunk size):")
     ipd = med["ipd"]
     checks = [
-        (f"wall ratio <= {WALL_TARGET}", ipd["wall"] / base["wall"], WALL_TARGET, ""),
-        (f"CPU ratio <= {CPU_TARGET}", ipd["cpu"] / base["cpu"], CPU_TARGET, ""),
+        (f"wall ratio to ctr <= {WALL_TARGET}", ipd["wall"] / base["wall"], WALL_TARGET, ""),
+        (f"CPU ratio to ctr <= {CPU_TARGET}", ipd["cpu"] / base["cpu"], CPU_TARGET, ""),
+        (f"CPU s/GiB <= {CPU_PER_GIB_TARGET}", ipd["cpu"] / gib, CPU_PER_GIB_TARGET, ""),
         (f"peak RSS <= {RSS_TARGET_MIB:.0f} MiB", ipd["rss"], RSS_TARGET_MIB, " MiB"),
     ]
+    if floor:
+        checks.insert(
+            3,
+            (
+                f"wall ratio to curl <= {CURL_WALL_TARGET}",
+                ipd["wall"] / floor["wall"],
+                CURL_WALL_TARGET,
+                "",
+            ),
+        )
     for name, value, limit, unit in checks:
         ok &= value <= limit
-        print(f"  {name:<22}{verdict(value <= limit)}  ({value:.2f}{unit})")
+        print(f"  {name:<28}{verdict(value <= limit)}  ({value:.2f}{unit})")
     data = tree_bytes(registry.data_dir)
     blobs = tree_bytes(registry.data_dir / "docker/registry/v2/blobs")
     print(
@@ -376,6 +523,112 @@ def profile_push(
         print(f"    {n / busy:6.1%}  {leaf}")
 
 
+BUSY_LOOP = "import sys\nn = int(sys.argv[1])\nwhile n:\n    n -= 1\n"
+#: Seconds the push runs alone (start-up, plan, HEADs) before the competing build starts.
+COMPETE_LEAD = 1.0
+COMPETE_PROBE = 20_000_000
+
+
+def still_running(pid: int) -> bool:
+    """Whether child ``pid`` has not exited, without reaping it (wait_measured does that)."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+
+
+def run_build(count: int, placed: Placement) -> float:
+    """The competing "build": a CPU-bound busy loop of ``count`` steps; its wall time."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(placed.command([sys.executable, "-c", BUSY_LOOP, str(count)]))
+    placed.join(proc.pid)
+    code, _, _ = wait_measured(proc.pid)
+    proc.returncode = code
+    if code != 0:
+        raise SystemExit(f"the busy loop exited {code}")
+    return time.perf_counter() - started
+
+
+def compete(
+    image: SourceImage,
+    containerd: Containerd,
+    registry: Registry,
+    workdir: Path,
+    rounds: int,
+    seconds: float,
+) -> bool:
+    """How much a push slows a CPU-bound build on the same CPU, without and with the unit's
+    scheduling (systemd/imagepushd.service, applied by bench/_sched.py); True if less with."""
+    unit = Scheduling.from_unit(REPO / "systemd" / "imagepushd.service")
+    modes = {"today": Scheduling(), "unit": unit}
+    cpu = max(os.sched_getaffinity(0))
+    builds: dict[str, list[float]] = {"alone": [], "today": [], "unit": []}
+    pushes: dict[str, list[Run]] = {"today": [], "unit": []}
+    overlapped: dict[str, list[bool]] = {"today": [], "unit": []}
+    with cpu_groups(f"imagepushd-bench-{os.getpid()}") as groups:
+        build_at = Placement(cpu, groups.group("build", Scheduling().cpu_weight))
+        push_at = {
+            mode: Placement(cpu, groups.group(f"push-{mode}", sched.cpu_weight), sched)
+            for mode, sched in modes.items()
+        }
+        count = int(COMPETE_PROBE * seconds / run_build(COMPETE_PROBE, build_at))
+        print(
+            f"\ncompeting build: a busy loop of {count} steps (~{seconds:.0f}s alone) and an "
+            f"imagepushd push of the {image.size_gib} GiB image, both pinned to CPU {cpu}, in "
+            f"sibling CPU cgroups ({'v2' if groups.v2 else 'v1'}); the registry wherever the "
+            f"kernel puts it; the push starts {COMPETE_LEAD:.0f}s ahead",
+            flush=True,
+        )
+        for rnd in range(1, rounds + 1):
+            order = ["alone", "today", "unit"]
+            for mode in order if rnd % 2 else order[::-1]:
+                if mode == "alone":
+                    builds[mode].append(run_build(count, build_at))
+                    print(f"  round {rnd} build alone {builds[mode][-1]:7.2f}s", flush=True)
+                    continue
+
+                def during(proc: subprocess.Popen[bytes], mode: str = mode) -> None:
+                    time.sleep(COMPETE_LEAD)
+                    builds[mode].append(run_build(count, build_at))
+                    overlapped[mode].append(still_running(proc.pid))
+
+                run = push_once(
+                    "ipd",
+                    rnd,
+                    image,
+                    containerd,
+                    registry,
+                    workdir,
+                    repo=f"bench/compete-{mode}-r{rnd}",
+                    placed=push_at[mode],
+                    during=during,
+                )
+                pushes[mode].append(run)
+                print(
+                    f"  round {rnd} build with push ({mode}) {builds[mode][-1]:7.2f}s; push "
+                    f"{run.wall:.2f}s wall {run.cpu:.2f}s CPU",
+                    flush=True,
+                )
+    alone = statistics.median(builds["alone"])
+    print(f"build slowdown by a concurrent push (medians of {rounds} rounds):")
+    print(f"  {'push scheduling':<50}{'build s':>9}{'slowdown':>10}{'push s':>8}{'push CPU':>9}")
+    print(f"  {'(no push)':<50}{alone:>9.2f}{1.0:>10.2f}")
+    slowdown: dict[str, float] = {}
+    for mode, sched in modes.items():
+        build = statistics.median(builds[mode])
+        slowdown[mode] = build / alone
+        label = f"{mode}: {sched.describe()}"
+        partial = "" if all(overlapped[mode]) else "  (push ended before the build)"
+        print(
+            f"  {label:<50}{build:>9.2f}{slowdown[mode]:>10.2f}"
+            f"{statistics.median(r.wall for r in pushes[mode]):>8.2f}"
+            f"{statistics.median(r.cpu for r in pushes[mode]):>9.2f}{partial}"
+        )
+    ok = slowdown["unit"] < slowdown["today"]
+    print(
+        f"  the unit's settings slow the build less than today's: {verdict(ok)} "
+        f"({slowdown['unit']:.2f} vs {slowdown['today']:.2f})"
+    )
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1,8", help="image sizes in GiB (default 1,8)")
@@ -393,14 +646,29 @@ def main() -> int:
         "imagepushd's time down by thread and activity",
     )
     parser.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
+    parser.add_argument(
+        "--compete",
+        action="store_true",
+        help="then measure how much a push of the first image slows a CPU-bound build on the "
+        "same CPU, with default scheduling and with the unit's (CPUWeight=, Nice=, I/O class)",
+    )
+    parser.add_argument("--compete-rounds", type=int, default=3)
+    parser.add_argument(
+        "--compete-seconds", type=float, default=4.0, help="the build's length alone"
+    )
+    parser.add_argument(
+        "--skip-comparison",
+        action="store_true",
+        help="only --profile / --compete: no side-by-side runs of the clients",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     variants = [v for v in args.variants.split(",") if v]
     if not {"ipd", "ctr"} <= set(variants) or not set(variants) <= set(VARIANTS):
         parser.error(f"--variants must include ipd and ctr, from {','.join(VARIANTS)}")
-    if not require_root("bench/push.py") or not require_tools(
-        "bench/push.py", ("containerd", "ctr", "docker-registry")
-    ):
+    tools = ["containerd", "ctr", "docker-registry", "curl", "openssl"]
+    tools += ["taskset", "nice", "ionice"] if args.compete else []
+    if not require_root("bench/push.py") or not require_tools("bench/push.py", tools):
         return 2
 
     parent = args.workdir or Path(tempfile.gettempdir())
@@ -430,7 +698,7 @@ def main() -> int:
         for image in images:
             expected += image.content_bytes
             runs: list[Run] = []
-            for rnd in range(1, args.rounds + 1):
+            for rnd in range(1, 0 if args.skip_comparison else args.rounds + 1):
                 order = variants if rnd % 2 else variants[::-1]
                 for variant in order:
                     run = push_once(variant, rnd, image, containerd, registry, workdir)
@@ -440,9 +708,15 @@ def main() -> int:
                         f"{run.wall:7.2f}s wall {run.cpu:6.2f}s CPU {run.rss_mib:6.1f} MiB",
                         flush=True,
                     )
-            all_ok &= report(image, runs, registry, expected)
+            if runs:
+                hashing = hash_cpu(image, containerd, workdir)
+                all_ok &= report(image, runs, registry, expected, hashing)
         if args.profile:
             profile_push(images[0], containerd, registry, workdir, args.profile_rate)
+        if args.compete:
+            all_ok &= compete(
+                images[0], containerd, registry, workdir, args.compete_rounds, args.compete_seconds
+            )
         print(f"\ntotal time {time.perf_counter() - started:.0f}s; all targets: {verdict(all_ok)}")
     finally:
         registry.close()

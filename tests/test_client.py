@@ -17,7 +17,7 @@ from imagepushd.errors import (
     RegistryError,
 )
 from imagepushd.oci import OCI_INDEX, OCI_MANIFEST, Descriptor
-from imagepushd.registry.client import RegistryClient, is_loopback
+from imagepushd.registry.client import PROBE_TIMEOUT, RegistryClient, is_loopback
 from imagepushd.registry.credentials import Credentials
 from imagepushd.registry.retry import RetryPolicy
 from tests.support.fakeregistry import (
@@ -150,6 +150,89 @@ def test_retry_after_header_is_kept_on_the_error(clients: Callable[..., Registry
     assert caught.value.retry_after == 12.0
 
 
+def test_docker_hub_plain_text_429_says_why(clients: Callable[..., RegistryClient]) -> None:
+    """Docker Hub's pull limit answers text, not the OCI errors JSON (docker/hub-feedback#1907)."""
+    text = "toomanyrequests: You have reached your pull rate limit.\nmore"
+    client = clients(
+        ping_ok(lambda r: httpx.Response(429, text=text, headers={"Retry-After": "3"}))
+    )
+
+    with pytest.raises(RegistryError) as caught:
+        client.send("GET", client.url("/v2/x/manifests/1"), scopes=(), ok={200})
+
+    assert str(caught.value).endswith(
+        "HTTP 429 Too Many Requests: toomanyrequests: You have reached your pull rate limit."
+    )
+    assert caught.value.is_temporary() and caught.value.retry_after == 3.0
+
+
+NAME_UNKNOWN = "The repository with name 'team/app' does not exist in the registry with id '1'"
+
+
+@pytest.mark.parametrize(
+    ("host", "hint"),
+    [
+        (
+            "123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+            "`aws ecr create-repository --repository-name team/app`, or add a repository "
+            "creation template applied for CREATE_ON_PUSH)",
+        ),
+        ("public.ecr.aws", "CREATE_ON_PUSH"),
+        (HOST, f"(repository team/app does not exist and {HOST} does not create it on push: "),
+    ],
+)
+def test_name_unknown_on_push_says_to_create_the_repository(
+    clients: Callable[..., RegistryClient], host: str, hint: str
+) -> None:
+    client = clients(ping_ok(lambda r: error(404, "NAME_UNKNOWN", NAME_UNKNOWN)), host=host)
+
+    with pytest.raises(RegistryError) as caught:
+        client.upload_start(REPO)
+
+    assert hint in str(caught.value)
+    assert NAME_UNKNOWN in str(caught.value)
+    assert not caught.value.is_temporary()
+
+
+@pytest.mark.parametrize(
+    ("tags_list", "attempts"),
+    [(lambda: error(404, "NAME_UNKNOWN", NAME_UNKNOWN), 1), (lambda: httpx.Response(200), 3)],
+)
+def test_upload_start_hung_up_asks_whether_the_repository_exists(
+    clients: Callable[..., RegistryClient],
+    tags_list: Callable[[], httpx.Response],
+    attempts: int,
+) -> None:
+    """ECR hangs up on an upload to a repository it does not have (aws/containers-roadmap#1970):
+    NAME_UNKNOWN from tags/list makes that one clear, permanent error; otherwise the hang-up is
+    an ordinary connection failure, retried."""
+    posts: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            posts.append(request)
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        assert request.url.path == f"/v2/{REPO}/tags/list"
+        return tags_list()
+
+    client = clients(
+        ping_ok(handle),
+        host="123456789012.dkr.ecr.eu-west-1.amazonaws.com",
+        policy=RetryPolicy(attempts=3),
+    )
+
+    with pytest.raises(RegistryError) as caught:
+        client.upload_start(REPO)
+
+    assert len(posts) == attempts
+    if attempts == 1:
+        assert caught.value.codes == ("NAME_UNKNOWN",) and not caught.value.is_temporary()
+        assert "no answer; GET tags/list: HTTP 404 NAME_UNKNOWN" in str(caught.value)
+        assert "aws ecr create-repository --repository-name team/app" in str(caught.value)
+    else:
+        assert isinstance(caught.value, RegistryConnectionError)
+
+
 def test_missing_location_is_a_registry_error(clients: Callable[..., RegistryClient]) -> None:
     client = clients(ping_ok(lambda r: httpx.Response(202)))
 
@@ -171,6 +254,42 @@ def test_first_ping_503_is_retried(clients: Callable[..., RegistryClient]) -> No
 
     assert client.blob_exists(REPO, Descriptor(LAYER, sha256_digest(b"x"), 1)) is False
     assert len(sleeps) == 1
+
+
+@pytest.mark.parametrize(("status", "answers"), [(200, True), (401, True), (503, False)])
+def test_probe_is_one_get_without_retries_and_a_short_timeout(
+    clients: Callable[..., RegistryClient], status: int, answers: bool
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(status, headers={"WWW-Authenticate": 'Basic realm="r"'})
+
+    sleeps: list[float] = []
+    client = clients(handle, sleeps=sleeps)
+
+    if answers:
+        client.probe()
+    else:
+        with pytest.raises(RegistryError) as caught:
+            client.probe()
+        assert caught.value.is_unavailable()
+
+    assert [(r.method, r.url.path) for r in seen] == [("GET", "/v2/")]
+    assert seen[0].extensions["timeout"]["read"] == PROBE_TIMEOUT
+    assert sleeps == []
+
+
+def test_probe_of_a_registry_not_listening(clients: Callable[..., RegistryClient]) -> None:
+    sleeps: list[float] = []
+    client = clients(Network(), sleeps=sleeps)  # nothing routed: connection refused
+
+    with pytest.raises(RegistryConnectionError) as caught:
+        client.probe()
+
+    assert caught.value.is_unavailable()
+    assert sleeps == []
 
 
 # ---- TLS and connections -------------------------------------------------------------------
@@ -436,6 +555,43 @@ def test_manifest_digest_head(clients: Callable[..., RegistryClient]) -> None:
     assert client.manifest_digest(REPO, "v2", [OCI_MANIFEST]) is None
 
 
+def test_manifest_digest_403_is_absent(clients: Callable[..., RegistryClient]) -> None:
+    """Artifactory answers 403 for an absent tag (google/go-containerregistry#1691)."""
+    client = clients(ping_ok(lambda r: error(403, "DENIED")))
+
+    assert client.manifest_digest(REPO, "v1", [OCI_MANIFEST]) is None
+
+
+def test_manifests_follow_redirects_and_hash_what_storage_serves(
+    clients: Callable[..., RegistryClient],
+) -> None:
+    storage: list[httpx.Request] = []
+
+    tokens = FakeTokenServer(users={"alice": "pw"})
+    fake = FakeRegistry(HOST, auth=tokens)
+
+    def registry(request: httpx.Request) -> httpx.Response | None:
+        if "/manifests/" not in request.url.path:
+            return None
+        denied = fake.denied(request, (f"repository:{REPO}:pull",))
+        return denied or httpx.Response(302, headers={"Location": "https://storage.test/m?s=1"})
+
+    def store(request: httpx.Request) -> httpx.Response:
+        storage.append(request)
+        return httpx.Response(200, content=MANIFEST, headers={"Content-Type": OCI_MANIFEST})
+
+    fake.hooks.append(registry)
+    network = Network(fake, tokens)
+    network.route("storage.test", store)
+    client = clients(network, credentials=Credentials("alice", "pw"))
+
+    assert client.manifest_digest(REPO, "v1", [OCI_MANIFEST]) == sha256_digest(MANIFEST)
+    assert client.manifest_get(REPO, "v1", [OCI_MANIFEST]) == (OCI_MANIFEST, MANIFEST)
+
+    assert [r.method for r in storage] == ["HEAD", "GET", "GET"]
+    assert all("authorization" not in r.headers for r in storage)
+
+
 def test_manifest_get_returns_media_type_and_exact_bytes(
     clients: Callable[..., RegistryClient],
 ) -> None:
@@ -454,31 +610,103 @@ def test_manifest_get_returns_media_type_and_exact_bytes(
     assert client.manifest_get(REPO, "v2", [OCI_INDEX]) is None
 
 
-def test_referrers_get(clients: Callable[..., RegistryClient]) -> None:
-    """200 with an index: the API exists; 404 (distribution 2.8's plain text): it does not."""
-    subject = "sha256:" + "a" * 64
-    listed = {"mediaType": OCI_MANIFEST, "digest": sha256_digest(MANIFEST), "size": 3}
-    answers = {
-        "api": httpx.Response(200, json={"schemaVersion": 2, "manifests": [listed]}),
-        "none": httpx.Response(404, text="404 page not found"),
-        "broken": httpx.Response(200, json={"schemaVersion": 2}),
-        "down": error(503, "UNAVAILABLE"),
-    }
+SUBJECT = "sha256:" + "a" * 64
+LISTED = {"mediaType": OCI_MANIFEST, "digest": sha256_digest(MANIFEST), "size": 3}
+
+
+def referrers_client(
+    clients: Callable[..., RegistryClient], answer: Callable[[], httpx.Response], **kw: object
+) -> tuple[RegistryClient, list[httpx.Request]]:
+    asked: list[httpx.Request] = []
 
     def handle(request: httpx.Request) -> httpx.Response:
-        repo, _, digest = request.url.path.removeprefix("/v2/").partition("/referrers/")
-        assert digest == subject and request.headers["accept"] == OCI_INDEX
-        return answers[repo]
+        assert request.url.path.endswith(f"/referrers/{SUBJECT}")
+        assert request.headers["accept"] == OCI_INDEX
+        asked.append(request)
+        return answer()
 
-    client = clients(ping_ok(handle), policy=RetryPolicy(attempts=1))
+    return clients(ping_ok(handle), **kw), asked
 
-    assert client.referrers_get("api", subject) == (Descriptor(OCI_MANIFEST, listed["digest"], 3),)
-    assert client.referrers_get("none", subject) is None
-    with pytest.raises(ManifestError, match="without a manifests list"):
-        client.referrers_get("broken", subject)
+
+def test_referrers_get_with_the_api(clients: Callable[..., RegistryClient]) -> None:
+    """Harbor answers its index as application/json (goharbor/harbor#19690): the body counts."""
+    body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [LISTED]}
+    client, asked = referrers_client(
+        clients,
+        lambda: httpx.Response(200, json=body, headers={"Content-Type": "application/json"}),
+    )
+
+    for _ in range(2):
+        assert client.referrers_get(REPO, SUBJECT) == (
+            Descriptor(OCI_MANIFEST, LISTED["digest"], 3),
+        )
+    assert len(asked) == 2
+
+
+NO_API = {
+    "404 distribution 2.8": lambda: httpx.Response(404, text="404 page not found"),
+    "404 GHCR": lambda: error(404, "MANIFEST_UNKNOWN"),
+    "303 GHCR web UI": lambda: httpx.Response(303, headers={"Location": "https://github.com/-/v2"}),
+    "301": lambda: httpx.Response(301, headers={"Location": "/elsewhere"}),
+    "400 Quay": lambda: error(400, "MANIFEST_INVALID"),
+    "405": lambda: error(405, "UNSUPPORTED"),
+    "406 Artifactory": lambda: httpx.Response(406),
+    "HTML 200": lambda: httpx.Response(
+        200, text="<!DOCTYPE html><html>Not Found</html>", headers={"Content-Type": "text/html"}
+    ),
+    "200 without manifests": lambda: httpx.Response(200, json={"schemaVersion": 2}),
+    "200 a manifest": lambda: httpx.Response(
+        200, json={"schemaVersion": 2, "mediaType": OCI_MANIFEST, "manifests": []}
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", list(NO_API.values()), ids=list(NO_API))
+def test_referrers_get_without_the_api_is_asked_once_per_repository(
+    clients: Callable[..., RegistryClient], answer: Callable[[], httpx.Response]
+) -> None:
+    client, asked = referrers_client(clients, answer)
+
+    assert client.referrers_get(REPO, SUBJECT) is None
+    assert client.referrers_get(REPO, SUBJECT) is None
+
+    assert len(asked) == 1
+    assert not any(r.url.host == "github.com" for r in asked)
+
+
+def test_referrers_get_429_after_the_retries_means_no_api(
+    clients: Callable[..., RegistryClient],
+) -> None:
+    """GHCR's redirect target is rate limited (artifacthub/hub#4785)."""
+    sleeps: list[float] = []
+    client, asked = referrers_client(
+        clients,
+        lambda: error(429, "TOOMANYREQUESTS", headers={"Retry-After": "2"}),
+        policy=RetryPolicy(attempts=3),
+        sleeps=sleeps,
+    )
+
+    assert client.referrers_get(REPO, SUBJECT) is None
+
+    assert len(asked) == 3 and sleeps == [2.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [(lambda: error(503, "UNAVAILABLE"), 503), (lambda: error(403, "DENIED"), 403)],
+)
+def test_referrers_get_failures_still_raise(
+    clients: Callable[..., RegistryClient], answer: Callable[[], httpx.Response], status: int
+) -> None:
+    client, asked = referrers_client(clients, answer, policy=RetryPolicy(attempts=1))
+
     with pytest.raises(RegistryError) as exc:
-        client.referrers_get("down", subject)
-    assert exc.value.status == 503
+        client.referrers_get(REPO, SUBJECT)
+    assert exc.value.status == status
+    # Not remembered as "no API": the next push asks again.
+    with pytest.raises(RegistryError):
+        client.referrers_get(REPO, SUBJECT)
+    assert len(asked) == 2
 
 
 # ---- blob existence and redirects ---------------------------------------------------------
@@ -529,6 +757,29 @@ def test_blob_exists_follows_307_to_storage_without_authorization(
     assert head.url.params.get("X-Amz-Signature") == "abc"
     assert "authorization" not in head.headers
     assert fake.calls("HEAD")[-1].headers["authorization"].startswith("Bearer ")
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 308])
+def test_blob_exists_follows_every_redirect(
+    clients: Callable[..., RegistryClient], status: int
+) -> None:
+    network, fake, storage = _redirecting_rig(
+        lambda r: httpx.Response(200, headers={"Content-Length": "1"}),
+        "https://storage.test/bucket/blob",
+    )
+    fake.hooks.insert(
+        0,
+        lambda r: (
+            httpx.Response(status, headers={"Location": "https://storage.test/b"})
+            if r.method == "HEAD" and "/blobs/" in r.url.path and "authorization" in r.headers
+            else None
+        ),
+    )
+    client = clients(network, credentials=Credentials("alice", "pw"))
+
+    assert client.blob_exists(REPO, Descriptor(LAYER, sha256_digest(b"x"), 1)) is True
+    assert [str(r.url) for r in storage] == ["https://storage.test/b"]
+    assert "authorization" not in storage[0].headers
 
 
 def test_blob_exists_relative_redirect_stays_on_the_registry(

@@ -53,6 +53,9 @@ def test_exposition_counts_what_the_daemon_reports() -> None:
     m.retry_count("r.example")
     m.resume_count("r.example")
     m.queue_set(3)
+    m.registry_up("r.example", True)
+    m.registry_up("down.example:5000", True)
+    m.registry_up("down.example:5000", False)
     m.scan_observe(0.003)
     m.scan_observe(0.2)
 
@@ -71,6 +74,8 @@ def test_exposition_counts_what_the_daemon_reports() -> None:
     assert got[("imagepushd_retries_total", (("registry", "r.example"),))] == 2
     assert got[("imagepushd_resumes_total", (("registry", "r.example"),))] == 1
     assert got[("imagepushd_queue_depth", ())] == 3
+    assert got[("imagepushd_registry_up", (("registry", "r.example"),))] == 1
+    assert got[("imagepushd_registry_up", (("registry", "down.example:5000"),))] == 0
     assert got[("imagepushd_scan_duration_seconds_count", ())] == 2
     assert got[("imagepushd_scan_duration_seconds_sum", ())] == pytest.approx(0.203)
     assert got[("imagepushd_scan_duration_seconds_bucket", (("le", "0.005"),))] == 1

@@ -236,6 +236,22 @@ def test_unit_commands_come_from_dependencies() -> None:
         assert providers[program] in depends, f"{program} needs Depends: {providers[program]}"
 
 
+def test_unit_yields_to_the_builds() -> None:
+    """The unit runs as a background service: below an ordinary unit's CPU and I/O share
+    (systemd's defaults: CPUWeight=100, IOWeight=100, Nice=0, best-effort 4), never in the
+    idle or realtime classes (idle could stall pushes for good on a machine always busy)."""
+    settings: dict[str, str] = {}
+    for line in (DATA / "imagepushd.service").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            settings.setdefault(key, value)
+    assert 1 <= int(settings["CPUWeight"]) < 100
+    assert 1 <= int(settings["IOWeight"]) < 100
+    assert 0 < int(settings["Nice"]) <= 19
+    assert settings["IOSchedulingClass"] == "best-effort"
+    assert 4 < int(settings["IOSchedulingPriority"]) <= 7
+
+
 def test_debian_rules_is_executable_and_uses_pybuild() -> None:
     rules = DEBIAN / "rules"
     assert rules.stat().st_mode & 0o111

@@ -430,6 +430,24 @@ def test_a_registry_without_it_gets_the_fallback_index_merged(
     assert len(puts) == before
 
 
+def test_a_registry_reading_the_fallback_tag_as_the_digest_gets_no_index(
+    tmp_path: Path, image_builder: ImageBuilder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GitLab serves the subject at the tag ``sha256-<hex>`` (oras-project/oras-go#1396)."""
+    s = pushed_world(tmp_path, image_builder, api=False)
+    tag = fallback_tag(s.app.digest)
+    s.manifests.stored[("mirror/app", tag)] = (OCI_MANIFEST, s.app.data)
+
+    result = s.push()
+
+    assert result.api is False and result.index is None
+    assert f"mirror/app:{tag}" not in s.manifests.puts
+    assert s.manifests.stored[("mirror/app", tag)] == (OCI_MANIFEST, s.app.data)
+    assert "reads the tag as a digest" in caplog.text
+    # The referrers themselves went.
+    assert f"mirror/app:{s.bom.digest}" in s.manifests.puts
+
+
 def test_a_referrer_with_missing_content_fails_after_the_others(
     tmp_path: Path, image_builder: ImageBuilder
 ) -> None:

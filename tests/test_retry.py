@@ -235,6 +235,25 @@ def test_only_temporary_registry_errors_are_retried(error: BaseException, retrie
         assert sleeps == []
 
 
+@pytest.mark.parametrize(
+    ("error", "unavailable"),
+    [
+        (RegistryConnectionError("refused"), True),
+        (RegistryConnectionError("TLS verification failed", temporary=False), False),
+        (RegistryError("bad gateway", status=502), True),
+        (RegistryError("unavailable", status=503), True),
+        (RegistryError("gateway timeout", status=504), True),
+        (RegistryError("codes", status=400, codes=["UNAVAILABLE"]), True),
+        (RegistryError("internal", status=500), False),
+        (RegistryError("slow down", status=429, retry_after=5.0), False),
+        (RegistryError("unknown", status=404, codes=["BLOB_UPLOAD_UNKNOWN"]), False),
+        (RegistryAuthError("denied", status=503), False),
+    ],
+)
+def test_which_errors_speak_for_the_whole_registry(error: RegistryError, unavailable: bool) -> None:
+    assert error.is_unavailable() is unavailable
+
+
 def test_on_retry_is_called_before_each_retry_and_not_when_giving_up() -> None:
     retries: list[int] = []
     retrier = Retrier(

@@ -400,6 +400,23 @@ def test_due_lists_queued_and_failed_jobs_longest_overdue_first(state: State, cl
     assert state.next_attempt_after(clock.now + 100) is None
 
 
+def test_due_skips_jobs_of_the_registries_asked(state: State, clock: Clock) -> None:
+    """A down registry's jobs are left out by target host, exactly (not by string prefix)."""
+    a = state.enqueue("ns", "a", D1, "reg.example:5000/team/a:1", 0)
+    b = state.enqueue("ns", "b", D1, "reg.example/team/b:1", 0)
+    c = state.enqueue("ns", "c", D1, "reg.example:5000/c:1", 0)
+    d = state.enqueue("ns", "d", D1, "other.example/d:1", 0)
+    assert state.due(clock.now, 10, ["reg.example:5000"]) == [b, d]
+    assert state.due(clock.now, 1, ["reg.example:5000", "reg.example"]) == [d]
+    assert state.due(clock.now, 10, ["reg.example"]) == [a, c, d]
+    assert state.due(clock.now, 10, ()) == [a, b, c, d]
+    state.start(c.id)
+    state.cancel({d.id: "gone"})
+    assert state.open_jobs_on("reg.example:5000") == 2  # queued and running count
+    assert state.open_jobs_on("reg.example") == 1
+    assert state.open_jobs_on("other.example") == 0
+
+
 def test_start_counts_attempts_and_refuses_unstartable_jobs(state: State, clock: Clock) -> None:
     job = state.enqueue("ns", "a", D1, "t", 0)
     clock.advance(1)
@@ -599,6 +616,7 @@ def test_summary(state: State, clock: Clock) -> None:
         "pushed_count": 0,
         "last_push": None,
         "failing": [],
+        "registries": [],
     }
     state.record_push("r/a:1", D1, "ns", "a:1", bytes=1, duration=1)
     clock.advance(10)
@@ -626,6 +644,49 @@ def test_summary(state: State, clock: Clock) -> None:
     ]
     assert ok.id not in [f["id"] for f in summary["failing"]]
     assert json.loads(json.dumps(summary)) == summary
+
+
+def test_registry_health_is_kept_for_status(state: State, clock: Clock) -> None:
+    state.save_registry("r.example", up=True, since=clock.now, last_error=None, held_until=None)
+    state.save_registry("a.example", up=True, since=1.0, last_error=None, held_until=None)
+    state.enqueue("ns", "x", D1, "r.example/x:1", 0)
+    state.enqueue("ns", "y", D1, "r.example/y:1", 0)
+    clock.advance(5)
+    state.save_registry(
+        "r.example", up=False, since=clock.now, last_error="x" * 2000, held_until=None
+    )
+    state.save_registry("a.example", up=True, since=1.0, last_error="429", held_until=99.0)
+    down, held = state.summary()["registries"][::-1]
+    assert down == {
+        "registry": "r.example",
+        "up": False,
+        "since": clock.now,
+        "last_error": "x" * (MAX_ERROR_LENGTH - 1) + "…",
+        "held_until": None,
+        "waiting": 2,
+    }
+    assert held == {
+        "registry": "a.example",
+        "up": True,
+        "since": 1.0,
+        "last_error": "429",
+        "held_until": 99.0,
+        "waiting": 0,
+    }
+    state.forget_registries()
+    assert state.summary()["registries"] == []
+
+
+def test_a_version_2_file_gains_the_registries_table(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with State(path, migrations=MIGRATIONS[:2]) as s:
+        s.enqueue("ns", "a", D1, "r.example/a:1", 0)
+    assert pragma(path, "user_version") == 2
+    with State(path) as s:
+        assert s.open_jobs_on("r.example") == 1
+        s.save_registry("r.example", up=False, since=2.0, last_error="down", held_until=None)
+        assert [r["registry"] for r in s.summary()["registries"]] == ["r.example"]
+    assert pragma(path, "user_version") == len(MIGRATIONS) == 3
 
 
 # ---------------------------------------------------------------------- concurrency

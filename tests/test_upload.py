@@ -527,7 +527,8 @@ def test_oci_chunk_min_length_raises_the_chunk(rig: Rig, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("status", [400, 405])
-def test_first_patch_refused_falls_back_to_streamed(rig: Rig, tmp_path: Path, status: int) -> None:
+def test_first_patch_refused_falls_back_to_one_put(rig: Rig, tmp_path: Path, status: int) -> None:
+    """A registry that refuses chunks (Artifact Registry) may refuse any PATCH: one PUT."""
     rig.fake.chunked = False
     rig.fake.refuse_chunked_status = status
     data = data_of(3 * MiB)
@@ -538,22 +539,13 @@ def test_first_patch_refused_falls_back_to_streamed(rig: Rig, tmp_path: Path, st
     assert result.outcome is Outcome.UPLOADED
     assert rig.fake.has_blob(REPO, source.descriptor.digest)
     methods = [(r.method, r.status) for r in rig.fake.calls()]
-    assert methods == [
-        ("HEAD", 404),
-        ("POST", 202),
-        ("PATCH", status),
-        ("POST", 202),
-        ("PATCH", 202),
-        ("PUT", 201),
-    ]
-    streamed = rig.fake.patches()[1]
-    assert "content-range" not in streamed.headers
-    assert streamed.headers["content-length"] == str(len(data))
-    assert_streamed_with_length(streamed.headers)
-    assert rig.fake.calls("PUT")[0].headers["content-length"] == "0"
+    assert methods == [("HEAD", 404), ("POST", 202), ("PATCH", status), ("POST", 202), ("PUT", 201)]
+    put = rig.fake.calls("PUT")[0]
+    assert put.headers["content-length"] == str(len(data)) and put.received == len(data)
+    assert_streamed_with_length(put.headers)
 
 
-def test_artifact_registry_gets_no_chunked_patch(rigs: Callable[..., Rig], tmp_path: Path) -> None:
+def test_artifact_registry_gets_no_patch(rigs: Callable[..., Rig], tmp_path: Path) -> None:
     rig = rigs("europe-west1-docker.pkg.dev")
     rig.fake.chunked = False
     data = data_of(3 * MiB)
@@ -563,9 +555,9 @@ def test_artifact_registry_gets_no_chunked_patch(rigs: Callable[..., Rig], tmp_p
 
     assert result.outcome is Outcome.UPLOADED
     assert rig.fake.has_blob(REPO, source.descriptor.digest)
-    (patch,) = rig.fake.patches()
-    assert "content-range" not in patch.headers
-    assert patch.received == len(data)
+    assert rig.fake.patches() == []
+    (put,) = rig.fake.calls("PUT")
+    assert put.received == len(data)
     assert len(rig.fake.calls("POST")) == 1
 
 
@@ -579,7 +571,8 @@ def test_a_body_limit_on_a_registry_without_chunks_is_one_clear_error(
         rig.uploader(chunk_size=MiB).upload(REPO, source_for(tmp_path, data_of(3 * MiB)))
     assert failure.value.status == 413
     assert "no chunked uploads" in str(failure.value) and "3.0 MiB" in str(failure.value)
-    assert len(rig.fake.calls("PATCH")) == 1  # a 413 is not retried
+    assert len(rig.fake.calls("PUT")) == 1  # a 413 is not retried
+    assert rig.fake.calls("PATCH") == []
 
 
 # ---- existence and mounts ---------------------------------------------------------------
@@ -1054,3 +1047,193 @@ def test_session_store_failure_does_not_leak_the_blob_fd(rig: Rig, tmp_path: Pat
         uploader.upload(REPO, source)
 
     assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+# ---- the request budget per blob and attempt (retry at exactly one layer) ---------------
+#
+# R = 5 tries of any one request, by the retrier alone; a new upload session (at most
+# SESSION_ATTEMPTS = 3) only when the registry refuses the session itself (400, 404, 416).
+# Statuses and codes as distribution documents them (docs/spec/api.md, "Errors"); a 503 on
+# every request of one kind is what a failing storage backend or proxy gives.
+
+R = 5
+
+
+def answer(method: str, status: int, code: str, path_part: str = "") -> Callable[..., object]:
+    """A hook answering every ``method`` request (whose path has ``path_part``) with ``status``."""
+
+    def hook(request: httpx.Request) -> httpx.Response | None:
+        if request.method == method and path_part in request.url.path:
+            return error(status, code)
+        return None
+
+    return hook
+
+
+def methods(rig: Rig) -> dict[str, int]:
+    """Requests to blobs and upload sessions by method (``/v2/`` pings left out)."""
+    counts: dict[str, int] = {}
+    for call in rig.fake.calls():
+        counts[call.method] = counts.get(call.method, 0) + 1
+    return counts
+
+
+def test_503_forever_on_the_put_costs_r_puts_in_one_session(rig: Rig, tmp_path: Path) -> None:
+    """The issue's case: 15 PUTs (3 sessions x 5) before; now the retrier's 5, then the end."""
+    rig.fake.hooks.append(answer("PUT", 503, "UNAVAILABLE"))
+    source = source_for(tmp_path, data_of(1000))
+
+    with pytest.raises(RegistryError) as caught:
+        rig.uploader().upload(REPO, source)
+
+    assert caught.value.status == 503
+    assert methods(rig) == {"HEAD": 1, "POST": 1, "PUT": R}
+    assert len(rig.sleeps) == R - 1
+
+
+def test_503_forever_on_everything_costs_r_requests(rig: Rig, tmp_path: Path) -> None:
+    rig.fake.hooks.append(lambda request: error(503, "UNAVAILABLE"))
+    source = source_for(tmp_path, data_of(1000))
+
+    with pytest.raises(RegistryError) as caught:
+        rig.uploader().upload(REPO, source)
+
+    assert caught.value.status == 503
+    assert len(rig.network.log) == R  # the ping: nothing after it
+
+
+def test_503_forever_on_patches_costs_r_tries_of_the_chunk(rig: Rig, tmp_path: Path) -> None:
+    """A chunk's unit is a PATCH, preceded after a failure by GET status: R tries of that."""
+    rig.fake.hooks.append(answer("PATCH", 503, "UNAVAILABLE"))
+    source = source_for(tmp_path, data_of(3 * MiB))
+
+    with pytest.raises(RegistryError) as caught:
+        rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert caught.value.status == 503
+    assert methods(rig) == {"HEAD": 1, "POST": 1, "PATCH": R, "GET": R - 1}
+
+
+def test_503_forever_on_the_closing_put_costs_r_puts(rig: Rig, tmp_path: Path) -> None:
+    rig.fake.hooks.append(answer("PUT", 503, "UNAVAILABLE"))
+    source = source_for(tmp_path, data_of(2 * MiB))
+
+    with pytest.raises(RegistryError):
+        rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert methods(rig) == {"HEAD": 1, "POST": 1, "PATCH": 2, "PUT": R}
+
+
+def test_no_chunks_503_forever_costs_r_puts(rigs: Callable[..., Rig], tmp_path: Path) -> None:
+    rig = rigs("europe-docker.pkg.dev")  # takes no chunks: the whole blob in one PUT
+    rig.fake.hooks.append(answer("PUT", 503, "UNAVAILABLE"))
+    source = source_for(tmp_path, data_of(2 * MiB))
+
+    with pytest.raises(RegistryError):
+        rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert methods(rig) == {"HEAD": 1, "POST": 1, "PUT": R}
+
+
+def test_unavailable_mount_ends_the_attempt(rig: Rig, tmp_path: Path) -> None:
+    """A 503 on a mount is the registry's, not the source's: no other source, no plain POST."""
+    rig.fake.hooks.append(answer("POST", 503, "UNAVAILABLE"))
+    source = source_for(tmp_path, data_of(1000))
+
+    with pytest.raises(RegistryError):
+        rig.uploader().upload(REPO, source, mount_from=["team/a", "team/b", "team/c"])
+
+    assert methods(rig) == {"HEAD": 1, "POST": R}
+    assert {c.url.params.get("from") for c in rig.fake.calls("POST")} == {"team/a"}
+
+
+def test_a_temporary_error_that_passes_needs_no_new_session(rig: Rig, tmp_path: Path) -> None:
+    failures: list[int] = []
+
+    def three_503s(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "PUT" and len(failures) < 3:
+            failures.append(1)
+            return error(503, "UNAVAILABLE")
+        return None
+
+    rig.fake.hooks.append(three_503s)
+    source = source_for(tmp_path, data_of(1000))
+
+    result = rig.uploader().upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert methods(rig) == {"HEAD": 1, "POST": 1, "PUT": 4}
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(404, "BLOB_UPLOAD_UNKNOWN"), (416, "RANGE_INVALID"), (400, "BLOB_UPLOAD_INVALID")],
+)
+def test_a_session_refused_every_time_costs_three_sessions(
+    rig: Rig, tmp_path: Path, status: int, code: str
+) -> None:
+    """Each refusal is answered once, by a new session (and a HEAD: did it land anyway?)."""
+    rig.fake.hooks.append(answer("PUT", status, code, "/blobs/uploads/"))
+    source = source_for(tmp_path, data_of(1000))
+
+    with pytest.raises(RegistryError, match="after 3 upload sessions") as caught:
+        rig.uploader().upload(REPO, source)
+
+    assert caught.value.status == status
+    assert methods(rig) == {"HEAD": 4, "POST": 3, "PUT": 3}
+    assert rig.sleeps == []
+
+
+def test_chunked_session_unknown_every_time_costs_three_sessions(rig: Rig, tmp_path: Path) -> None:
+    rig.fake.hooks.append(answer("PATCH", 404, "BLOB_UPLOAD_UNKNOWN"))
+    source = source_for(tmp_path, data_of(3 * MiB))
+
+    with pytest.raises(RegistryError, match="after 3 upload sessions"):
+        rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert methods(rig) == {"HEAD": 4, "POST": 3, "PATCH": 3}
+
+
+@pytest.mark.parametrize("on_break", ["keep", "drop"])
+def test_quay_status_one_byte_ahead_costs_one_416(rig: Rig, tmp_path: Path, on_break: str) -> None:
+    """Quay's GET status renders ``byte_count + 1`` as an inclusive end (quay/quay
+    ``endpoints/v2/blob.py``): one byte more than it holds. Resuming there gets a 416 (Quay
+    checks the start); the next status is read one byte lower, and the session goes on."""
+    rig.fake.on_break = on_break
+    rig.fake.breaks = [None, 300_000]
+    rig.fake.status_range = lambda session: f"bytes=0-{session.size}"
+    data = data_of(3 * MiB)
+    source = source_for(tmp_path, data)
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert rig.fake.has_blob(REPO, source.descriptor.digest)
+    held = MiB + (300_000 if on_break == "keep" else 0)
+    patches = [(r.status, r.headers["content-range"]) for r in rig.fake.calls("PATCH")]
+    assert patches[2:4] == [
+        (416, f"{held + 1}-{held + MiB}"),
+        (202, f"{held}-{held + MiB - 1}"),
+    ]
+    assert len(rig.fake.calls("POST")) == 1
+    assert result.bytes_sent < 1.25 * len(data)
+
+
+def test_a_416_after_resuming_at_our_own_count_learns_no_skew(rig: Rig, tmp_path: Path) -> None:
+    """The one-byte correction is for a status that claimed more than was acknowledged."""
+    answered: list[int] = []
+
+    def second_and_third_patch_416(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "PATCH":
+            answered.append(1)
+            if len(answered) in (2, 3):
+                return error(416, "RANGE_INVALID")
+        return None
+
+    rig.fake.hooks.append(second_and_third_patch_416)
+    source = source_for(tmp_path, data_of(3 * MiB))
+
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert content_ranges(rig.fake)[1:4] == [f"{MiB}-{2 * MiB - 1}"] * 3

@@ -542,6 +542,20 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
         + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         + "\n"
     )
+    for health in summary["registries"]:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(health["since"]))
+        line = f"registry {health['registry']}: " + (
+            f"up since {since}" if health["up"] else f"DOWN since {since}"
+        )
+        held = health["held_until"]
+        holding = held is not None and held > time.time()
+        if held is not None and holding:
+            line += f", held until {time.strftime('%H:%M:%S', time.localtime(held))}"
+        if health["waiting"]:
+            line += f", {health['waiting']} job(s) waiting"
+        if health["last_error"] and (holding or not health["up"]):
+            line += f": {health['last_error']}"
+        ctx.stdout.write(line + "\n")
     for job in open_jobs:
         line = f"{job.status:<8} {job.namespace}/{job.name} → {job.target} (attempts {job.attempts}"
         if job.status == "failed":

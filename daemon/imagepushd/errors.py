@@ -137,6 +137,8 @@ class RegistryError(ImagepushdError):
 
     TEMPORARY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
     TEMPORARY_CODES = frozenset({"TOOMANYREQUESTS", "UNAVAILABLE"})
+    #: Answers that speak for the whole registry (a gateway or the service itself is down).
+    UNAVAILABLE_STATUS = frozenset({502, 503, 504})
 
     def __init__(
         self,
@@ -157,12 +159,24 @@ class RegistryError(ImagepushdError):
             self.TEMPORARY_CODES.intersection(self.codes)
         )
 
+    def is_unavailable(self) -> bool:
+        """Whether the registry as a whole may be out of service, not just this request.
+
+        Such a failure concerns every job of the registry, so the daemon's registry health
+        (``registry/health.py``) waits for the registry once instead of each job on its own.
+        """
+        return self.status in self.UNAVAILABLE_STATUS or "UNAVAILABLE" in self.codes
+
 
 class RegistryAuthError(RegistryError):
     """Authentication failed or the credentials lack the needed scope: never retried."""
 
     def is_temporary(self) -> bool:
         """Auth failures do not heal by waiting."""
+        return False
+
+    def is_unavailable(self) -> bool:
+        """A refusal is an answer: the registry is serving."""
         return False
 
 
@@ -178,6 +192,10 @@ class RegistryConnectionError(RegistryError):
 
     def is_temporary(self) -> bool:
         """Connection failures are worth retrying, except TLS verification failures."""
+        return self._temporary
+
+    def is_unavailable(self) -> bool:
+        """No answer at all: the registry (or the way to it) is down, unless TLS refused it."""
         return self._temporary
 
 

@@ -164,6 +164,12 @@ class Metrics:
             ["rule"],
             registry=reg,
         )
+        self._registry_up = Gauge(
+            "imagepushd_registry_up",
+            "Whether the registry answers (1) or is unreachable (0), per registry pushed to.",
+            ["registry"],
+            registry=reg,
+        )
 
     def rules_known(self, rules: Iterable[int]) -> None:
         """Create every rule's push series at zero, so rates work from the first push."""
@@ -189,6 +195,10 @@ class Metrics:
     def resume_count(self, registry: str) -> None:
         """One upload to ``registry`` continues from the registry's offset."""
         self._resumes.labels(registry).inc()
+
+    def registry_up(self, registry: str, up: bool) -> None:
+        """``registry`` was found answering (``up``) or unreachable."""
+        self._registry_up.labels(registry).set(1 if up else 0)
 
     def queue_set(self, depth: int) -> None:
         """Jobs now waiting to be pushed."""

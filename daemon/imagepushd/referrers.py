@@ -18,6 +18,7 @@ policy that reduces an index gives the target a digest no referrer names.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -53,6 +54,10 @@ COSIGN_TAG = re.compile(r"sha256-([0-9a-f]{64})\.(sig|att|sbom)")
 _SUBJECT_TYPES = frozenset({OCI_MANIFEST, OCI_INDEX})
 #: A referrer's manifest must go out as it is, whatever the subject's platform policy.
 _AS_IS = PlatformPolicy()
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def fallback_tag(subject: str) -> str:
@@ -335,11 +340,24 @@ def push_referrers(
         if not out.api:
             tag = fallback_tag(subject)
             existing = client.manifest_get(repository, tag, [OCI_INDEX])
-            data = merge_index(existing, [r.index_entry() for r in listed])
-            if existing is None or data != existing[1]:
-                client.manifest_put(repository, tag, OCI_INDEX, data)
-                out.index = Reference(target.registry, repository, tag)
-                log.info("referrers index %s lists %d new referrer(s)", out.index, len(listed))
+            if existing is not None and _digest(existing[1]) == subject:
+                # GitLab reads the tag sha256-<hex> as the digest sha256:<hex> and serves the
+                # subject itself (oras-project/oras-go#1396): no tag-schema index can live
+                # there, and merging the subject's own children into one would list them as
+                # its referrers.
+                log.warning(
+                    "%s: %s:%s is the image itself (the registry reads the tag as a digest); "
+                    "no referrers index is kept there",
+                    target.registry,
+                    repository,
+                    tag,
+                )
+            else:
+                data = merge_index(existing, [r.index_entry() for r in listed])
+                if existing is None or data != existing[1]:
+                    client.manifest_put(repository, tag, OCI_INDEX, data)
+                    out.index = Reference(target.registry, repository, tag)
+                    log.info("referrers index %s lists %d new referrer(s)", out.index, len(listed))
     if failure is not None:
         raise failure
     return out

@@ -33,6 +33,7 @@ from imagepushd.errors import (
     ImagepushdError,
     MissingContentError,
     PushInterrupted,
+    RegistryError,
     RootNotFoundError,
     SnapshotBusyError,
 )
@@ -54,6 +55,7 @@ from imagepushd.registry.credentials import (
     read_secret_file,
     systemd_credential,
 )
+from imagepushd.registry.health import RegistryHealth
 from imagepushd.registry.retry import Retrier, RetryPolicy
 from imagepushd.registry.throttle import RequestThrottle
 from imagepushd.registry.upload import BlobUploader
@@ -201,6 +203,8 @@ class _Outcome:
     result: PushResult | None = None
     error: ImagepushdError | None = None
     cancelled: str | None = None
+    #: The error is the registry's (down, or holding requests): wait for it, not a backoff.
+    waits_for_registry: bool = False
 
 
 class Service:
@@ -276,6 +280,15 @@ class Service:
         self._finder = ReferrerFinder(self._content)
         with State(config.state_path, clock=self._clock) as state, self._metrics_server():
             self._state = state
+            state.forget_registries()  # health is what this run sees
+            self._health = RegistryHealth(
+                probe=lambda host: self._registry(host)[0].probe(),
+                store=state,
+                waiting=state.open_jobs_on,
+                clock=self._clock,
+                wait=self._stop.wait,
+                on_change=self._registry_changed,
+            )
             requeued = state.requeue_running()
             if requeued:
                 log.info("%d job(s) interrupted by the last stop are queued again", requeued)
@@ -388,6 +401,9 @@ class Service:
         upcoming = self._state.next_attempt_after(now)
         if upcoming is not None:
             budget = min(budget, upcoming - now)
+        released = self._health.next_release()  # jobs held by a Retry-After go then
+        if released is not None:
+            budget = min(budget, released - now)
         return max(budget, 0.01)
 
     def _drain(self, pool: ThreadPoolExecutor) -> None:
@@ -538,13 +554,14 @@ class Service:
     # ---- jobs ----------------------------------------------------------------------------
 
     def _due_now(self) -> bool:
-        return bool(self._state.due(self._clock(), 1))
+        return bool(self._state.due(self._clock(), 1, self._health.blocked()))
 
     def _dispatch(self, pool: ThreadPoolExecutor, now: float) -> None:
         free = self._config.push.parallel_images - len(self._running)
         if free <= 0 or self._stop.is_set():
             return
-        for record in self._state.due(now, free + len(self._running)):
+        blocked = self._health.blocked()  # registries down or held: their jobs wait
+        for record in self._state.due(now, free + len(self._running), blocked):
             if record.id in self._running:
                 continue
             started = self._state.start(record.id)
@@ -557,9 +574,14 @@ class Service:
             if free == 0:
                 break
 
-    def _wake(self, _future: Future[_Outcome]) -> None:
+    def _wake(self, _future: Future[_Outcome] | None = None) -> None:
         if self._watcher is not None:
             self._watcher.notify_external()
+
+    def _registry_changed(self, host: str, up: bool) -> None:
+        self._metrics.registry_up(host, up)
+        if up:
+            self._wake()  # its waiting jobs are due now
 
     def _reap(self) -> None:
         for job_id, future in list(self._running.items()):
@@ -597,7 +619,11 @@ class Service:
             log.info("job %d paused for shutdown: %s", job.id, outcome.error)
             self._metrics.push_count(job.rule, "interrupted")
         elif outcome.error is not None:
-            self._fail(job.id, str(outcome.error), job.attempts)
+            if outcome.waits_for_registry:  # due as soon as the registry is; it logged why
+                self._state.fail(job.id, str(outcome.error), self._clock())
+                self._failures += 1
+            else:
+                self._fail(job.id, str(outcome.error), job.attempts)
             self._metrics.push_count(job.rule, "failed")
         self._rerun.discard(job.id)  # a failed job's retry, like a rerun, sees the new referrer
 
@@ -619,8 +645,12 @@ class Service:
             return _Outcome(job, cancelled="source image changed before the push started")
         try:
             result, duration = self._push(job, record, snap)
+        except RegistryError as exc:
+            waits = self._health.job_failed(parse_reference(job.target).registry, exc)
+            return _Outcome(job, error=exc, waits_for_registry=waits)
         except ImagepushdError as exc:
             return _Outcome(job, error=exc)
+        self._health.reached(parse_reference(job.target).registry)
         log.info(
             "pushed %s/%s → %s %s (%s sent, %.1fs)",
             job.namespace,
@@ -781,6 +811,7 @@ class Service:
                     RetryPolicy(push.retry_attempts, push.retry_initial, push.retry_max),
                     sleep=self._retry_sleep,
                     on_retry=functools.partial(self._metrics.retry_count, host),
+                    gate=self._health.gate(host),
                 ),
                 transport=self._transport,
                 throttle=RequestThrottle(
@@ -832,6 +863,9 @@ class Service:
             parts.append(f"{counts['queued']} queued")
         if self._reasons:
             parts.append(f"{len(self._reasons)} waiting")
+        down = len(self._health.down())
+        if down:
+            parts.append(f"{down} registr{'y' if down == 1 else 'ies'} down")
         text = " · ".join(parts)
         if text != self._status:
             self._status = text

@@ -133,7 +133,6 @@ def _v1_initial(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-#: Every schema version in order: version ``n`` is reached by running the first ``n``.
 def _v2_body_limits(conn: sqlite3.Connection) -> None:
     """Version 2: request-body limits learned per registry from HTTP 413 answers."""
     conn.execute(
@@ -145,7 +144,21 @@ def _v2_body_limits(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_v1_initial, _v2_body_limits)
+def _v3_registries(conn: sqlite3.Connection) -> None:
+    """Version 3: the health of each registry, as the running daemon last saw it."""
+    conn.execute(
+        """CREATE TABLE registries (
+            registry TEXT PRIMARY KEY,
+            up INTEGER NOT NULL,
+            since REAL NOT NULL,
+            last_error TEXT,
+            held_until REAL
+        ) WITHOUT ROWID"""
+    )
+
+
+#: Every schema version in order: version ``n`` is reached by running the first ``n``.
+MIGRATIONS: tuple[Migration, ...] = (_v1_initial, _v2_body_limits, _v3_registries)
 
 
 @dataclass(frozen=True)
@@ -224,6 +237,21 @@ class UploadSession:
     updated: float
 
 
+class RegistryStatus(TypedDict):
+    """A registry's health as the daemon last saw it (``summary()``, ``status --json``).
+
+    ``up`` False means unreachable ``since`` then; ``held_until`` is the end of a
+    ``Retry-After`` every job of it waits for; ``waiting`` counts its open jobs.
+    """
+
+    registry: str
+    up: bool
+    since: float
+    last_error: str | None
+    held_until: float | None
+    waiting: int
+
+
 class FailingJob(TypedDict):
     """A failed job as ``summary()`` shows it."""
 
@@ -245,6 +273,7 @@ class Summary(TypedDict):
     pushed_count: int
     last_push: float | None
     failing: list[FailingJob]
+    registries: list[RegistryStatus]
 
 
 _JOB_COLUMNS = (
@@ -689,18 +718,36 @@ class State:
             ).fetchone()
         return None if row[0] is None else float(row[0])
 
-    def due(self, now: float, limit: int) -> list[JobRecord]:
+    def due(self, now: float, limit: int, skip_registries: Collection[str] = ()) -> list[JobRecord]:
         """Up to ``limit`` queued or failed jobs whose ``next_attempt`` is at or before ``now``.
 
-        Longest overdue first (``next_attempt``, then creation order).
+        Longest overdue first (``next_attempt``, then creation order). Jobs whose target is
+        on one of ``skip_registries`` (down, or held back) are left out.
         """
+        skip = sorted(set(skip_registries))
+        clause = " AND substr(target, 1, ?) != ?" * len(skip)
+        params = [p for host in skip for p in (len(host) + 1, host + "/")]
         with self._transaction(write=False) as conn:
             rows = conn.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status IN ('queued', 'failed') "
-                "AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ?",
-                (now, limit),
+                f"AND next_attempt <= ?{clause} ORDER BY next_attempt, id LIMIT ?",
+                (now, *params, limit),
             ).fetchall()
         return [_job(row) for row in rows]
+
+    def open_jobs_on(self, registry: str) -> int:
+        """How many queued, running or failed jobs push to ``registry``."""
+        with self._transaction(write=False) as conn:
+            return self._open_on(conn, registry)
+
+    @staticmethod
+    def _open_on(conn: sqlite3.Connection, registry: str) -> int:
+        row = conn.execute(
+            "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running', 'failed') "
+            "AND substr(target, 1, ?) = ?",
+            (len(registry) + 1, registry + "/"),
+        ).fetchone()
+        return int(row[0])
 
     def start(self, id: int) -> JobRecord | None:
         """Mark a queued or failed job running and count the attempt.
@@ -905,6 +952,38 @@ class State:
                 (registry, digest, repository),
             )
 
+    # ------------------------------------------------------------------ registry health
+
+    def save_registry(
+        self,
+        registry: str,
+        *,
+        up: bool,
+        since: float,
+        last_error: str | None,
+        held_until: float | None,
+    ) -> None:
+        """Record ``registry``'s health (``imagepushd.registry.health.HealthStore``)."""
+        with self._transaction(write=True) as conn:
+            conn.execute(
+                "INSERT INTO registries (registry, up, since, last_error, held_until) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (registry) DO UPDATE SET "
+                "up = excluded.up, since = excluded.since, last_error = excluded.last_error, "
+                "held_until = excluded.held_until",
+                (
+                    registry,
+                    int(up),
+                    since,
+                    None if last_error is None else _truncate(last_error),
+                    held_until,
+                ),
+            )
+
+    def forget_registries(self) -> None:
+        """Forget every registry's health (a starting daemon has not seen any yet)."""
+        with self._transaction(write=True) as conn:
+            conn.execute("DELETE FROM registries")
+
     # ------------------------------------------------------------------ status
 
     def summary(self) -> Summary:
@@ -920,6 +999,20 @@ class State:
                     f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'failed' "
                     "ORDER BY next_attempt, id"
                 )
+            ]
+            registries = [
+                RegistryStatus(
+                    registry=str(host),
+                    up=bool(up),
+                    since=float(since),
+                    last_error=None if error is None else str(error),
+                    held_until=None if held is None else float(held),
+                    waiting=self._open_on(conn, str(host)),
+                )
+                for host, up, since, error, held in conn.execute(
+                    "SELECT registry, up, since, last_error, held_until FROM registries "
+                    "ORDER BY registry"
+                ).fetchall()
             ]
         return Summary(
             path=str(self.path),
@@ -939,6 +1032,7 @@ class State:
                 )
                 for j in failing
             ],
+            registries=registries,
         )
 
 

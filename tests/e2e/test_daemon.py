@@ -406,63 +406,6 @@ FAST_RETRY: dict[str, Any] = {
 }
 
 
-def test_registry_down_while_pushes_are_pending(
-    containerd: Containerd,
-    registry: Registry,
-    daemon: Daemon,
-    image_builder: ImageBuilder,
-    tmp_path: Path,
-) -> None:
-    """Registry stopped: jobs fail and are retried with growing backoff; once it is back
-    (same port) every pending image is pushed; nothing is lost."""
-    b = image_builder
-    host = registry.host
-    images = {f"build/app:{i}": small(b, f"down/{i}") for i in range(3)}
-    load(containerd, b, tmp_path, images)
-    configure(daemon, containerd, host, _one_rule(host), **FAST_RETRY)
-    daemon.start()
-    started = time.monotonic()
-    containerd.tag("build/app:0", f"{host}/team/app:0")
-    wait_served(registry, ["team/app:0"], images["build/app:0"].digest, started=started)
-
-    daemon.wait_notify("STATUS", "idle · 1 pushed")  # recorded, not only served
-    registry.stop()
-    log_mark = daemon.log_mark()
-    containerd.tag("build/app:1", f"{host}/team/app:1")
-    containerd.tag("build/app:2", f"{host}/team/app:2")
-    # Two attempts per job at least: the first failure, then a retry after the backoff.
-    pending = {f"{host}/team/app:1", f"{host}/team/app:2"}
-    deadline = time.monotonic() + 20
-    while True:
-        status = daemon.status()
-        failing = {f["target"]: f for f in status["failing"]}
-        if set(failing) == pending and all(f["attempts"] >= 2 for f in failing.values()):
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(0.2)
-    assert all(f["last_error"] and f["next_attempt"] > time.time() - 1 for f in failing.values())
-    assert daemon.wait_notify("STATUS", lambda s: "2 retrying" in s)
-    log = daemon.log_text(log_mark)
-    assert "retrying in 1s" in log and "retrying in 2s" in log, log
-
-    registry.start()
-    assert registry.host == host
-    back = time.monotonic()
-    for i in (1, 2):
-        wait_served(
-            registry, [f"team/app:{i}"], images[f"build/app:{i}"].digest, started=back, timeout=15
-        )
-    print(f"\npushed {time.monotonic() - back:.2f}s after the registry came back")
-    for i in range(3):
-        registry.verify_image(f"team/app:{i}", images[f"build/app:{i}"].digest)
-    registry.verify_image("team/app:2", images["build/app:2"].digest, tmp_path / "pull")
-    daemon.wait_notify("STATUS", "idle · 3 pushed")
-    status = daemon.status()
-    assert status["failing"] == []
-    assert status["pushed_count"] == 3
-    assert status["jobs"].get("done") == 3
-
-
 BIG = 96 * MiB
 CHUNK = 4 * MiB
 
@@ -669,7 +612,8 @@ def test_sigterm_during_request_retries_exits_promptly(
     image_builder: ImageBuilder,
     tmp_path: Path,
 ) -> None:
-    """Registry down, default retry policy (5 attempts, 0.5s doubling): SIGTERM mid-retries
+    """Registry down, default retry policy (5 attempts, 0.5s doubling, ~4-7 s in all; logged
+    at debug level, registry health reports the outage): SIGTERM a second into the push
     exits within 3 s; the push goes through after both come back."""
     b = image_builder
     host = registry.host
@@ -679,8 +623,10 @@ def test_sigterm_during_request_retries_exits_promptly(
     daemon.start()
     registry.stop()
     log_mark = daemon.log_mark()
+    notes = daemon.mark()
     containerd.tag("build/app:1", f"{host}/team/app:1")
-    daemon.wait_log("attempt 2 of 5 failed", since=log_mark, timeout=20)
+    daemon.wait_notify("STATUS", lambda s: s.startswith("pushing 1"), since=notes, timeout=20)
+    time.sleep(1.0)  # into the retries (SIGTERM must be prompt whenever it comes)
     signalled = time.monotonic()
     daemon.send_signal(signal.SIGTERM)
     code = daemon.wait(timeout=30)

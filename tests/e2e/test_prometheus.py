@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_daemon import configure, small, wait_served
+from tests.e2e.test_daemon import FAST_RETRY, configure, small, wait_served
 from tests.e2e.test_metrics import with_metrics
 from tests.support.containerd import Containerd, load
 from tests.support.daemon import Daemon
@@ -126,3 +126,52 @@ def test_prometheus_scrapes_a_pushing_daemon_and_loads_the_rules(
         "instance": target,
         "severity": "critical",
     }
+
+
+def test_registry_down_alert_goes_pending_and_clears_when_it_returns(
+    containerd: Containerd,
+    registry: Registry,
+    daemon: Daemon,
+    prometheus: Prometheus,
+    image_builder: ImageBuilder,
+    tmp_path: Path,
+) -> None:
+    """The registry stops while an image waits: the daemon's gauge goes 0 and
+    ImagepushdRegistryDown goes pending with the registry's host; when it is back the image is
+    pushed, the gauge is 1 and the alert is gone."""
+    b = image_builder
+    host = registry.host
+    image = small(b, "prometheus/down")
+    load(containerd, b, tmp_path, {"build/app:1": image})
+    configure(daemon, containerd, host, [{"match": [f"{host}/team/**"]}], **FAST_RETRY)
+    target = f"127.0.0.1:{free_port()}"
+    with_metrics(daemon, target)
+    daemon.start()
+    prometheus.start([target], [RULES])
+    prometheus.wait_for("a scrape", lambda: value(prometheus, f'up{{job="{JOB}"}}') == 1)
+
+    registry.stop()
+    containerd.tag("build/app:1", f"{host}/team/app:1")
+    gauge = f'imagepushd_registry_up{{job="{JOB}", registry="{host}"}}'
+    prometheus.wait_for("the registry seen down", lambda: value(prometheus, gauge) == 0)
+
+    def registry_down() -> list[dict[str, Any]]:
+        alerts: list[dict[str, Any]] = prometheus.api("alerts")["alerts"]
+        return [a for a in alerts if a["labels"]["alertname"] == "ImagepushdRegistryDown"]
+
+    [alert] = prometheus.wait_for("ImagepushdRegistryDown pending", registry_down)
+    assert alert["state"] == "pending"
+    assert alert["labels"] == {
+        "alertname": "ImagepushdRegistryDown",
+        "job": JOB,
+        "instance": target,
+        "registry": host,
+        "severity": "warning",
+    }
+
+    registry.start()
+    started = time.monotonic()
+    wait_served(registry, ["team/app:1"], image.digest, started=started, timeout=30)
+    registry.verify_image("team/app:1", image.digest, tmp_path / "pull")
+    prometheus.wait_for("the registry seen up", lambda: value(prometheus, gauge) == 1)
+    prometheus.wait_for("the alert gone", lambda: not registry_down())

@@ -21,15 +21,16 @@ RATE = 4.0
 CONCURRENT = 2
 
 
-#: Arrival times jitter by a few milliseconds on a busy machine though the client spaces its
-#: request starts exactly; windows are shortened by this much.
-JITTER = 0.05
-
-
 def most_in_a_second(records: list[ProxyRecord]) -> int:
-    """The most requests that arrived within any one-second window (less :data:`JITTER`)."""
+    """The most requests that arrived within any one-second window."""
     starts = sorted(r.started for r in records)
-    return max(len([t for t in starts if s <= t < s + 1.0 - JITTER]) for s in starts)
+    return max(len([t for t in starts if s <= t < s + 1.0]) for s in starts)
+
+
+def mean_rate(records: list[ProxyRecord]) -> float:
+    """Requests a second from the first arrival to the last."""
+    starts = sorted(r.started for r in records)
+    return (len(starts) - 1) / (starts[-1] - starts[0])
 
 
 def most_in_flight(records: list[ProxyRecord]) -> int:
@@ -78,5 +79,9 @@ def test_daemon_stays_under_the_registry_request_limits(
     records = proxy.records
     assert len([r for r in records if r.status == 429]) == 3
     assert len(records) > 30
-    assert most_in_a_second(records) <= RATE, sorted(r.started for r in records)
+    # The client spaces its request starts exactly; the proxy timestamps a request when it has
+    # read its head, so on a loaded machine one late arrival can share a window with the next
+    # four. Without the limit the same push sent 51 requests within one second.
+    assert most_in_a_second(records) <= RATE + 1, sorted(r.started for r in records)
+    assert mean_rate(records) <= RATE * 1.05
     assert most_in_flight(records) <= CONCURRENT

@@ -13,7 +13,9 @@ import hashlib
 import http.cookiejar
 import ipaddress
 import logging
+import re
 import ssl
+import threading
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from imagepushd.errors import (
 from imagepushd.oci import MAX_MANIFEST_SIZE, OCI_INDEX, Descriptor, load_object
 from imagepushd.registry.auth import Authenticator, RequestAuth, repository_scope
 from imagepushd.registry.credentials import Credentials, CredentialSource
+from imagepushd.registry.hosts import is_ecr
 from imagepushd.registry.retry import Retrier, parse_retry_after
 from imagepushd.registry.throttle import RequestThrottle
 
@@ -36,6 +39,14 @@ log = logging.getLogger(__name__)
 
 CERTS_DIRS = (Path("/etc/docker/certs.d"), Path("/etc/containers/certs.d"))
 MAX_REDIRECTS = 3
+#: Seconds a health probe waits for an answer (a hung registry is as good as down).
+PROBE_TIMEOUT = 10.0
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: Answers to the referrers API that mean "no API here" (besides a body that is no index):
+#: 404 (distribution 2.8, GHCR, GitLab), a redirect (GHCR's 303 to its web UI), 400, 405,
+#: 406 (older Artifactory). See docs/registries.md.
+NO_REFERRERS_API = frozenset({400, 404, 405, 406}) | REDIRECTS
+_REPOSITORY_PATH = re.compile(r"/v2/(.+?)/(?:blobs|manifests|tags|referrers)/")
 Body = Callable[[], Iterator[bytes]]
 
 
@@ -138,6 +149,10 @@ class RegistryClient:
         )
         self.auth = Authenticator(self._http, host, source, basic_allowed=self._basic_allowed)
         self._pinged = False
+        # Repositories whose registry answered that it has no referrers API (it will not grow
+        # one during a push; a reload builds a new client).
+        self._no_referrers_api: set[str] = set()
+        self._referrers_lock = threading.Lock()
 
     def close(self) -> None:
         """Close connections."""
@@ -164,10 +179,21 @@ class RegistryClient:
         """``GET /v2/``: choose the scheme (loopback may be plain HTTP) and learn the challenge."""
         if self._pinged:
             return
+        self._ping(lambda: self.retrier.call(f"{self.host}: GET /v2/", self._ping_once))
+
+    def probe(self) -> None:
+        """One ``GET /v2/``, not retried, with a short timeout: whether the registry answers.
+
+        The health check of a registry that is down (``registry/health.py``); raises the
+        classified :class:`RegistryError` when it does not answer 200 or 401.
+        """
+        self._ping(lambda: self._ping_once(PROBE_TIMEOUT))
+
+    def _ping(self, once: Callable[[], httpx.Response]) -> None:
         for scheme in self._schemes:
             self.scheme = scheme
             try:
-                response = self.retrier.call(f"{self.host}: GET /v2/", self._ping_once)
+                response = once()
             except RegistryConnectionError as exc:
                 if scheme != self._schemes[-1] and exc.tls_handshake:
                     continue  # https to a loopback host that speaks plain HTTP: try http
@@ -199,8 +225,8 @@ class RegistryClient:
             raise RegistryAuthError(f"{self.host}: login failed: {detail}", status=401) from None
         return True
 
-    def _ping_once(self) -> httpx.Response:
-        response = self._transport_send("GET", self._url("/v2/"))
+    def _ping_once(self, timeout: float | None = None) -> httpx.Response:
+        response = self._transport_send("GET", self._url("/v2/"), timeout=timeout)
         if response.status_code not in (200, 401):
             raise self._error(response, "GET /v2/")
         return response
@@ -212,9 +238,16 @@ class RegistryClient:
         *,
         headers: dict[str, str] | None = None,
         body: Body | bytes | None = None,
+        timeout: float | None = None,
     ) -> httpx.Response:
         content = body() if callable(body) else body
-        request = self._http.build_request(method, url, headers=headers, content=content)
+        request = self._http.build_request(
+            method,
+            url,
+            headers=headers,
+            content=content,
+            timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
+        )
         try:
             with self.throttle.slot():
                 return self._http.send(request)
@@ -289,9 +322,11 @@ class RegistryClient:
         detail = "; ".join(
             f"{c}: {m}" if m else c for c, m in zip(codes, messages, strict=True) if c or m
         )
-        message = f"{self.host}: {what}: HTTP {response.status_code}" + (
-            f" {detail}" if detail else f" {response.reason_phrase}"
-        )
+        if not detail:
+            detail = response.reason_phrase + _text_detail(response)
+        message = f"{self.host}: {what}: HTTP {response.status_code} {detail}"
+        if response.status_code == 404 and "NAME_UNKNOWN" in codes:
+            message += self._name_unknown_hint(response.request.url.path)
         cls = RegistryAuthError if response.status_code == 403 else RegistryError
         return cls(
             message,
@@ -300,22 +335,64 @@ class RegistryClient:
             retry_after=parse_retry_after(response.headers.get("retry-after")),
         )
 
+    def _name_unknown_hint(self, path: str) -> str:
+        """What to do when the registry does not know the repository (ECR: not created)."""
+        found = _REPOSITORY_PATH.match(path)
+        repository = found.group(1) if found else "the repository"
+        hint = f" (repository {repository} does not exist and {self.host} does not create it"
+        if is_ecr(self.api_host):
+            return (
+                f"{hint} on push: create it with `aws ecr create-repository --repository-name "
+                f"{repository}`, or add a repository creation template applied for "
+                "CREATE_ON_PUSH)"
+            )
+        return f"{hint} on push: create it first)"
+
+    def _follow(
+        self,
+        method: str,
+        url: httpx.URL,
+        *,
+        scopes: tuple[str, ...],
+        ok: Collection[int],
+        headers: dict[str, str] | None = None,
+        what: str,
+    ) -> httpx.Response:
+        """A HEAD or GET that follows redirects (registries send blobs to storage hosts).
+
+        :meth:`send` adds credentials only for this registry's own scheme, host and port, so
+        a storage host (S3 rejects a second auth mechanism beside its signed URL) gets none.
+        """
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self.send(
+                method,
+                url,
+                scopes=scopes,
+                ok={*ok, *REDIRECTS},
+                headers=headers,
+                what=what,
+                retry=True,
+            )
+            if response.status_code not in REDIRECTS:
+                return response
+            url = response.request.url.join(response.headers.get("location", ""))
+        raise RegistryError(f"{self.host}: {what}: too many redirects")
+
     # ---- blobs -------------------------------------------------------------------------
 
     def blob_exists(self, repository: str, descriptor: Descriptor) -> bool:
         """HEAD the blob; a size mismatch counts as absent."""
-        url = self.url(f"/v2/{repository}/blobs/{descriptor.digest}")
-        scopes = (repository_scope(repository, "pull", "push"),)
-        for _ in range(MAX_REDIRECTS + 1):
-            response = self.send("HEAD", url, scopes=scopes, ok={200, 404, 307, 308}, retry=True)
-            if response.status_code in (307, 308):
-                url = response.request.url.join(response.headers.get("location", ""))
-                continue
-            if response.status_code == 404:
-                return False
-            length = response.headers.get("content-length")
-            return length is None or int(length) == descriptor.size
-        raise RegistryError(f"{self.host}: HEAD {descriptor.digest}: too many redirects")
+        response = self._follow(
+            "HEAD",
+            self.url(f"/v2/{repository}/blobs/{descriptor.digest}"),
+            scopes=(repository_scope(repository, "pull", "push"),),
+            ok={200, 404},
+            what=f"HEAD {descriptor.digest}",
+        )
+        if response.status_code == 404:
+            return False
+        length = response.headers.get("content-length")
+        return length is None or int(length) == descriptor.size
 
     def upload_start(
         self, repository: str, *, mount: str | None = None, source: str | None = None
@@ -327,16 +404,42 @@ class RegistryClient:
         if mount is not None and source is not None:
             url = url.copy_merge_params({"mount": mount, "from": source})
             scopes.append(repository_scope(source, "pull"))
-        return self.send(
-            "POST",
-            url,
-            scopes=tuple(scopes),
-            ok={201, 202},
-            headers={"Content-Length": "0"},
-            body=b"",
-            what=f"POST {path}" + (f" (mount {mount} from {source})" if mount else ""),
-            retry=True,
-        )
+        what = f"POST {path}" + (f" (mount {mount} from {source})" if mount else "")
+
+        def attempt() -> httpx.Response:
+            try:
+                return self.send(
+                    "POST",
+                    url,
+                    scopes=tuple(scopes),
+                    ok={201, 202},
+                    headers={"Content-Length": "0"},
+                    body=b"",
+                    what=what,
+                )
+            except RegistryConnectionError:
+                # ECR hangs up on an upload to a repository that does not exist instead of
+                # answering NAME_UNKNOWN (aws/containers-roadmap#1970): ask the repository.
+                self._raise_if_unknown(repository, what)
+                raise
+
+        return self.retrier.call(f"{self.host}: {what}", attempt)
+
+    def _raise_if_unknown(self, repository: str, what: str) -> None:
+        """Raise the registry's NAME_UNKNOWN for ``repository``, if it answers one."""
+        try:
+            response = self.send(
+                "GET",
+                self.url(f"/v2/{repository}/tags/list"),
+                scopes=(repository_scope(repository, "pull"),),
+                ok={200, 404},
+            )
+        except RegistryError:
+            return  # no better answer than the failure being handled
+        if response.status_code == 404:
+            error = self._error(response, f"{what}: no answer; GET tags/list")
+            if "NAME_UNKNOWN" in error.codes:
+                raise error
 
     def session_url(self, response: httpx.Response) -> httpx.URL:
         """The absolute upload-session URL from a response's ``Location``."""
@@ -366,18 +469,29 @@ class RegistryClient:
     def manifest_digest(
         self, repository: str, reference: str, media_types: Collection[str]
     ) -> str | None:
-        """The digest the registry holds at ``reference`` (tag or digest), or None."""
-        response = self.send(
+        """The digest the registry holds at ``reference`` (tag or digest), or None.
+
+        Only decides whether a push can be skipped, so a 403 counts as nothing there:
+        Artifactory answers 403 for an absent tag behind a virtual repository, and a real
+        denial fails the push's first write with its own clear 403.
+        """
+        response = self._follow(
             "HEAD",
             self.url(f"/v2/{repository}/manifests/{reference}"),
             scopes=(repository_scope(repository, "pull", "push"),),
-            ok={200, 404},
+            ok={200, 403, 404},
             headers={"Accept": ", ".join(media_types)},
-            retry=True,
+            what=f"HEAD manifest {repository}:{reference}",
         )
-        if response.status_code == 404:
+        if response.status_code in (403, 404):
+            if response.status_code == 403:
+                log.debug("%s: HEAD %s:%s: 403, taken as absent", self.host, repository, reference)
             return None
         digest: str | None = response.headers.get("docker-content-digest")
+        if digest is None:
+            # A storage host the manifest was redirected to says nothing of digests.
+            held = self.manifest_get(repository, reference, media_types)
+            return None if held is None else "sha256:" + hashlib.sha256(held[1]).hexdigest()
         return digest
 
     def manifest_put(self, repository: str, reference: str, media_type: str, data: bytes) -> str:
@@ -406,13 +520,13 @@ class RegistryClient:
         self, repository: str, reference: str, media_types: Collection[str]
     ) -> tuple[str, bytes] | None:
         """The media type and exact bytes held at ``reference``, or None when there is none."""
-        response = self.send(
+        response = self._follow(
             "GET",
             self.url(f"/v2/{repository}/manifests/{reference}"),
             scopes=(repository_scope(repository, "pull", "push"),),
             ok={200, 404},
             headers={"Accept": ", ".join(media_types)},
-            retry=True,
+            what=f"GET manifest {repository}:{reference}",
         )
         if response.status_code == 404:
             return None
@@ -426,27 +540,62 @@ class RegistryClient:
     def referrers_get(self, repository: str, digest: str) -> tuple[Descriptor, ...] | None:
         """The referrers of ``digest`` from the OCI 1.1 referrers API; None if there is no API.
 
-        A registry without the API answers 404 (distribution 2.8: a plain-text 404 for the
-        unknown route); its clients keep the ``sha256-<hex>`` tag-schema index instead.
+        Anything but an image index in a 200 means no API: 404 (distribution 2.8, GHCR,
+        GitLab), a redirect (GHCR: 303 to its web UI), 400, 405, 406 (older Artifactory), an
+        HTML page or another document, or 429 still after the retries (GHCR's redirect target
+        is rate limited). Its clients then keep the ``sha256-<hex>`` tag-schema index. The
+        answer is remembered per repository, so "no API" costs one request per repository
+        and client. 401/403 and failures that outlast the retries (5xx, no answer) raise.
         Only the first page is read: callers ask whether the API exists.
         """
+        with self._referrers_lock:
+            if repository in self._no_referrers_api:
+                return None
         what = f"GET /v2/{repository}/referrers/{digest}"
-        response = self.send(
-            "GET",
-            self.url(f"/v2/{repository}/referrers/{digest}"),
-            scopes=(repository_scope(repository, "pull", "push"),),
-            ok={200, 404},
-            headers={"Accept": OCI_INDEX},
-            what=what,
-            retry=True,
-        )
-        if response.status_code == 404:
-            return None
-        doc = load_object(response.content, f"{self.host}: {what}")
-        manifests = doc.get("manifests")
-        if not isinstance(manifests, list):
-            raise ManifestError(f"{self.host}: {what}: answer without a manifests list")
-        return tuple(
-            Descriptor.from_json(m, f"{self.host}: {what} manifests[{i}]")
-            for i, m in enumerate(manifests)
-        )
+        try:
+            response = self.send(
+                "GET",
+                self.url(f"/v2/{repository}/referrers/{digest}"),
+                scopes=(repository_scope(repository, "pull", "push"),),
+                ok={200, *NO_REFERRERS_API},
+                headers={"Accept": OCI_INDEX},
+                what=what,
+                retry=True,
+            )
+        except RegistryError as exc:
+            if exc.status != 429:
+                raise
+            response = None
+        found = None if response is None else _referrers_index(response, f"{self.host}: {what}")
+        if found is None:
+            log.info(
+                "%s: no referrers API for %s (%s); using the tag schema",
+                self.host,
+                repository,
+                "HTTP 429 after retries" if response is None else f"HTTP {response.status_code}",
+            )
+            with self._referrers_lock:
+                self._no_referrers_api.add(repository)
+        return found
+
+
+def _text_detail(response: httpx.Response) -> str:
+    """The first line of a short plain-text error body (Docker Hub's rate limit says why)."""
+    if not response.headers.get("content-type", "").startswith("text/plain"):
+        return ""
+    line = response.text.strip().split("\n", 1)[0].strip()
+    return f": {line[:200]}" if line else ""
+
+
+def _referrers_index(response: httpx.Response, what: str) -> tuple[Descriptor, ...] | None:
+    """The descriptors of a referrers answer, or None when it is no image index."""
+    if response.status_code != 200:
+        return None
+    try:
+        doc = load_object(response.content, what)
+    except ManifestError:
+        return None  # an HTML page (GitLab's Rails 404 behind a 200 proxy) or other text
+    manifests = doc.get("manifests")
+    if not isinstance(manifests, list) or doc.get("mediaType", OCI_INDEX) != OCI_INDEX:
+        return None
+    return tuple(Descriptor.from_json(m, f"{what} manifests[{i}]") for i, m in enumerate(manifests))

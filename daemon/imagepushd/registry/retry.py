@@ -3,6 +3,12 @@
 Each unit of work (one request, or one chunk of an upload including its resume query) is
 retried here and nowhere else. Whether an error is worth retrying is the error's own
 :meth:`RegistryError.is_temporary`; this module only decides how long to wait and how often.
+
+In the daemon a :class:`Gate` (the registry's health, ``registry/health.py``) is shared by
+every job of a registry: a ``Retry-After`` one request got holds every request to that
+registry, and once the registry is known to be down nothing retries (its one probe waits for
+it). Failures the gate reports itself (the registry unavailable, or holding requests back)
+are then logged here at debug level only, so an outage is one line, not one per retry.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import tenacity
 
@@ -54,10 +60,43 @@ def _is_temporary(exc: BaseException) -> bool:
     return isinstance(exc, RegistryError) and exc.is_temporary()
 
 
+class Gate(Protocol):
+    """What a registry's shared health tells (and is told by) the retrier of each request."""
+
+    def wait_time(self) -> float:
+        """Seconds every request to the registry must still wait (a ``Retry-After``), or 0."""
+
+    def closed(self) -> bool:
+        """Whether the registry is known to be unreachable: retrying is the probe's job."""
+
+    def hold(self, error: RegistryError) -> None:
+        """``error`` carries a ``Retry-After``: hold every request to the registry that long."""
+
+    @property
+    def reporting(self) -> bool:
+        """Whether the gate logs outages and holds itself (a real one does)."""
+
+
+class _Open:
+    """The gate of a retrier on its own (the CLI): never closed, holds nothing, reports nothing."""
+
+    reporting = False
+
+    def wait_time(self) -> float:
+        return 0.0
+
+    def closed(self) -> bool:
+        return False
+
+    def hold(self, error: RegistryError) -> None:
+        pass
+
+
 class Retrier:
     """Runs a callable under the policy; ``sleep`` and ``rand`` are injected for tests.
 
-    ``on_retry`` is called before each retry's wait (the daemon counts retries with it).
+    ``on_retry`` is called before each retry's wait (the daemon counts retries with it);
+    ``gate`` is the registry's shared health (default: a gate that is always open).
     """
 
     def __init__(
@@ -67,11 +106,13 @@ class Retrier:
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
         on_retry: Callable[[], None] = lambda: None,
+        gate: Gate | None = None,
     ) -> None:
         self.policy = policy or RetryPolicy()
         self._sleep = sleep
         self._rand = rand
         self._on_retry = on_retry
+        self._gate: Gate = gate or _Open()
 
     def delay(self, attempt: int, error: BaseException | None) -> float:
         """The wait before attempt ``attempt + 1``: Retry-After wins, else jittered backoff."""
@@ -82,13 +123,26 @@ class Retrier:
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(error, RegistryError) and error.retry_after is not None:
+            self._gate.hold(error)
         return self.delay(state.attempt_number, error)
+
+    def _retryable(self, exc: BaseException) -> bool:
+        return _is_temporary(exc) and not self._gate.closed()
+
+    def _level(self, error: BaseException | None) -> int:
+        """Debug for what the gate reports itself (an outage, a hold); warning otherwise."""
+        reported = isinstance(error, RegistryError) and (
+            error.is_unavailable() or error.retry_after is not None
+        )
+        return logging.DEBUG if reported and self._gate.reporting else logging.WARNING
 
     def _before_sleep(self, what: str) -> Callable[[tenacity.RetryCallState], None]:
         def report(state: tenacity.RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome is not None else None
             wait = state.next_action.sleep if state.next_action is not None else 0.0
-            log.warning(
+            log.log(
+                self._level(error),
                 "%s: attempt %d of %d failed (%s); retrying in %.1fs",
                 what,
                 state.attempt_number,
@@ -103,14 +157,23 @@ class Retrier:
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """Call ``fn`` until it succeeds, fails permanently, or attempts run out.
 
-        The last error is re-raised as it is (never wrapped in tenacity's RetryError).
+        Each attempt first waits out a hold on the registry; a registry known to be down
+        ends the retries at once. The last error is re-raised as it is (never wrapped in
+        tenacity's RetryError).
         """
+
+        def attempt() -> T:
+            held = self._gate.wait_time()
+            if held > 0:
+                self._sleep(held)
+            return fn()
+
         retrying = tenacity.Retrying(
             sleep=self._sleep,
             stop=tenacity.stop_after_attempt(self.policy.attempts),
             wait=self._wait,
-            retry=tenacity.retry_if_exception(_is_temporary),
+            retry=tenacity.retry_if_exception(self._retryable),
             before_sleep=self._before_sleep(what),
             reraise=True,
         )
-        return retrying(fn)
+        return retrying(attempt)
