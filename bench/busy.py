@@ -24,8 +24,9 @@ The daemon's CPU is utime+stime from ``/proc/PID/stat`` at the start and end of 
 given as CPU seconds per minute; the commit rate is meta.db's txid advance over the window.
 Targets (issue 13): with 10,000 images under churn of about 7 commits/s (the measured rate
 nearest to it; a lease delete adds a GC commit, so 4.7 calls/s) < 1 CPU s per minute, idle
-< 0.1, median tag-to-registry latency under churn at ``--latency-rate`` < 0.5 s. Exit status 1 if one is missed. Everything lives in one temporary directory,
-removed at the end (``--keep`` keeps it, e.g. for the daemon's log).
+< 0.1, median tag-to-registry latency under churn at ``--latency-rate`` < 0.5 s. Exit status 1
+if one is missed. Everything lives in one temporary directory, removed at the end (``--keep``
+keeps it, e.g. for the daemon's log).
 """
 
 from __future__ import annotations
