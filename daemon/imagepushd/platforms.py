@@ -82,7 +82,7 @@ def _matches(want: Platform, have: Platform | None) -> bool:
 
 
 @dataclass(frozen=True)
-class PlannedManifest:
+class SelectedManifest:
     """A manifest or index to PUT: its descriptor and exact bytes."""
 
     descriptor: Descriptor
@@ -94,10 +94,10 @@ class Selection:
     """What to push: blobs, child manifests (children before parents), and the top level."""
 
     blobs: dict[str, Descriptor] = field(default_factory=dict)
-    children: list[PlannedManifest] = field(default_factory=list)
+    children: list[SelectedManifest] = field(default_factory=list)
     platforms: list[Platform] = field(default_factory=list)
     attestations: int = 0
-    top: PlannedManifest | None = None
+    top: SelectedManifest | None = None
     #: Indexes that lost children: (original digest, kept, of, new digest). The push logs them;
     #: selecting alone (the daemon's wait-or-push check) stays silent.
     reduced: list[tuple[str, int, int, str]] = field(default_factory=list)
@@ -263,12 +263,12 @@ def _add_manifest(out: Selection, node: ManifestNode) -> None:
         out.attestations += 1
     elif node.platform is not None:
         out.platforms.append(node.platform)
-    out.children.append(PlannedManifest(node.descriptor, node.data))
+    out.children.append(SelectedManifest(node.descriptor, node.data))
 
 
 def _add_index(
     out: Selection, graph: ImageGraph, node: IndexNode, kept: set[str]
-) -> PlannedManifest | None:
+) -> SelectedManifest | None:
     """Add what ``node`` keeps; return its manifest (rewritten if children were dropped)."""
     if node.index is None or node.data is None:
         return None
@@ -292,7 +292,7 @@ def _add_index(
         )
     else:
         descriptor = node.descriptor
-    manifest = PlannedManifest(descriptor, data)
+    manifest = SelectedManifest(descriptor, data)
     out.children.append(manifest)
     return manifest
 

@@ -19,7 +19,7 @@ from imagepushd.blobs import BlobStore
 from imagepushd.containerd.content import ImageGraph
 from imagepushd.errors import ManifestError
 from imagepushd.oci import Descriptor, Platform
-from imagepushd.platforms import PlannedManifest, PlatformPolicy, select_manifests
+from imagepushd.platforms import PlatformPolicy, SelectedManifest, select_manifests
 from imagepushd.reference import Reference
 from imagepushd.registry.client import RegistryClient
 from imagepushd.registry.upload import BlobUploader, Outcome, UploadResult
@@ -188,7 +188,7 @@ class Pusher:
                     raise error
 
     def _put(
-        self, repository: str, reference: str, manifest: PlannedManifest, result: PushResult
+        self, repository: str, reference: str, manifest: SelectedManifest, result: PushResult
     ) -> None:
         self._client.manifest_put(
             repository, reference, manifest.descriptor.media_type, manifest.data
