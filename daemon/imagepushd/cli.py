@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from imagepushd import __version__
 from imagepushd.archive import ArchiveStore
-from imagepushd.blobs import BlobStore
+from imagepushd.clients import Connection, RegistryClients
 from imagepushd.config import Config, config_path, load_config
 from imagepushd.containerd.content import ContentStore, ImageGraph
 from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot, MetadataStore
@@ -41,13 +41,12 @@ from imagepushd.notify import Notifier
 from imagepushd.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
 from imagepushd.platforms import PlatformPolicy, host_platform
 from imagepushd.progress import ProgressRenderer
-from imagepushd.push import Pusher, PushResult
-from imagepushd.reference import Reference, parse_reference
-from imagepushd.referrers import ReferrerFinder, ReferrersResult, push_referrers
+from imagepushd.publish import Image, Publisher, Referrers
+from imagepushd.reference import parse_reference
+from imagepushd.referrers import Referrer, ReferrerFinder
 from imagepushd.registry import login as registry_login
-from imagepushd.registry.client import HostSettings, RegistryClient
+from imagepushd.registry.client import HostSettings
 from imagepushd.registry.credentials import Credentials, CredentialSource, CredentialStore
-from imagepushd.registry.upload import BlobUploader
 from imagepushd.rules import push_target
 from imagepushd.service import Service, plan_preview
 from imagepushd.state import OPEN_STATUSES, State
@@ -316,36 +315,16 @@ def cmd_push(args: argparse.Namespace, ctx: Context) -> int:
         blob = blobs.get(descriptor.digest)
         return blob.sources_on(target.registry) if blob is not None else []
 
-    def referrers(pusher: Pusher, client: RegistryClient, result: PushResult) -> ReferrersResult:
-        if result.digest != record.target.digest:
-            raise ImagepushdError(
-                f"--referrers: {target} now holds {result.digest} (platform policy {policy}), "
-                f"not {record.target.digest}, which the referrers refer to"
-            )
+    def find() -> tuple[Sequence[Referrer], Collection[str]]:
         source = parse_reference(record.name, default_tag=None)
         found = ReferrerFinder(store.content).referrers(
             snap, namespace, record.target.digest, source.repository
         )
-        return push_referrers(
-            found,
-            content=store.content,
-            known=blobs,
-            pusher=pusher,
-            client=client,
-            target=target,
-            subject=record.target.digest,
-        )
+        return found, blobs
 
-    return _push_graph(
-        args,
-        ctx,
-        store.content,
-        graph,
-        target=target,
-        policy=policy,
-        mount_sources=mount_sources,
-        referrers=referrers if args.referrers else None,
-    )
+    referrers = Referrers(record.target.digest, store.content, find)
+    image = Image(store.content, graph, target, policy, mount_sources)
+    return _publish(args, ctx, image, referrers if args.referrers else None)
 
 
 def _push_archive(args: argparse.Namespace, ctx: Context, policy: PlatformPolicy) -> int:
@@ -358,40 +337,35 @@ def _push_archive(args: argparse.Namespace, ctx: Context, policy: PlatformPolicy
     archive = ArchiveStore.open(args.archive)
     image = archive.select(name)
     graph = archive.walk(archive.target(image))
-    return _push_graph(args, ctx, archive, graph, target=target, policy=policy)
+    return _publish(args, ctx, Image(archive, graph, target, policy))
 
 
-def _push_graph(
-    args: argparse.Namespace,
-    ctx: Context,
-    content: BlobStore,
-    graph: ImageGraph,
-    *,
-    target: Reference,
-    policy: PlatformPolicy,
-    mount_sources: Callable[[Descriptor], Sequence[str]] = lambda d: (),
-    referrers: Callable[[Pusher, RegistryClient, PushResult], ReferrersResult] | None = None,
+def _publish(
+    args: argparse.Namespace, ctx: Context, image: Image, referrers: Referrers | None = None
 ) -> int:
-    """Push ``graph`` from ``content`` to ``target`` (then ``referrers``) and print the result."""
-    settings = HostSettings(plain_http=args.plain_http, ca_file=args.ca_file)
-    credentials = _credentials(args, ctx, target.registry)
+    """Push ``image`` (then ``referrers``) with the command's options and print the result."""
+    target = image.target
+    connection = Connection(
+        settings=HostSettings(plain_http=args.plain_http, ca_file=args.ca_file),
+        credentials=_credentials(args, ctx, target.registry),
+        chunk_size=args.chunk_size,
+    )
     renderer = None if args.json else ProgressRenderer(ctx.stderr, ctx.stderr.isatty())
-    with RegistryClient(target.registry, settings=settings, credentials=credentials) as client:
-        uploader = BlobUploader(client, chunk_size=args.chunk_size)
-        pusher = Pusher(
-            content,
-            client,
-            uploader,
-            host=host_platform(),
-            concurrency=args.concurrency,
-            on_event=renderer,
+    clients = RegistryClients(lambda host: connection)
+    publisher = Publisher(clients, host=host_platform(), on_event=renderer)
+    try:
+        published = publisher.publish(image, concurrency=args.concurrency, referrers=referrers)
+    finally:
+        if renderer is not None:
+            renderer.close()
+        clients.close()
+    result, extra = published.result, published.referrers
+    if published.subject_moved:
+        assert referrers is not None
+        raise ImagepushdError(
+            f"--referrers: {target} now holds {result.digest} (platform policy {image.policy}), "
+            f"not {referrers.subject}, which the referrers refer to"
         )
-        try:
-            result = pusher.push(graph, target, policy, mount_sources)
-            extra = None if referrers is None else referrers(pusher, client, result)
-        finally:
-            if renderer is not None:
-                renderer.close()
     if args.json:
         doc = result.to_json()
         if extra is not None:

@@ -9,7 +9,6 @@ STATUS= is kept current.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import random
 import signal
@@ -17,12 +16,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Set
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import httpx
 
+from imagepushd.clients import Connection, RegistryClients, daemon_connection
 from imagepushd.config import Config, load_config
 from imagepushd.containerd.bbolt import BoltFile
 from imagepushd.containerd.content import ContentStore, ImageGraph
@@ -32,36 +31,18 @@ from imagepushd.errors import (
     ContainerdError,
     ImagepushdError,
     MissingContentError,
-    PushInterrupted,
-    RegistryError,
     RootNotFoundError,
     SnapshotBusyError,
 )
-from imagepushd.logs import push_fields
 from imagepushd.metrics import Metrics, MetricsServer
 from imagepushd.notify import Notifier, watchdog_interval
-from imagepushd.oci import Descriptor
 from imagepushd.pacing import BusyPatience, VerifyBudget
 from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide
 from imagepushd.platforms import host_platform, select_manifests
-from imagepushd.push import Pusher, PushResult
-from imagepushd.reference import parse_reference
-from imagepushd.referrers import ReferrerFinder, ReferrerPushed, push_referrers, repush_jobs
-from imagepushd.registry.bodylimit import BodyLimit
-from imagepushd.registry.client import HostSettings, RegistryClient
-from imagepushd.registry.credentials import (
-    Credentials,
-    CredentialSource,
-    CredentialStore,
-    read_secret_file,
-    systemd_credential,
-)
+from imagepushd.publish import Cancelled, Interrupted, JobRunner, Outcome, Publisher, Pushed
+from imagepushd.referrers import ReferrerFinder, repush_jobs
 from imagepushd.registry.health import RegistryHealth
-from imagepushd.registry.retry import Retrier, RetryPolicy
-from imagepushd.registry.throttle import RequestThrottle
-from imagepushd.registry.upload import BlobUploader
-from imagepushd.state import OPEN_STATUSES, RUNNING, JobRecord, State
-from imagepushd.units import human_size
+from imagepushd.state import OPEN_STATUSES, RUNNING, State
 from imagepushd.watcher import MetaWatcher
 
 log = logging.getLogger(__name__)
@@ -196,18 +177,6 @@ def plan_preview(config: Config, env: Mapping[str, str], home: Path) -> list[dic
     return sorted(rows, key=lambda r: (r["namespace"], r["name"], r["target"]))
 
 
-@dataclass(frozen=True)
-class _Outcome:
-    """What a worker reports back for one job."""
-
-    job: JobRecord
-    result: PushResult | None = None
-    error: ImagepushdError | None = None
-    cancelled: str | None = None
-    #: The error is the registry's (down, or holding requests): wait for it, not a backoff.
-    waits_for_registry: bool = False
-
-
 class Service:
     """``imagepushd run``: everything the daemon does, built from the configuration.
 
@@ -243,9 +212,7 @@ class Service:
         # Set by signal handlers, which only record and wake (see _signals); the loop acts.
         self._stop_requested = False
         self._reload = False
-        self._clients: dict[str, tuple[RegistryClient, BlobUploader]] = {}
-        self._clients_lock = threading.Lock()
-        self._running: dict[int, Future[_Outcome]] = {}
+        self._running: dict[int, Future[Outcome]] = {}
         self._snapshot: MetadataSnapshot | None = None
         self._reasons: dict[tuple[str, str], str] = {}
         self._wake_at: float | None = None
@@ -283,12 +250,24 @@ class Service:
             self._state = state
             state.forget_registries()  # health is what this run sees
             self._health = RegistryHealth(
-                probe=lambda host: self._registry(host)[0].probe(),
+                probe=lambda host: self._clients.get(host).client.probe(),
                 store=state,
                 waiting=state.open_jobs_on,
                 clock=self._clock,
                 wait=self._stop.wait,
                 on_change=self._registry_changed,
+            )
+            self._clients = RegistryClients(self._connect, transport=self._transport)
+            self._runner = JobRunner(
+                Publisher(self._clients, host=host_platform()),
+                content=self._content,
+                finder=self._finder,
+                state=state,
+                health=self._health,
+                metrics=self._metrics,
+                config=lambda: self._config,
+                snapshot=lambda: self._snapshot,
+                clock=self._clock,
             )
             requeued = state.requeue_running()
             if requeued:
@@ -320,8 +299,7 @@ class Service:
                 state.requeue_running()
                 self._restore(previous)
                 watcher.stop()
-                for client, _ in self._clients.values():
-                    client.close()
+                self._clients.close()
                 self._metadata.close()
                 watch_bolt.close()
         return 1 if self._once and self._failures else 0
@@ -437,8 +415,7 @@ class Service:
                 log.warning("reload: [metrics] changes take effect when the daemon restarts")
             self._config = config
             self._metrics.rules_known(rule.index for rule in config.rules)
-            with self._clients_lock:
-                self._clients = {}
+            self._clients.forget()
             log.info("reloaded %s: %d rule(s)", self._config_path, len(config.rules))
             self._scan()
         self._notifier.ready()
@@ -568,14 +545,14 @@ class Service:
             started = self._state.start(record.id)
             if started is None:
                 continue
-            future = pool.submit(self._execute, started)
+            future = pool.submit(self._runner.run, started)
             future.add_done_callback(self._wake)
             self._running[record.id] = future
             free -= 1
             if free == 0:
                 break
 
-    def _wake(self, _future: Future[_Outcome] | None = None) -> None:
+    def _wake(self, _future: Future[Outcome] | None = None) -> None:
         if self._watcher is not None:
             self._watcher.notify_external()
 
@@ -597,13 +574,13 @@ class Service:
                 continue
             self._record(outcome)
 
-    def _record(self, outcome: _Outcome) -> None:
+    def _record(self, outcome: Outcome) -> None:
         job = outcome.job
-        if outcome.cancelled is not None:
-            self._state.cancel({job.id: outcome.cancelled})
-            log.info("job %d cancelled: %s", job.id, outcome.cancelled)
+        if isinstance(outcome, Cancelled):
+            self._state.cancel({job.id: outcome.reason})
+            log.info("job %d cancelled: %s", job.id, outcome.reason)
             self._metrics.push_count(job.rule, "cancelled")
-        elif outcome.result is not None:
+        elif isinstance(outcome, Pushed):
             self._state.finish(job.id)
             if job.id in self._rerun:
                 self._state.enqueue(
@@ -616,10 +593,10 @@ class Service:
                 bytes_sent=result.bytes_sent,
                 at=self._clock(),
             )
-        elif isinstance(outcome.error, PushInterrupted):
+        elif isinstance(outcome, Interrupted):
             log.info("job %d paused for shutdown: %s", job.id, outcome.error)
             self._metrics.push_count(job.rule, "interrupted")
-        elif outcome.error is not None:
+        else:
             if outcome.waits_for_registry:  # due as soon as the registry is; it logged why
                 self._state.fail(job.id, str(outcome.error), self._clock())
                 self._failures += 1
@@ -636,132 +613,6 @@ class Service:
         self._failures += 1
         log.error(
             "job %d failed (attempt %d), retrying in %.0fs: %s", job_id, attempts, delay, error
-        )
-
-    def _execute(self, job: JobRecord) -> _Outcome:
-        """Push one job (worker thread); never raises for expected failures."""
-        snap = self._snapshot  # one snapshot for the record and its blobs (a rescan may swap it)
-        record = snap.image(job.namespace, job.name) if snap is not None else None
-        if snap is None or record is None or record.target.digest != job.digest:
-            return _Outcome(job, cancelled="source image changed before the push started")
-        try:
-            result, duration = self._push(job, record, snap)
-        except RegistryError as exc:
-            waits = self._health.job_failed(parse_reference(job.target).registry, exc)
-            return _Outcome(job, error=exc, waits_for_registry=waits)
-        except ImagepushdError as exc:
-            return _Outcome(job, error=exc)
-        self._health.reached(parse_reference(job.target).registry)
-        log.info(
-            "pushed %s/%s → %s %s (%s sent, %.1fs)",
-            job.namespace,
-            job.name,
-            job.target,
-            result.digest,
-            human_size(result.bytes_sent),
-            duration,
-            extra=push_fields(
-                image=job.name,
-                target=job.target,
-                digest=result.digest,
-                namespace=job.namespace,
-                bytes=result.bytes_sent,
-                duration_ms=int(duration * 1000),
-                rule=str(job.rule),
-            ),
-        )
-        return _Outcome(job, result=result)
-
-    def _push(
-        self, job: JobRecord, record: ImageRecord, snap: MetadataSnapshot
-    ) -> tuple[PushResult, float]:
-        """Push and record it; the result and the seconds the push took."""
-        config = self._config
-        target = parse_reference(job.target)
-        client, uploader = self._registry(target.registry)
-        blobs = snap.blobs.get(job.namespace, {})
-        graph = self._content.walk(record.target, blobs)
-        state = self._state
-
-        def mount_sources(descriptor: Descriptor) -> list[str]:
-            found = state.blob_repositories(target.registry, descriptor.digest)
-            blob = blobs.get(descriptor.digest)
-            if blob is not None:
-                found += [r for r in blob.sources_on(target.registry) if r not in found]
-            return found
-
-        settings = config.registry(target.registry)
-        pusher = Pusher(
-            self._content,
-            client,
-            uploader,
-            host=host_platform(),
-            concurrency=settings.concurrency or config.push.concurrency,
-        )
-        started = time.monotonic()
-        result = pusher.push(graph, target, config.push.platforms, mount_sources)
-        duration = time.monotonic() - started
-        state.record_push(
-            job.target,
-            job.digest,
-            job.namespace,
-            job.name,
-            bytes=result.bytes_sent,
-            duration=duration,
-        )
-        state.record_blobs(
-            target.registry, target.repository, [d.digest for d in graph.descriptors()]
-        )
-        rule = next((r for r in config.rules if r.index == job.rule), None)
-        if rule is not None and rule.referrers:
-            self._push_referrers(job, result, pusher, client)
-        return result, duration
-
-    def _push_referrers(
-        self, job: JobRecord, result: PushResult, pusher: Pusher, client: RegistryClient
-    ) -> None:
-        """Push what refers to the image just pushed; each referrer is recorded as a push."""
-        if result.digest != job.digest:
-            log.warning(
-                "referrers of %s/%s not pushed: %s holds %s, which they do not refer to",
-                job.namespace,
-                job.name,
-                job.target,
-                result.digest,
-            )
-            return
-        # The newest snapshot, not the job's: a referrer tagged during the push is seen too
-        # (or the scan that sees it finds this push recorded, see _queue_referrers).
-        snap = self._snapshot
-        assert snap is not None
-        target = parse_reference(job.target)
-        source = parse_reference(job.name, default_tag=None)
-        found = self._finder.referrers(snap, job.namespace, job.digest, source.repository)
-        if not found:
-            return
-
-        def record(pushed: ReferrerPushed) -> None:
-            self._state.record_push(
-                str(pushed.target),
-                pushed.result.digest,
-                pushed.referrer.namespace,
-                pushed.referrer.name,
-                bytes=pushed.result.bytes_sent,
-                duration=pushed.duration,
-            )
-            self._metrics.push_count(
-                job.rule, "pushed", bytes_sent=pushed.result.bytes_sent, at=self._clock()
-            )
-
-        push_referrers(
-            found,
-            content=self._content,
-            known=snap.blobs.get(job.namespace, {}),
-            pusher=pusher,
-            client=client,
-            target=target,
-            subject=job.digest,
-            on_pushed=record,
         )
 
     def _queue_referrers(
@@ -797,58 +648,17 @@ class Service:
                 self._rerun.add(current.id)
             # A queued or failing job takes the newest snapshot's referrers when it runs.
 
-    def _registry(self, host: str) -> tuple[RegistryClient, BlobUploader]:
-        with self._clients_lock:
-            cached = self._clients.get(host)
-            if cached is not None:
-                return cached
-            config = self._config
-            settings = config.registry(host)
-            push = config.push
-            client = RegistryClient(
-                host,
-                settings=HostSettings(plain_http=settings.plain_http, ca_file=settings.ca_file),
-                credentials=CredentialSource(functools.partial(self._credentials, host)),
-                retrier=Retrier(
-                    RetryPolicy(push.retry_attempts, push.retry_initial, push.retry_max),
-                    sleep=self._retry_sleep,
-                    on_retry=functools.partial(self._metrics.retry_count, host),
-                    gate=self._health.gate(host),
-                ),
-                transport=self._transport,
-                throttle=RequestThrottle(
-                    rate=settings.requests_per_second,
-                    concurrency=settings.max_concurrent_requests,
-                ),
-            )
-            uploader = BlobUploader(
-                client,
-                chunk_size=settings.chunk_size or push.chunk_size,
-                sessions=self._state.upload_sessions(host),
-                body_limit=BodyLimit(host, self._state.body_limit(host)),
-                should_stop=self._stop.is_set,
-                on_resume=functools.partial(self._metrics.resume_count, host),
-            )
-            self._clients[host] = (client, uploader)
-            return client, uploader
-
-    def _retry_sleep(self, seconds: float) -> None:
-        """The retry policy's sleep, cut short (abandoning the push) when the daemon stops."""
-        if self._stop.wait(seconds):
-            raise PushInterrupted("stopping: retry abandoned")
-
-    def _credentials(self, host: str) -> Credentials | None:
-        """Read ``host``'s credentials now: at first use and when the registry rejects them."""
-        settings = self._config.registry(host)
-        if settings.username:
-            if settings.password_file is not None:
-                secret = read_secret_file(settings.password_file, f'registries."{host}"')
-            elif settings.password_credential is not None:
-                secret = systemd_credential(settings.password_credential, self._env)
-            else:
-                secret = ""
-            return Credentials(username=settings.username, password=secret)
-        return CredentialStore(self._env, self._home).lookup(host)
+    def _connect(self, host: str) -> Connection:
+        return daemon_connection(
+            lambda: self._config,
+            host,
+            env=self._env,
+            home=self._home,
+            state=self._state,
+            metrics=self._metrics,
+            health=self._health,
+            stop=self._stop,
+        )
 
     # ---- reporting -----------------------------------------------------------------------
 

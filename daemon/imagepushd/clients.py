@@ -1,0 +1,174 @@
+"""Registry clients, one per host, built in one place for ``imagepushd push`` and the daemon.
+
+A host's client and uploader are built on first use from a :class:`Connection` (its settings,
+credentials, retry policy, throttle, upload sessions, body limit) and kept: their HTTP
+connections, tokens and learned limits outlive one push. The daemon's connections come from
+its configuration (:func:`daemon_connection`); ``imagepushd push`` builds one from its options.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from imagepushd.config import Config
+from imagepushd.errors import PushInterrupted
+from imagepushd.metrics import Metrics
+from imagepushd.registry.bodylimit import BodyLimit
+from imagepushd.registry.client import HostSettings, RegistryClient
+from imagepushd.registry.credentials import (
+    Credentials,
+    CredentialSource,
+    CredentialStore,
+    read_secret_file,
+    systemd_credential,
+)
+from imagepushd.registry.health import RegistryHealth
+from imagepushd.registry.retry import Retrier, RetryPolicy
+from imagepushd.registry.throttle import RequestThrottle
+from imagepushd.registry.upload import BlobUploader, SessionStore
+from imagepushd.state import State
+
+
+@dataclass(frozen=True)
+class Connection:
+    """What one host's client and uploader are built from (None: the component's default)."""
+
+    settings: HostSettings
+    credentials: CredentialSource
+    chunk_size: int | None = None
+    retrier: Retrier | None = None
+    throttle: RequestThrottle | None = None
+    sessions: SessionStore | None = None
+    body_limit: BodyLimit | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_resume: Callable[[], None] = lambda: None
+
+
+@dataclass(frozen=True)
+class Registry:
+    """One host's client and the uploader that sends blobs through it."""
+
+    client: RegistryClient
+    uploader: BlobUploader
+
+
+class RegistryClients:
+    """Clients per host, built from ``connect(host)`` on first use; thread-safe.
+
+    ``transport`` (httpx) is injected for tests.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[str], Connection],
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._connect = connect
+        self._transport = transport
+        self._registries: dict[str, Registry] = {}
+        self._lock = threading.Lock()
+
+    def get(self, host: str) -> Registry:
+        """``host``'s client and uploader."""
+        with self._lock:
+            cached = self._registries.get(host)
+            if cached is not None:
+                return cached
+            c = self._connect(host)
+            client = RegistryClient(
+                host,
+                settings=c.settings,
+                credentials=c.credentials,
+                retrier=c.retrier,
+                transport=self._transport,
+                throttle=c.throttle,
+            )
+            uploader = BlobUploader(
+                client,
+                chunk_size=c.chunk_size,
+                sessions=c.sessions,
+                body_limit=c.body_limit,
+                should_stop=c.should_stop,
+                on_resume=c.on_resume,
+            )
+            self._registries[host] = Registry(client, uploader)
+            return self._registries[host]
+
+    def forget(self) -> None:
+        """Build new clients from now on: the configuration changed.
+
+        Pushes under way keep the clients they have.
+        """
+        with self._lock:
+            self._registries = {}
+
+    def close(self) -> None:
+        """Close the clients built since the last :meth:`forget`."""
+        with self._lock:
+            for registry in self._registries.values():
+                registry.client.close()
+
+
+def daemon_connection(
+    current: Callable[[], Config],
+    host: str,
+    *,
+    env: Mapping[str, str],
+    home: Path,
+    state: State,
+    metrics: Metrics,
+    health: RegistryHealth,
+    stop: threading.Event,
+) -> Connection:
+    """The daemon's connection to ``host``, from its configuration (``current()``, read now)."""
+    config = current()
+    settings = config.registry(host)
+    push = config.push
+
+    def retry_sleep(seconds: float) -> None:
+        # The retry policy's sleep, cut short (abandoning the push) when the daemon stops.
+        if stop.wait(seconds):
+            raise PushInterrupted("stopping: retry abandoned")
+
+    return Connection(
+        settings=HostSettings(plain_http=settings.plain_http, ca_file=settings.ca_file),
+        credentials=CredentialSource(lambda: configured_credentials(current(), host, env, home)),
+        chunk_size=settings.chunk_size or push.chunk_size,
+        retrier=Retrier(
+            RetryPolicy(push.retry_attempts, push.retry_initial, push.retry_max),
+            sleep=retry_sleep,
+            on_retry=functools.partial(metrics.retry_count, host),
+            gate=health.gate(host),
+        ),
+        throttle=RequestThrottle(
+            rate=settings.requests_per_second,
+            concurrency=settings.max_concurrent_requests,
+        ),
+        sessions=state.upload_sessions(host),
+        body_limit=BodyLimit(host, state.body_limit(host)),
+        should_stop=stop.is_set,
+        on_resume=functools.partial(metrics.resume_count, host),
+    )
+
+
+def configured_credentials(
+    config: Config, host: str, env: Mapping[str, str], home: Path
+) -> Credentials | None:
+    """Read ``host``'s credentials now: at first use and when the registry rejects them."""
+    settings = config.registry(host)
+    if settings.username:
+        if settings.password_file is not None:
+            secret = read_secret_file(settings.password_file, f'registries."{host}"')
+        elif settings.password_credential is not None:
+            secret = systemd_credential(settings.password_credential, env)
+        else:
+            secret = ""
+        return Credentials(username=settings.username, password=secret)
+    return CredentialStore(env, home).lookup(host)
