@@ -19,20 +19,14 @@ import pytest
 
 from imagepushd.containerd.content import ContentStore
 from imagepushd.containerd.metadata import BlobRecord, ImageRecord, MetadataSnapshot
+from imagepushd.containerd.referrers import ReferrerFinder
 from imagepushd.errors import ManifestError, MissingContentError
 from imagepushd.oci import OCI_INDEX, OCI_MANIFEST, Descriptor
-from imagepushd.planner import Job
+from imagepushd.planner import Job, repush_jobs
 from imagepushd.platforms import host_platform
+from imagepushd.publish import ReferrersResult, fallback_tag, merge_index, push_referrers
 from imagepushd.push import Pusher
 from imagepushd.reference import parse_reference
-from imagepushd.referrers import (
-    ReferrerFinder,
-    ReferrersResult,
-    fallback_tag,
-    merge_index,
-    push_referrers,
-    repush_jobs,
-)
 from imagepushd.registry.client import RegistryClient
 from imagepushd.registry.upload import BlobUploader
 from imagepushd.rules import Glob, Rule

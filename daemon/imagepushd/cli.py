@@ -25,6 +25,7 @@ from imagepushd.clients import Connection, RegistryClients
 from imagepushd.config import Config, config_path, load_config
 from imagepushd.containerd.content import ContentStore, ImageGraph
 from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot, MetadataStore
+from imagepushd.containerd.referrers import Referrer, ReferrerFinder
 from imagepushd.containerd.roots import Found, discover_root
 from imagepushd.errors import (
     ConfigError,
@@ -43,7 +44,6 @@ from imagepushd.platforms import PlatformPolicy, host_platform
 from imagepushd.progress import ProgressRenderer
 from imagepushd.publish import Image, Publisher, Referrers
 from imagepushd.reference import parse_reference
-from imagepushd.referrers import Referrer, ReferrerFinder
 from imagepushd.registry import login as registry_login
 from imagepushd.registry.client import HostSettings
 from imagepushd.registry.credentials import Credentials, CredentialSource, CredentialStore

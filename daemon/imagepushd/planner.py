@@ -10,8 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
+from imagepushd.containerd.metadata import MetadataSnapshot
+from imagepushd.containerd.referrers import Referrer
 from imagepushd.errors import InvalidReferenceError
+from imagepushd.reference import parse_reference
 from imagepushd.rules import Rule, match_image
 
 
@@ -197,3 +201,70 @@ def decide(
         elif job_key not in wanted:
             out.cancel.append((opened.id, "no rule asks for this target any more"))
     return out
+
+
+class PushRecord(Protocol):
+    """A push the state remembers (its ``Pushed``), as the planner reads it."""
+
+    @property
+    def target(self) -> str:
+        """The reference pushed to."""
+
+    @property
+    def digest(self) -> str:
+        """The digest it holds."""
+
+    @property
+    def namespace(self) -> str:
+        """The source image's containerd namespace."""
+
+    @property
+    def name(self) -> str:
+        """The source image's name."""
+
+
+def repush_jobs(
+    referrers: Iterable[Referrer],
+    pushed: Iterable[PushRecord],
+    holdings: Set[tuple[str, str]],
+    rules: Sequence[Rule],
+    snap: MetadataSnapshot,
+) -> list[Job]:
+    """Pushes to run again so that their referrer step takes referrers that came after them.
+
+    A referrer is due when its subject was pushed (per the state) from an image that still
+    holds that digest, by a rule with ``referrers = true`` rendering that target, and the
+    referrer's own target does not hold it yet. Pure.
+    """
+    by_subject: dict[str, list[PushRecord]] = {}
+    for record in pushed:
+        by_subject.setdefault(record.digest, []).append(record)
+    with_referrers = {r.index for r in rules if r.referrers}
+    jobs: dict[tuple[str, str, str, str], Job] = {}
+    for referrer in referrers:
+        for record in by_subject.get(referrer.subject, ()):
+            if record.namespace != referrer.namespace:
+                continue
+            image = snap.image(record.namespace, record.name)
+            if image is None or image.target.digest != record.digest:
+                continue
+            try:
+                matches = match_image(rules, record.namespace, record.name)
+                where = referrer.target(parse_reference(record.target))
+            except InvalidReferenceError:
+                continue  # the planner reports bad targets
+            rule = next(
+                (
+                    m.rule
+                    for m in matches
+                    if m.rule in with_referrers and any(str(t) == record.target for t in m.targets)
+                ),
+                None,
+            )
+            if rule is None:
+                continue
+            if (str(where), referrer.descriptor.digest) in holdings:
+                continue
+            key = (record.namespace, record.name, record.digest, record.target)
+            jobs.setdefault(key, Job(*key, rule))
+    return list(jobs.values())

@@ -5,39 +5,194 @@ from the pool, push, and push the referrers when the image went out as their sub
 :class:`JobRunner` is the daemon's use of it: a job in (walked from containerd's newest
 snapshot, with the mount sources the state remembers), an :data:`Outcome` out, the pushes
 recorded in the state.
+
+Referrers go after their subject, and only when the subject went out unchanged: a platform
+policy that reduces an index gives the target a digest no referrer names. A registry with the
+referrers API indexes them itself; for one without (distribution 2.8 answers 404) the
+``sha256-<hex>`` tag-schema index of the OCI distribution spec v1.1 is fetched, merged with what
+this push adds (entries pushed by others are kept) and put back.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from imagepushd.blobs import BlobStore
 from imagepushd.clients import RegistryClients
 from imagepushd.config import Config
 from imagepushd.containerd.content import ContentStore, ImageGraph
 from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot
-from imagepushd.errors import ImagepushdError, PushInterrupted, RegistryError
+from imagepushd.containerd.referrers import Referrer, ReferrerFinder
+from imagepushd.errors import ImagepushdError, ManifestError, PushInterrupted, RegistryError
 from imagepushd.logs import push_fields
 from imagepushd.metrics import Metrics
-from imagepushd.oci import Descriptor, Platform
+from imagepushd.oci import OCI_INDEX, Descriptor, Platform, load_object
 from imagepushd.platforms import PlatformPolicy
 from imagepushd.push import Event, Pusher, PushResult
 from imagepushd.reference import Reference, parse_reference
-from imagepushd.referrers import (
-    Referrer,
-    ReferrerFinder,
-    ReferrerPushed,
-    ReferrersResult,
-    push_referrers,
-)
+from imagepushd.registry.client import RegistryClient
 from imagepushd.registry.health import RegistryHealth
 from imagepushd.state import JobRecord, State
 from imagepushd.units import human_size
 
 log = logging.getLogger(__name__)
+
+#: A referrer's manifest must go out as it is, whatever the subject's platform policy.
+_AS_IS = PlatformPolicy()
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def fallback_tag(subject: str) -> str:
+    """The tag-schema tag of ``subject``'s referrers index: ``<alg>-<hex>`` (64 hex at most)."""
+    algorithm, _, hex_ = subject.partition(":")
+    return f"{algorithm}-{hex_[:64]}"
+
+
+@dataclass(frozen=True)
+class ReferrerPushed:
+    """One referrer pushed (or found already there) and where."""
+
+    referrer: Referrer
+    target: Reference
+    result: PushResult
+    duration: float
+
+
+@dataclass
+class ReferrersResult:
+    """What pushing the referrers of one subject did.
+
+    ``api``: whether the registry has the referrers API (None: nothing needed indexing);
+    ``index``: the tag-schema index written, None when none was needed or it already listed all.
+    """
+
+    pushed: list[ReferrerPushed] = field(default_factory=list)
+    api: bool | None = None
+    index: Reference | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object."""
+        return {
+            "pushed": [
+                {
+                    "source": p.referrer.name,
+                    "target": str(p.target),
+                    "digest": p.result.digest,
+                    "up_to_date": p.result.up_to_date,
+                    "bytes_sent": p.result.bytes_sent,
+                }
+                for p in self.pushed
+            ],
+            "referrers_api": self.api,
+            "index": None if self.index is None else str(self.index),
+        }
+
+
+def merge_index(existing: tuple[str, bytes] | None, entries: Sequence[Mapping[str, Any]]) -> bytes:
+    """The tag-schema index holding ``entries``, added to ``existing`` (kept verbatim).
+
+    ``existing`` is what the tag holds (media type and bytes), None when nothing. Something
+    other than an image index there is a :class:`ManifestError`: it is not overwritten.
+    """
+    if existing is None:
+        doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    else:
+        media_type, data = existing
+        loaded = load_object(data, "referrers tag-schema index")
+        own = loaded.get("mediaType")
+        if (own or media_type) != OCI_INDEX or not isinstance(loaded.get("manifests"), list):
+            raise ManifestError(
+                f"the referrers tag holds {own or media_type or 'a manifest'}, not an OCI image "
+                "index; not overwriting it"
+            )
+        doc = dict(loaded)
+        doc["manifests"] = list(loaded["manifests"])
+    have = {m.get("digest") for m in doc["manifests"] if isinstance(m, Mapping)}
+    for entry in entries:
+        if entry["digest"] not in have:
+            doc["manifests"].append(dict(entry))
+            have.add(entry["digest"])
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def push_referrers(
+    referrers: Sequence[Referrer],
+    *,
+    content: ContentStore,
+    known: Collection[str],
+    pusher: Pusher,
+    client: RegistryClient,
+    target: Reference,
+    subject: str,
+    on_pushed: Callable[[ReferrerPushed], None] = lambda p: None,
+) -> ReferrersResult:
+    """Push ``referrers`` of ``subject`` (already at ``target``) to ``target``'s repository.
+
+    Every referrer is tried; the first failure is raised after the rest (a stopping daemon's
+    :class:`PushInterrupted` at once). ``on_pushed`` hears of each one as it is done.
+    """
+    out = ReferrersResult()
+    failure: ImagepushdError | None = None
+    for referrer in referrers:
+        where = referrer.target(target)
+        started = time.monotonic()
+        try:
+            graph = content.walk(referrer.descriptor, known)
+            result = pusher.push(graph, where, _AS_IS)
+        except PushInterrupted:
+            raise
+        except ImagepushdError as exc:
+            log.error("referrer %s/%s → %s: %s", referrer.namespace, referrer.name, where, exc)
+            failure = failure or exc
+            continue
+        pushed = ReferrerPushed(referrer, where, result, time.monotonic() - started)
+        log.info(
+            "referrer %s/%s of %s → %s %s",
+            referrer.namespace,
+            referrer.name,
+            subject,
+            where,
+            "(already there)" if result.up_to_date else "pushed",
+        )
+        out.pushed.append(pushed)
+        on_pushed(pushed)
+    listed = [p.referrer for p in out.pushed if p.referrer.listed]
+    if listed:
+        repository = target.repository
+        out.api = client.referrers_get(repository, subject) is not None
+        if not out.api:
+            tag = fallback_tag(subject)
+            existing = client.manifest_get(repository, tag, [OCI_INDEX])
+            if existing is not None and _digest(existing[1]) == subject:
+                # GitLab reads the tag sha256-<hex> as the digest sha256:<hex> and serves the
+                # subject itself (oras-project/oras-go#1396): no tag-schema index can live
+                # there, and merging the subject's own children into one would list them as
+                # its referrers.
+                log.warning(
+                    "%s: %s:%s is the image itself (the registry reads the tag as a digest); "
+                    "no referrers index is kept there",
+                    target.registry,
+                    repository,
+                    tag,
+                )
+            else:
+                data = merge_index(existing, [r.index_entry() for r in listed])
+                if existing is None or data != existing[1]:
+                    client.manifest_put(repository, tag, OCI_INDEX, data)
+                    out.index = Reference(target.registry, repository, tag)
+                    log.info("referrers index %s lists %d new referrer(s)", out.index, len(listed))
+    if failure is not None:
+        raise failure
+    return out
 
 
 def _no_sources(descriptor: Descriptor) -> Sequence[str]:

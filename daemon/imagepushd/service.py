@@ -26,6 +26,7 @@ from imagepushd.config import Config, load_config
 from imagepushd.containerd.bbolt import BoltFile
 from imagepushd.containerd.content import ContentStore, ImageGraph
 from imagepushd.containerd.metadata import META_DB, ImageRecord, MetadataSnapshot, MetadataStore
+from imagepushd.containerd.referrers import ReferrerFinder
 from imagepushd.containerd.roots import Found, discover_root, expected_root
 from imagepushd.errors import (
     ContainerdError,
@@ -37,10 +38,9 @@ from imagepushd.errors import (
 from imagepushd.metrics import Metrics, MetricsServer
 from imagepushd.notify import Notifier, watchdog_interval
 from imagepushd.pacing import BusyPatience, VerifyBudget
-from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide
+from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide, repush_jobs
 from imagepushd.platforms import host_platform, select_manifests
 from imagepushd.publish import Cancelled, Interrupted, JobRunner, Outcome, Publisher, Pushed
-from imagepushd.referrers import ReferrerFinder, repush_jobs
 from imagepushd.registry.health import RegistryHealth
 from imagepushd.state import OPEN_STATUSES, RUNNING, State
 from imagepushd.watcher import MetaWatcher
