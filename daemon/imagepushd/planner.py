@@ -7,6 +7,7 @@ put for ``settle`` seconds before it is pushed, so a burst of re-tags pushes onl
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -68,6 +69,40 @@ class OpenJob:
     job: Job
 
 
+class Why(enum.Enum):
+    """Why an image waits or is skipped; the value is how the reason reads."""
+
+    BAD_TARGET = "bad target"
+    NO_RULE = "no rule matches"
+    EXPIRED = "expired"
+    BASELINE = "present at first start"
+    SETTLING = "settling"
+    PUSHED = "already pushed with this digest"
+    INCOMPLETE = "content incomplete"
+
+
+@dataclass(frozen=True)
+class Reason:
+    """A reason: its code, what it says, and an aside in brackets.
+
+    ``key`` is what stays put while the reason does (a countdown in the aside does not count),
+    so the daemon logs a waiting image again only when its reason changes.
+    """
+
+    code: Why
+    detail: str = ""
+    aside: str = ""
+
+    @property
+    def key(self) -> tuple[Why, str]:
+        """What identifies the reason, without its aside."""
+        return self.code, self.detail
+
+    def __str__(self) -> str:
+        text = f"{self.code.value}: {self.detail}" if self.detail else self.code.value
+        return f"{text} ({self.aside})" if self.aside else text
+
+
 @dataclass(frozen=True)
 class Note:
     """Why an image (or one of its targets) is not being pushed now."""
@@ -75,7 +110,12 @@ class Note:
     namespace: str
     name: str
     target: str | None
-    reason: str
+    why: Reason
+
+    @property
+    def reason(self) -> str:
+        """The reason as it reads."""
+        return str(self.why)
 
 
 @dataclass
@@ -134,14 +174,19 @@ def decide(
         try:
             matches = match_image(rules, image.namespace, image.name)
         except InvalidReferenceError as exc:
-            out.skipped.append(Note(image.namespace, image.name, None, f"bad target: {exc}"))
+            reason = Reason(Why.BAD_TARGET, str(exc))
+            out.skipped.append(Note(image.namespace, image.name, None, reason))
             continue
         if not matches:
-            out.skipped.append(Note(image.namespace, image.name, None, "no rule matches"))
+            out.skipped.append(Note(image.namespace, image.name, None, Reason(Why.NO_RULE)))
             continue
         if image.expires is not None and image.expires.timestamp() <= now:
             when = image.expires.isoformat()
-            reason = f"expired: containerd.io/gc.expire {when} has passed (containerd collects it)"
+            reason = Reason(
+                Why.EXPIRED,
+                f"containerd.io/gc.expire {when} has passed",
+                "containerd collects it",
+            )
             out.skipped.append(Note(image.namespace, image.name, None, reason))
             continue
         if record.baseline:
@@ -150,7 +195,7 @@ def decide(
                     image.namespace,
                     image.name,
                     None,
-                    'present at first start (on_start = "new-only")',
+                    Reason(Why.BASELINE, aside='on_start = "new-only"'),
                 )
             )
             continue
@@ -164,7 +209,11 @@ def decide(
                     image.namespace,
                     image.name,
                     None,
-                    f"settling: tag must stay put {settle:g}s ({ready_at - now:.1f}s left)",
+                    Reason(
+                        Why.SETTLING,
+                        f"tag must stay put {settle:g}s",
+                        f"{ready_at - now:.1f}s left",
+                    ),
                 )
             )
             out.wake_at = ready_at if out.wake_at is None else min(out.wake_at, ready_at)
@@ -173,9 +222,7 @@ def decide(
         for rule, target in targets:
             job = Job(image.namespace, image.name, image.digest, target, rule)
             if (target, image.digest) in pushed:
-                out.skipped.append(
-                    Note(image.namespace, image.name, target, "already pushed with this digest")
-                )
+                out.skipped.append(Note(image.namespace, image.name, target, Reason(Why.PUSHED)))
             elif (image.namespace, image.name, image.digest, target) in open_by_key:
                 out.queued.append(job)
             else:
@@ -185,7 +232,7 @@ def decide(
         missing = image.missing()
         if missing is not None:
             out.waiting.append(
-                Note(image.namespace, image.name, None, f"content incomplete: {missing}")
+                Note(image.namespace, image.name, None, Reason(Why.INCOMPLETE, missing))
             )
             continue
         out.enqueue.extend(pending)

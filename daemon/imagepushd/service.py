@@ -23,9 +23,14 @@ import httpx
 
 from imagepushd.clients import Connection, RegistryClients, daemon_connection
 from imagepushd.config import Config, load_config
-from imagepushd.containerd.bbolt import BoltFile
 from imagepushd.containerd.content import ContentStore, ImageGraph
-from imagepushd.containerd.metadata import META_DB, ImageRecord, MetadataSnapshot, MetadataStore
+from imagepushd.containerd.metadata import (
+    META_DB,
+    ImageRecord,
+    MetadataSnapshot,
+    MetadataStore,
+    TxidProbe,
+)
 from imagepushd.containerd.referrers import ReferrerFinder
 from imagepushd.containerd.roots import Found, discover_root, expected_root
 from imagepushd.errors import (
@@ -38,7 +43,16 @@ from imagepushd.errors import (
 from imagepushd.metrics import Metrics, MetricsServer
 from imagepushd.notify import Notifier, watchdog_interval
 from imagepushd.pacing import BusyPatience, VerifyBudget
-from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide, repush_jobs
+from imagepushd.planner import (
+    Decision,
+    ImageView,
+    Job,
+    OpenJob,
+    SeenImage,
+    Why,
+    decide,
+    repush_jobs,
+)
 from imagepushd.platforms import host_platform, select_manifests
 from imagepushd.publish import Cancelled, Interrupted, JobRunner, Outcome, Publisher, Pushed
 from imagepushd.registry.health import RegistryHealth
@@ -58,14 +72,6 @@ def _earliest(a: float | None, b: float | None) -> float | None:
     if a is None or b is None:
         return b if a is None else a
     return min(a, b)
-
-
-def _txid(bolt: BoltFile) -> int | None:
-    """meta.db's newest txid, or None while it is missing or unreadable."""
-    try:
-        return bolt.meta().txid
-    except ContainerdError:
-        return None
 
 
 def image_view(
@@ -214,7 +220,7 @@ class Service:
         self._reload = False
         self._running: dict[int, Future[Outcome]] = {}
         self._snapshot: MetadataSnapshot | None = None
-        self._reasons: dict[tuple[str, str], str] = {}
+        self._reasons: dict[tuple[str, str], tuple[Why, str]] = {}
         self._wake_at: float | None = None
         self._failures = 0
         self._watcher: MetaWatcher | None = None
@@ -276,8 +282,8 @@ class Service:
             state.drop_stale_uploads(STALE_UPLOAD_AGE)
             state.prune_jobs(FINISHED_JOB_AGE)
             # The watcher polls from its own thread: give it its own file descriptor.
-            watch_bolt = BoltFile(root / META_DB)
-            watcher = MetaWatcher(root / META_DB, txid=lambda: _txid(watch_bolt))
+            txid = TxidProbe(root)
+            watcher = MetaWatcher(root / META_DB, txid=txid)
             self._watcher = watcher
             previous = self._signals()
             watcher.start()
@@ -301,7 +307,7 @@ class Service:
                 watcher.stop()
                 self._clients.close()
                 self._metadata.close()
-                watch_bolt.close()
+                txid.close()
         return 1 if self._once and self._failures else 0
 
     def _metrics_server(self) -> contextlib.AbstractContextManager[object]:
@@ -520,12 +526,12 @@ class Service:
         for job in decision.enqueue:
             state.enqueue(job.namespace, job.name, job.digest, job.target, job.rule, reopen=True)
             log.info("queued %s/%s → %s (%s)", job.namespace, job.name, job.target, job.digest)
-        reasons = {(n.namespace, n.name): n.reason for n in decision.waiting}
-        for key, reason in reasons.items():
-            if self._reasons.get(key) != reason.split(" (")[0]:
-                log.info("%s/%s waits: %s", key[0], key[1], reason)
+        reasons = {(n.namespace, n.name): n.why for n in decision.waiting}
+        for key, why in reasons.items():
+            if self._reasons.get(key) != why.key:
+                log.info("%s/%s waits: %s", key[0], key[1], why)
         kept = {} if scope is None else {k: v for k, v in self._reasons.items() if k not in scope}
-        self._reasons = kept | {k: v.split(" (")[0] for k, v in reasons.items()}
+        self._reasons = kept | {k: v.key for k, v in reasons.items()}
         wake_at = decision.wake_at
         self._wake_at = wake_at if scope is None else _earliest(self._wake_at, wake_at)
 

@@ -38,7 +38,7 @@ from imagepushd.containerd.bbolt import (
     Where,
     where_text,
 )
-from imagepushd.errors import MetadataFormatError, UnsupportedSchemaError
+from imagepushd.errors import ContainerdError, MetadataFormatError, UnsupportedSchemaError
 from imagepushd.oci import Descriptor, is_digest
 
 log = logging.getLogger(__name__)
@@ -936,3 +936,24 @@ class MetadataStore:
                     record.reason,
                 )
         self._warned_skips = frozenset(skipped)
+
+
+class TxidProbe:
+    """meta.db's newest txid under ``root``, on a file descriptor of its own.
+
+    The watcher polls it from its own thread, apart from the reads of :class:`MetadataStore`.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._bolt = BoltFile(root / META_DB)
+
+    def __call__(self) -> int | None:
+        """The newest txid, or None while meta.db is missing or unreadable."""
+        try:
+            return self._bolt.meta().txid
+        except ContainerdError:
+            return None
+
+    def close(self) -> None:
+        """Close its file descriptor."""
+        self._bolt.close()
