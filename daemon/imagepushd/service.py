@@ -323,14 +323,10 @@ class Service:
         # holds a lock (the watcher's, or the stop Event's own), so it takes none: it records
         # the signal and wakes the loop through the watcher's lock-free self-pipe.
         def stop(signum: int, frame: FrameType | None) -> None:
-            self._stop_requested = True
-            if self._watcher is not None:
-                self._watcher.notify_external()
+            self.stop()
 
         def reload(signum: int, frame: FrameType | None) -> None:
-            self._reload = True
-            if self._watcher is not None:
-                self._watcher.notify_external()
+            self.reload()
 
         for signum, handler in (
             (signal.SIGTERM, stop),
@@ -339,6 +335,16 @@ class Service:
         ):
             previous[signum] = signal.signal(signum, handler)
         return previous
+
+    def stop(self) -> None:
+        """Ask the loop to stop, as SIGTERM does (safe from a signal handler: no lock taken)."""
+        self._stop_requested = True
+        self._wake()
+
+    def reload(self) -> None:
+        """Ask the loop to read the configuration again, as SIGHUP does (takes no lock)."""
+        self._reload = True
+        self._wake()
 
     def _restore(self, previous: dict[int, object]) -> None:
         for signum, handler in previous.items():
