@@ -73,9 +73,9 @@ def make_state_file(path: Path, rows: int = 0) -> None:
     """A real state file with ``rows`` jobs and pushes (enough to span many pages)."""
     with State(path) as s:
         for i in range(rows):
-            job = s.enqueue("default", f"registry.example.com/team/app-{i}:v1", D1, f"t{i}", 0)
-            s.fail(job.id, "registry said no " * 20, 0.0)
-            s.record_push(
+            job = s.jobs.enqueue("default", f"registry.example.com/team/app-{i}:v1", D1, f"t{i}", 0)
+            s.jobs.fail(job.id, "registry said no " * 20, 0.0)
+            s.pushed.record(
                 f"mirror.example.com/app-{i}:v1", D1, "default", "app", bytes=i, duration=1
             )
 
@@ -96,7 +96,7 @@ def test_new_file_is_0600_in_a_0700_directory_in_wal_mode(tmp_path: Path) -> Non
     old = os.umask(0)  # the mode must not depend on the umask
     try:
         with State(path) as s:
-            s.set_flag("baseline_done", "1")
+            s.flags.set("baseline_done", "1")
             assert s.path == path
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
             wal = path.with_name("state.db-wal")
@@ -121,7 +121,7 @@ def test_file_readable_by_others_is_a_warning(
     make_state_file(path)
     path.chmod(0o644)
     with caplog.at_level(logging.WARNING, logger="imagepushd.state"), State(path) as s:
-        s.set_flag("x", "y")
+        s.flags.set("x", "y")
     assert f"state file {path} is accessible to group or others (mode 0644)" in caplog.text
     assert stat.S_IMODE(path.stat().st_mode) == 0o644  # warned, not changed
 
@@ -138,32 +138,32 @@ def test_empty_existing_file_becomes_a_state_file(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     path.touch(mode=0o600)
     with State(path) as s:
-        assert s.counts() == dict.fromkeys(JOB_STATUSES, 0)
+        assert s.jobs.counts() == dict.fromkeys(JOB_STATUSES, 0)
     assert pragma(path, "user_version") == len(MIGRATIONS)
 
 
 def test_reopen_keeps_everything(tmp_path: Path, clock: Clock) -> None:
     path = tmp_path / "state.db"
     with State(path, clock=clock) as s:
-        s.set_flag("baseline_done", "1")
-        s.update_seen({("default", "app:v1"): Seen(D1, 5.0, True)}, [])
-        s.record_push("r.example.com/app:v1", D1, "default", "app:v1", bytes=10, duration=0.5)
-        job = s.enqueue("default", "app:v1", D1, "r.example.com/app:v1", 2)
-        s.start(job.id)
-        s.fail(job.id, "boom", 2_000_000.0)
-        s.save_upload("r.example.com", "app", D2, "/v2/app/blobs/uploads/u1", 4096)
-        s.record_blobs("r.example.com", "app", [D1, D2])
+        s.flags.set("baseline_done", "1")
+        s.seen.update({("default", "app:v1"): Seen(D1, 5.0, True)}, [])
+        s.pushed.record("r.example.com/app:v1", D1, "default", "app:v1", bytes=10, duration=0.5)
+        job = s.jobs.enqueue("default", "app:v1", D1, "r.example.com/app:v1", 2)
+        s.jobs.start(job.id)
+        s.jobs.fail(job.id, "boom", 2_000_000.0)
+        s.uploads.save("r.example.com", "app", D2, "/v2/app/blobs/uploads/u1", 4096)
+        s.blobs.record("r.example.com", "app", [D1, D2])
     with State(path, clock=clock) as s:
-        assert s.get_flag("baseline_done") == "1"
-        assert s.seen() == {("default", "app:v1"): Seen(D1, 5.0, True)}
-        assert {(p.target, p.digest) for p in s.pushed()} == {("r.example.com/app:v1", D1)}
-        reopened = s.job(job.id)
+        assert s.flags.get("baseline_done") == "1"
+        assert s.seen.load() == {("default", "app:v1"): Seen(D1, 5.0, True)}
+        assert {(p.target, p.digest) for p in s.pushed.newest()} == {("r.example.com/app:v1", D1)}
+        reopened = s.jobs.get(job.id)
         assert reopened is not None
         assert (reopened.status, reopened.attempts, reopened.last_error) == ("failed", 1, "boom")
-        assert s.upload("r.example.com", "app", D2) == UploadSession(
+        assert s.uploads.get("r.example.com", "app", D2) == UploadSession(
             "r.example.com", "app", D2, "/v2/app/blobs/uploads/u1", 4096, clock.now
         )
-        assert s.blob_repositories("r.example.com", D2) == ["app"]
+        assert s.blobs.repositories("r.example.com", D2) == ["app"]
 
 
 def test_closed_state_refuses_and_close_is_idempotent(tmp_path: Path) -> None:
@@ -171,7 +171,7 @@ def test_closed_state_refuses_and_close_is_idempotent(tmp_path: Path) -> None:
     s.close()
     s.close()
     with pytest.raises(StateError, match="is closed"):
-        s.get_flag("x")
+        s.flags.get("x")
 
 
 def test_state_error_is_an_imagepushd_error() -> None:
@@ -183,19 +183,19 @@ def test_state_error_is_an_imagepushd_error() -> None:
 
 
 def test_flags(state: State) -> None:
-    assert state.get_flag("baseline_done") is None
-    state.set_flag("baseline_done", "1")
-    state.set_flag("baseline_done", "2")
-    state.set_flag("other", "")
-    assert state.get_flag("baseline_done") == "2"
-    assert state.get_flag("other") == ""
+    assert state.flags.get("baseline_done") is None
+    state.flags.set("baseline_done", "1")
+    state.flags.set("baseline_done", "2")
+    state.flags.set("other", "")
+    assert state.flags.get("baseline_done") == "2"
+    assert state.flags.get("other") == ""
 
 
 def test_update_seen_upserts_and_removes(state: State) -> None:
     a, b, c = ("default", "a:1"), ("default", "b:1"), ("k8s.io", "a:1")
-    state.update_seen({a: Seen(D1, 1.0, True), b: Seen(D2, 2.0, False)}, [])
-    state.update_seen({a: Seen(D3, 3.0, False), c: Seen(D1, 4.0, False)}, [b, ("x", "absent")])
-    assert state.seen() == {a: Seen(D3, 3.0, False), c: Seen(D1, 4.0, False)}
+    state.seen.update({a: Seen(D1, 1.0, True), b: Seen(D2, 2.0, False)}, [])
+    state.seen.update({a: Seen(D3, 3.0, False), c: Seen(D1, 4.0, False)}, [b, ("x", "absent")])
+    assert state.seen.load() == {a: Seen(D3, 3.0, False), c: Seen(D1, 4.0, False)}
 
 
 @dataclass(frozen=True)
@@ -208,21 +208,21 @@ class OtherSeen:
 
 
 def test_update_seen_takes_any_seen_shaped_record(state: State) -> None:
-    state.update_seen({("ns", "a"): OtherSeen(D1, 1.5)}, ())
-    assert state.seen() == {("ns", "a"): Seen(D1, 1.5, False)}
+    state.seen.update({("ns", "a"): OtherSeen(D1, 1.5)}, ())
+    assert state.seen.load() == {("ns", "a"): Seen(D1, 1.5, False)}
 
 
 def test_update_seen_is_one_transaction(state: State) -> None:
     a = ("default", "a:1")
-    state.update_seen({a: Seen(D1, 1.0, False)}, [])
+    state.seen.update({a: Seen(D1, 1.0, False)}, [])
 
     def removed() -> Iterator[tuple[str, str]]:
         yield a
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        state.update_seen({("default", "b:1"): Seen(D2, 2.0, False)}, removed())
-    assert state.seen() == {a: Seen(D1, 1.0, False)}
+        state.seen.update({("default", "b:1"): Seen(D2, 2.0, False)}, removed())
+    assert state.seen.load() == {a: Seen(D1, 1.0, False)}
 
 
 keys = st.tuples(st.sampled_from(["default", "k8s.io"]), st.sampled_from(["a", "b", "c", "d"]))
@@ -237,27 +237,27 @@ def test_seen_matches_a_dict_model(
     model: dict[tuple[str, str], Seen] = {}
     with tempfile.TemporaryDirectory() as tmp, State(Path(tmp) / "state.db") as s:
         for changed, removed in updates:
-            s.update_seen(changed, removed)
+            s.seen.update(changed, removed)
             model.update(changed)
             for key in removed:
                 model.pop(key, None)
-            assert s.seen() == model
+            assert s.seen.load() == model
 
 
 # ---------------------------------------------------------------------- pushed
 
 
 def test_record_push_upserts_and_lists_newest_first(state: State, clock: Clock) -> None:
-    first = state.record_push("r/a:1", D1, "default", "a:1", bytes=100, duration=1.5)
+    first = state.pushed.record("r/a:1", D1, "default", "a:1", bytes=100, duration=1.5)
     assert first == Pushed("r/a:1", D1, "default", "a:1", clock.now, 100, 1.5)
     clock.advance(10)
-    state.record_push("r/b:1", D2, "default", "b:1", bytes=200, duration=2.0)
+    state.pushed.record("r/b:1", D2, "default", "b:1", bytes=200, duration=2.0)
     clock.advance(10)
-    state.record_push("r/a:1", D2, "default", "a:1", bytes=300, duration=3.0)
+    state.pushed.record("r/a:1", D2, "default", "a:1", bytes=300, duration=3.0)
     clock.advance(10)
-    again = state.record_push("r/a:1", D1, "k8s.io", "a:1", bytes=111, duration=0.1)
-    assert state.pushed_count() == 3
-    listed = state.pushed()
+    again = state.pushed.record("r/a:1", D1, "k8s.io", "a:1", bytes=111, duration=0.1)
+    assert state.pushed.count() == 3
+    listed = state.pushed.newest()
     assert {(p.target, p.digest) for p in listed} == {("r/a:1", D1), ("r/b:1", D2), ("r/a:1", D2)}
     assert listed[0] == again
     assert [(p.target, p.digest) for p in listed] == [
@@ -265,37 +265,37 @@ def test_record_push_upserts_and_lists_newest_first(state: State, clock: Clock) 
         ("r/a:1", D2),
         ("r/b:1", D2),
     ]
-    assert state.pushed(limit=2) == listed[:2]
-    assert state.pushed(limit=0) == []
+    assert state.pushed.newest(limit=2) == listed[:2]
+    assert state.pushed.newest(limit=0) == []
 
 
 def test_holdings_are_the_newest_push_per_target(state: State, clock: Clock) -> None:
     """A → B → A on one tag: the target holds A again; ties on time go to the later row."""
-    assert state.holdings() == set()
-    state.record_push("r/a:1", D1, "ns", "a:1", bytes=1, duration=0)
+    assert state.pushed.holdings() == set()
+    state.pushed.record("r/a:1", D1, "ns", "a:1", bytes=1, duration=0)
     clock.advance(10)
-    state.record_push("r/a:1", D2, "ns", "a:1", bytes=1, duration=0)
-    state.record_push("r/b:1", D2, "ns", "b:1", bytes=1, duration=0)
-    assert state.holdings() == {("r/a:1", D2), ("r/b:1", D2)}
+    state.pushed.record("r/a:1", D2, "ns", "a:1", bytes=1, duration=0)
+    state.pushed.record("r/b:1", D2, "ns", "b:1", bytes=1, duration=0)
+    assert state.pushed.holdings() == {("r/a:1", D2), ("r/b:1", D2)}
     clock.advance(10)
-    state.record_push("r/a:1", D1, "ns", "a:1", bytes=1, duration=0)
-    assert state.holdings() == {("r/a:1", D1), ("r/b:1", D2)}
-    state.record_push("r/b:1", D1, "ns", "b:1", bytes=1, duration=0, pushed_at=clock.now)
-    state.record_push("r/b:1", D3, "ns", "b:1", bytes=1, duration=0, pushed_at=clock.now)
-    assert state.holdings() == {("r/a:1", D1), ("r/b:1", D3)}
+    state.pushed.record("r/a:1", D1, "ns", "a:1", bytes=1, duration=0)
+    assert state.pushed.holdings() == {("r/a:1", D1), ("r/b:1", D2)}
+    state.pushed.record("r/b:1", D1, "ns", "b:1", bytes=1, duration=0, pushed_at=clock.now)
+    state.pushed.record("r/b:1", D3, "ns", "b:1", bytes=1, duration=0, pushed_at=clock.now)
+    assert state.pushed.holdings() == {("r/a:1", D1), ("r/b:1", D3)}
 
 
 def test_record_push_takes_an_explicit_time(state: State) -> None:
-    record = state.record_push("r/a:1", D1, "ns", "a", bytes=1, duration=0, pushed_at=42.0)
+    record = state.pushed.record("r/a:1", D1, "ns", "a", bytes=1, duration=0, pushed_at=42.0)
     assert record.pushed_at == 42.0
-    assert state.pushed() == [record]
+    assert state.pushed.newest() == [record]
 
 
 # ---------------------------------------------------------------------- jobs
 
 
 def test_enqueue_creates_a_queued_job(state: State, clock: Clock) -> None:
-    job = state.enqueue("default", "a:1", D1, "r/a:1", 3)
+    job = state.jobs.enqueue("default", "a:1", D1, "r/a:1", 3)
     assert job == JobRecord(
         id=job.id,
         namespace="default",
@@ -310,39 +310,39 @@ def test_enqueue_creates_a_queued_job(state: State, clock: Clock) -> None:
         created=clock.now,
         updated=clock.now,
     )
-    assert state.job(job.id) == job
-    assert state.job(job.id + 1000) is None
+    assert state.jobs.get(job.id) == job
+    assert state.jobs.get(job.id + 1000) is None
 
 
 def test_enqueue_is_idempotent(state: State, clock: Clock) -> None:
-    job = state.enqueue("default", "a:1", D1, "r/a:1", 0)
-    state.start(job.id)
+    job = state.jobs.enqueue("default", "a:1", D1, "r/a:1", 0)
+    state.jobs.start(job.id)
     clock.advance(5)
-    again = state.enqueue("default", "a:1", D1, "r/a:1", 1, reopen=True)
-    assert again == state.job(job.id)
+    again = state.jobs.enqueue("default", "a:1", D1, "r/a:1", 1, reopen=True)
+    assert again == state.jobs.get(job.id)
     assert (again.status, again.rule, again.attempts) == ("running", 0, 1)
-    other = state.enqueue("default", "a:1", D1, "r2/a:1", 0)
-    moved = state.enqueue("default", "a:1", D2, "r/a:1", 0)
+    other = state.jobs.enqueue("default", "a:1", D1, "r2/a:1", 0)
+    moved = state.jobs.enqueue("default", "a:1", D2, "r/a:1", 0)
     assert len({job.id, other.id, moved.id}) == 3
-    assert len(state.jobs()) == 3
+    assert len(state.jobs.select()) == 3
 
 
 @pytest.mark.parametrize("end", ["done", "cancelled"])
 def test_enqueue_reopens_finished_jobs_only_when_asked(
     state: State, clock: Clock, end: str
 ) -> None:
-    job = state.enqueue("default", "a:1", D1, "r/a:1", 0)
-    state.start(job.id)
-    state.fail(job.id, "boom", 0.0)
-    state.start(job.id)
+    job = state.jobs.enqueue("default", "a:1", D1, "r/a:1", 0)
+    state.jobs.start(job.id)
+    state.jobs.fail(job.id, "boom", 0.0)
+    state.jobs.start(job.id)
     if end == "done":
-        state.finish(job.id)
+        state.jobs.finish(job.id)
     else:
-        state.cancel({job.id: "source deleted"})
+        state.jobs.cancel({job.id: "source deleted"})
     clock.advance(60)
-    kept = state.enqueue("default", "a:1", D1, "r/a:1", 0)
+    kept = state.jobs.enqueue("default", "a:1", D1, "r/a:1", 0)
     assert kept.status == end
-    reopened = state.enqueue("default", "a:1", D1, "r/a:1", 4, reopen=True)
+    reopened = state.jobs.enqueue("default", "a:1", D1, "r/a:1", 4, reopen=True)
     assert reopened.id == job.id
     assert reopened.status == "queued"
     assert reopened.attempts == 0
@@ -350,244 +350,250 @@ def test_enqueue_reopens_finished_jobs_only_when_asked(
     assert reopened.rule == 4
     assert reopened.next_attempt == clock.now
     assert reopened.created == job.created
-    assert state.due(clock.now, 10) == [reopened]
+    assert state.jobs.due(clock.now, 10) == [reopened]
 
 
 def test_enqueue_not_before(state: State, clock: Clock) -> None:
-    job = state.enqueue("default", "a:1", D1, "r/a:1", 0, not_before=clock.now + 1)
+    job = state.jobs.enqueue("default", "a:1", D1, "r/a:1", 0, not_before=clock.now + 1)
     assert job.next_attempt == clock.now + 1
-    assert state.due(clock.now, 10) == []
-    assert state.due(clock.now + 1, 10) == [job]
+    assert state.jobs.due(clock.now, 10) == []
+    assert state.jobs.due(clock.now + 1, 10) == [job]
 
 
 def test_due_lists_queued_and_failed_jobs_longest_overdue_first(state: State, clock: Clock) -> None:
-    a = state.enqueue("ns", "a", D1, "t", 0)
+    a = state.jobs.enqueue("ns", "a", D1, "t", 0)
     clock.advance(1)
-    b = state.enqueue("ns", "b", D1, "t", 0)
+    b = state.jobs.enqueue("ns", "b", D1, "t", 0)
     clock.advance(1)
-    c = state.enqueue("ns", "c", D1, "t", 0)
-    d = state.enqueue("ns", "d", D1, "t", 0)
-    e = state.enqueue("ns", "e", D1, "t", 0)
-    f = state.enqueue("ns", "f", D1, "t", 0)
-    state.start(a.id)
-    state.fail(a.id, "later", clock.now + 100)  # failed, not yet due
-    state.start(b.id)
-    state.fail(b.id, "retry", clock.now - 10)  # failed and overdue
-    state.start(d.id)  # running
-    state.start(e.id)
-    state.finish(e.id)  # done
-    state.cancel({f.id: "gone"})  # cancelled
-    assert [j.id for j in state.due(clock.now, 10)] == [b.id, c.id]
-    assert [j.id for j in state.due(clock.now, 1)] == [b.id]
-    assert [j.id for j in state.due(clock.now + 100, 10)] == [b.id, c.id, a.id]
+    c = state.jobs.enqueue("ns", "c", D1, "t", 0)
+    d = state.jobs.enqueue("ns", "d", D1, "t", 0)
+    e = state.jobs.enqueue("ns", "e", D1, "t", 0)
+    f = state.jobs.enqueue("ns", "f", D1, "t", 0)
+    state.jobs.start(a.id)
+    state.jobs.fail(a.id, "later", clock.now + 100)  # failed, not yet due
+    state.jobs.start(b.id)
+    state.jobs.fail(b.id, "retry", clock.now - 10)  # failed and overdue
+    state.jobs.start(d.id)  # running
+    state.jobs.start(e.id)
+    state.jobs.finish(e.id)  # done
+    state.jobs.cancel({f.id: "gone"})  # cancelled
+    assert [j.id for j in state.jobs.due(clock.now, 10)] == [b.id, c.id]
+    assert [j.id for j in state.jobs.due(clock.now, 1)] == [b.id]
+    assert [j.id for j in state.jobs.due(clock.now + 100, 10)] == [b.id, c.id, a.id]
     # What the daemon sleeps until: the next attempt still ahead (due ones are not counted).
-    assert state.next_attempt_after(clock.now) == clock.now + 100
-    assert state.next_attempt_after(clock.now + 100) is None
+    assert state.jobs.next_attempt_after(clock.now) == clock.now + 100
+    assert state.jobs.next_attempt_after(clock.now + 100) is None
 
 
 def test_due_skips_jobs_of_the_registries_asked(state: State, clock: Clock) -> None:
     """A down registry's jobs are left out by target host, exactly (not by string prefix)."""
-    a = state.enqueue("ns", "a", D1, "reg.example:5000/team/a:1", 0)
-    b = state.enqueue("ns", "b", D1, "reg.example/team/b:1", 0)
-    c = state.enqueue("ns", "c", D1, "reg.example:5000/c:1", 0)
-    d = state.enqueue("ns", "d", D1, "other.example/d:1", 0)
-    assert state.due(clock.now, 10, ["reg.example:5000"]) == [b, d]
-    assert state.due(clock.now, 1, ["reg.example:5000", "reg.example"]) == [d]
-    assert state.due(clock.now, 10, ["reg.example"]) == [a, c, d]
-    assert state.due(clock.now, 10, ()) == [a, b, c, d]
-    state.start(c.id)
-    state.cancel({d.id: "gone"})
-    assert state.open_jobs_on("reg.example:5000") == 2  # queued and running count
-    assert state.open_jobs_on("reg.example") == 1
-    assert state.open_jobs_on("other.example") == 0
+    a = state.jobs.enqueue("ns", "a", D1, "reg.example:5000/team/a:1", 0)
+    b = state.jobs.enqueue("ns", "b", D1, "reg.example/team/b:1", 0)
+    c = state.jobs.enqueue("ns", "c", D1, "reg.example:5000/c:1", 0)
+    d = state.jobs.enqueue("ns", "d", D1, "other.example/d:1", 0)
+    assert state.jobs.due(clock.now, 10, ["reg.example:5000"]) == [b, d]
+    assert state.jobs.due(clock.now, 1, ["reg.example:5000", "reg.example"]) == [d]
+    assert state.jobs.due(clock.now, 10, ["reg.example"]) == [a, c, d]
+    assert state.jobs.due(clock.now, 10, ()) == [a, b, c, d]
+    state.jobs.start(c.id)
+    state.jobs.cancel({d.id: "gone"})
+    assert state.jobs.open_on("reg.example:5000") == 2  # queued and running count
+    assert state.jobs.open_on("reg.example") == 1
+    assert state.jobs.open_on("other.example") == 0
 
 
 def test_start_counts_attempts_and_refuses_unstartable_jobs(state: State, clock: Clock) -> None:
-    job = state.enqueue("ns", "a", D1, "t", 0)
+    job = state.jobs.enqueue("ns", "a", D1, "t", 0)
     clock.advance(1)
-    started = state.start(job.id)
+    started = state.jobs.start(job.id)
     assert started is not None
     assert (started.status, started.attempts, started.updated) == ("running", 1, clock.now)
-    assert state.start(job.id) is None  # already running
-    state.fail(job.id, "x", 0)
-    again = state.start(job.id)
+    assert state.jobs.start(job.id) is None  # already running
+    state.jobs.fail(job.id, "x", 0)
+    again = state.jobs.start(job.id)
     assert again is not None
     assert again.attempts == 2
-    state.finish(job.id)
-    assert state.start(job.id) is None  # done
-    gone = state.enqueue("ns", "b", D1, "t", 0)
-    state.cancel({gone.id: "deleted"})
-    assert state.start(gone.id) is None  # cancelled since due() listed it
-    assert state.start(9999) is None
+    state.jobs.finish(job.id)
+    assert state.jobs.start(job.id) is None  # done
+    gone = state.jobs.enqueue("ns", "b", D1, "t", 0)
+    state.jobs.cancel({gone.id: "deleted"})
+    assert state.jobs.start(gone.id) is None  # cancelled since due() listed it
+    assert state.jobs.start(9999) is None
 
 
 def test_finish(state: State) -> None:
-    job = state.enqueue("ns", "a", D1, "t", 0)
-    state.start(job.id)
-    state.fail(job.id, "boom", 0)
-    state.start(job.id)
-    assert state.finish(job.id)
-    done = state.job(job.id)
+    job = state.jobs.enqueue("ns", "a", D1, "t", 0)
+    state.jobs.start(job.id)
+    state.jobs.fail(job.id, "boom", 0)
+    state.jobs.start(job.id)
+    assert state.jobs.finish(job.id)
+    done = state.jobs.get(job.id)
     assert done is not None
     assert (done.status, done.attempts, done.last_error) == ("done", 2, None)
-    assert not state.finish(9999)
+    assert not state.jobs.finish(9999)
 
 
 def test_fail_truncates_and_leaves_finished_jobs_alone(state: State, clock: Clock) -> None:
-    job = state.enqueue("ns", "a", D1, "t", 0)
-    state.start(job.id)
-    assert state.fail(job.id, "x" * 5000, clock.now + 30)
-    failed = state.job(job.id)
+    job = state.jobs.enqueue("ns", "a", D1, "t", 0)
+    state.jobs.start(job.id)
+    assert state.jobs.fail(job.id, "x" * 5000, clock.now + 30)
+    failed = state.jobs.get(job.id)
     assert failed is not None
     assert failed.status == "failed"
     assert failed.next_attempt == clock.now + 30
     assert failed.last_error is not None
     assert len(failed.last_error) == MAX_ERROR_LENGTH
     assert failed.last_error.startswith("x" * 900)
-    assert state.fail(job.id, "short", clock.now)  # a failed job can fail again
-    state.finish(job.id)
-    assert not state.fail(job.id, "late", clock.now)
-    done = state.job(job.id)
+    assert state.jobs.fail(job.id, "short", clock.now)  # a failed job can fail again
+    state.jobs.finish(job.id)
+    assert not state.jobs.fail(job.id, "late", clock.now)
+    done = state.jobs.get(job.id)
     assert done is not None
     assert done.status == "done"
 
 
 def test_cancel(state: State) -> None:
-    jobs = [state.enqueue("ns", name, D1, "t", 0) for name in "abcd"]
-    state.start(jobs[1].id)
-    state.start(jobs[2].id)
-    state.finish(jobs[2].id)
+    jobs = [state.jobs.enqueue("ns", name, D1, "t", 0) for name in "abcd"]
+    state.jobs.start(jobs[1].id)
+    state.jobs.start(jobs[2].id)
+    state.jobs.finish(jobs[2].id)
     reasons = {j.id: "source deleted " + "y" * 2000 for j in jobs}
-    count = state.cancel({**reasons, 9999: "no such job"})
+    count = state.jobs.cancel({**reasons, 9999: "no such job"})
     assert count == 3  # queued, running and ... not the done one, not the missing one
-    statuses = {j.name: j.status for j in state.jobs()}
+    statuses = {j.name: j.status for j in state.jobs.select()}
     assert statuses == {"a": "cancelled", "b": "cancelled", "c": "done", "d": "cancelled"}
-    cancelled = state.job(jobs[0].id)
+    cancelled = state.jobs.get(jobs[0].id)
     assert cancelled is not None
     assert cancelled.last_error is not None
     assert cancelled.last_error.startswith("source deleted ")
     assert len(cancelled.last_error) == MAX_ERROR_LENGTH
-    assert state.cancel({}) == 0
+    assert state.jobs.cancel({}) == 0
 
 
 def test_cancel_keeps_each_jobs_reason(state: State, clock: Clock) -> None:
-    a = state.enqueue("ns", "a", D1, "t", 0)
-    b = state.enqueue("ns", "b", D1, "t", 0)
-    state.cancel({a.id: "ns/a was deleted"})
+    a = state.jobs.enqueue("ns", "a", D1, "t", 0)
+    b = state.jobs.enqueue("ns", "b", D1, "t", 0)
+    state.jobs.cancel({a.id: "ns/a was deleted"})
     clock.now += 5
-    state.cancel({b.id: "ns/b moved to sha256:x"})
-    assert [(j.name, j.last_error) for j in state.cancelled(limit=10)] == [
+    state.jobs.cancel({b.id: "ns/b moved to sha256:x"})
+    assert [(j.name, j.last_error) for j in state.jobs.cancelled(limit=10)] == [
         ("b", "ns/b moved to sha256:x"),
         ("a", "ns/a was deleted"),
     ]
-    assert [j.name for j in state.cancelled(limit=1)] == ["b"]
+    assert [j.name for j in state.jobs.cancelled(limit=1)] == ["b"]
 
 
 def test_requeue_running_keeps_attempts(tmp_path: Path, clock: Clock) -> None:
     path = tmp_path / "state.db"
     with State(path, clock=clock) as s:
-        a = s.enqueue("ns", "a", D1, "t", 0)
-        b = s.enqueue("ns", "b", D1, "t", 0)
-        s.start(a.id)
-        s.fail(a.id, "boom", 0)
-        s.start(a.id)
-        s.start(b.id)
-        s.finish(b.id)
+        a = s.jobs.enqueue("ns", "a", D1, "t", 0)
+        b = s.jobs.enqueue("ns", "b", D1, "t", 0)
+        s.jobs.start(a.id)
+        s.jobs.fail(a.id, "boom", 0)
+        s.jobs.start(a.id)
+        s.jobs.start(b.id)
+        s.jobs.finish(b.id)
     # the daemon was killed with a running; a new one starts
     with State(path, clock=clock) as s:
-        assert s.requeue_running() == 1
-        requeued = s.job(a.id)
+        assert s.jobs.requeue_running() == 1
+        requeued = s.jobs.get(a.id)
         assert requeued is not None
         assert (requeued.status, requeued.attempts) == ("queued", 2)
         assert requeued.last_error == "boom"
-        assert [j.id for j in s.due(clock.now, 10)] == [a.id]
-        assert s.requeue_running() == 0
+        assert [j.id for j in s.jobs.due(clock.now, 10)] == [a.id]
+        assert s.jobs.requeue_running() == 0
 
 
 def test_jobs_and_counts(state: State) -> None:
-    a = state.enqueue("ns", "a", D1, "t", 0)
-    b = state.enqueue("ns", "b", D1, "t", 0)
-    c = state.enqueue("ns", "c", D1, "t", 0)
-    state.start(b.id)
-    state.start(c.id)
-    state.fail(c.id, "x", 0)
-    assert [j.id for j in state.jobs()] == [a.id, b.id, c.id]
-    assert [j.id for j in state.jobs({"queued", "failed"})] == [a.id, c.id]
-    assert state.jobs([]) == []
-    assert state.counts() == {"queued": 1, "running": 1, "failed": 1, "done": 0, "cancelled": 0}
+    a = state.jobs.enqueue("ns", "a", D1, "t", 0)
+    b = state.jobs.enqueue("ns", "b", D1, "t", 0)
+    c = state.jobs.enqueue("ns", "c", D1, "t", 0)
+    state.jobs.start(b.id)
+    state.jobs.start(c.id)
+    state.jobs.fail(c.id, "x", 0)
+    assert [j.id for j in state.jobs.select()] == [a.id, b.id, c.id]
+    assert [j.id for j in state.jobs.select({"queued", "failed"})] == [a.id, c.id]
+    assert state.jobs.select([]) == []
+    assert state.jobs.counts() == {
+        "queued": 1,
+        "running": 1,
+        "failed": 1,
+        "done": 0,
+        "cancelled": 0,
+    }
     with pytest.raises(ValueError, match="unknown job status bogus"):
-        state.jobs(["bogus"])
+        state.jobs.select(["bogus"])
 
 
 def test_prune_jobs(state: State, clock: Clock) -> None:
-    old_done = state.enqueue("ns", "a", D1, "t", 0)
-    state.finish(old_done.id)
-    old_queued = state.enqueue("ns", "b", D1, "t", 0)
+    old_done = state.jobs.enqueue("ns", "a", D1, "t", 0)
+    state.jobs.finish(old_done.id)
+    old_queued = state.jobs.enqueue("ns", "b", D1, "t", 0)
     clock.advance(100)
-    new_done = state.enqueue("ns", "c", D1, "t", 0)
-    state.finish(new_done.id)
-    assert state.prune_jobs(older_than=50) == 1
-    assert [j.id for j in state.jobs()] == [old_queued.id, new_done.id]
+    new_done = state.jobs.enqueue("ns", "c", D1, "t", 0)
+    state.jobs.finish(new_done.id)
+    assert state.jobs.prune(older_than=50) == 1
+    assert [j.id for j in state.jobs.select()] == [old_queued.id, new_done.id]
 
 
 # ---------------------------------------------------------------------- uploads and blobs
 
 
 def test_upload_sessions(state: State, clock: Clock) -> None:
-    assert state.upload("r", "app", D1) is None
-    state.save_upload("r", "app", D1, "https://r/v2/app/blobs/uploads/1", 0)
+    assert state.uploads.get("r", "app", D1) is None
+    state.uploads.save("r", "app", D1, "https://r/v2/app/blobs/uploads/1", 0)
     clock.advance(5)
-    state.save_upload("r", "app", D1, "https://r/v2/app/blobs/uploads/1?state=2", 8192)
-    state.save_upload("r", "other", D1, "https://r/v2/other/blobs/uploads/9", 10)
-    assert state.upload("r", "app", D1) == UploadSession(
+    state.uploads.save("r", "app", D1, "https://r/v2/app/blobs/uploads/1?state=2", 8192)
+    state.uploads.save("r", "other", D1, "https://r/v2/other/blobs/uploads/9", 10)
+    assert state.uploads.get("r", "app", D1) == UploadSession(
         "r", "app", D1, "https://r/v2/app/blobs/uploads/1?state=2", 8192, clock.now
     )
-    state.drop_upload("r", "app", D1)
-    state.drop_upload("r", "app", D1)
-    assert state.upload("r", "app", D1) is None
-    assert state.upload("r", "other", D1) is not None
+    state.uploads.drop("r", "app", D1)
+    state.uploads.drop("r", "app", D1)
+    assert state.uploads.get("r", "app", D1) is None
+    assert state.uploads.get("r", "other", D1) is not None
 
 
 def test_upload_sessions_serve_as_the_uploaders_session_store(state: State) -> None:
-    store: SessionStore = state.upload_sessions("r.example.com")
+    store: SessionStore = state.uploads.sessions("r.example.com")
     assert store.load("app", D1) is None
     store.save("app", D1, "https://r.example.com/v2/app/blobs/uploads/1", 4096)
     assert store.load("app", D1) == ("https://r.example.com/v2/app/blobs/uploads/1", 4096)
-    assert state.upload("r.example.com", "app", D1) is not None
-    assert state.upload_sessions("other.example.com").load("app", D1) is None
+    assert state.uploads.get("r.example.com", "app", D1) is not None
+    assert state.uploads.sessions("other.example.com").load("app", D1) is None
     store.drop("app", D1)
     assert store.load("app", D1) is None
 
 
 def test_drop_stale_uploads(state: State, clock: Clock) -> None:
-    state.save_upload("r", "old", D1, "u1", 1)
+    state.uploads.save("r", "old", D1, "u1", 1)
     clock.advance(3600)
-    state.save_upload("r", "new", D1, "u2", 2)
+    state.uploads.save("r", "new", D1, "u2", 2)
     clock.advance(60)
-    assert state.drop_stale_uploads(older_than=600) == 1
-    assert state.upload("r", "old", D1) is None
-    assert state.upload("r", "new", D1) is not None
+    assert state.uploads.drop_stale(older_than=600) == 1
+    assert state.uploads.get("r", "old", D1) is None
+    assert state.uploads.get("r", "new", D1) is not None
 
 
 def test_blob_repositories_most_recent_first(state: State, clock: Clock) -> None:
-    state.record_blobs("r", "a", [D1, D2])
+    state.blobs.record("r", "a", [D1, D2])
     clock.advance(1)
-    state.record_blobs("r", "b", [D1])
+    state.blobs.record("r", "b", [D1])
     clock.advance(1)
-    state.record_blobs("r", "c", iter([D1]))
+    state.blobs.record("r", "c", iter([D1]))
     clock.advance(1)
-    state.record_blobs("r", "d", [D1])
-    state.record_blobs("other", "z", [D1])
+    state.blobs.record("r", "d", [D1])
+    state.blobs.record("other", "z", [D1])
     clock.advance(1)
-    state.record_blobs("r", "a", [D1])  # seen again: most recent now
-    assert state.blob_repositories("r", D1) == ["a", "d", "c"]
-    assert state.blob_repositories("r", D1, limit=10) == ["a", "d", "c", "b"]
-    assert state.blob_repositories("r", D2) == ["a"]
-    assert state.blob_repositories("r", D3) == []
-    assert state.blob_repositories("other", D1) == ["z"]
-    state.drop_blob("r", "a", D1)
-    assert state.blob_repositories("r", D1, limit=1) == ["d"]
-    state.record_blobs("r", "e", [])
+    state.blobs.record("r", "a", [D1])  # seen again: most recent now
+    assert state.blobs.repositories("r", D1) == ["a", "d", "c"]
+    assert state.blobs.repositories("r", D1, limit=10) == ["a", "d", "c", "b"]
+    assert state.blobs.repositories("r", D2) == ["a"]
+    assert state.blobs.repositories("r", D3) == []
+    assert state.blobs.repositories("other", D1) == ["z"]
+    state.blobs.drop("r", "a", D1)
+    assert state.blobs.repositories("r", D1, limit=1) == ["d"]
+    state.blobs.record("r", "e", [])
 
 
 # ---------------------------------------------------------------------- summary
@@ -603,13 +609,13 @@ def test_summary(state: State, clock: Clock) -> None:
         "failing": [],
         "registries": [],
     }
-    state.record_push("r/a:1", D1, "ns", "a:1", bytes=1, duration=1)
+    state.pushed.record("r/a:1", D1, "ns", "a:1", bytes=1, duration=1)
     clock.advance(10)
-    state.record_push("r/b:1", D1, "ns", "b:1", bytes=1, duration=1)
-    ok = state.enqueue("ns", "a:1", D1, "r/a:1", 0)
-    bad = state.enqueue("ns", "c:1", D2, "r/c:1", 0)
-    state.start(bad.id)
-    state.fail(bad.id, "503 Service Unavailable", clock.now + 30)
+    state.pushed.record("r/b:1", D1, "ns", "b:1", bytes=1, duration=1)
+    ok = state.jobs.enqueue("ns", "a:1", D1, "r/a:1", 0)
+    bad = state.jobs.enqueue("ns", "c:1", D2, "r/c:1", 0)
+    state.jobs.start(bad.id)
+    state.jobs.fail(bad.id, "503 Service Unavailable", clock.now + 30)
     summary = state.summary()
     assert summary["jobs"]["queued"] == 1
     assert summary["jobs"]["failed"] == 1
@@ -632,15 +638,15 @@ def test_summary(state: State, clock: Clock) -> None:
 
 
 def test_registry_health_is_kept_for_status(state: State, clock: Clock) -> None:
-    state.save_registry("r.example", up=True, since=clock.now, last_error=None, held_until=None)
-    state.save_registry("a.example", up=True, since=1.0, last_error=None, held_until=None)
-    state.enqueue("ns", "x", D1, "r.example/x:1", 0)
-    state.enqueue("ns", "y", D1, "r.example/y:1", 0)
+    state.registries.save("r.example", up=True, since=clock.now, last_error=None, held_until=None)
+    state.registries.save("a.example", up=True, since=1.0, last_error=None, held_until=None)
+    state.jobs.enqueue("ns", "x", D1, "r.example/x:1", 0)
+    state.jobs.enqueue("ns", "y", D1, "r.example/y:1", 0)
     clock.advance(5)
-    state.save_registry(
+    state.registries.save(
         "r.example", up=False, since=clock.now, last_error="x" * 2000, held_until=None
     )
-    state.save_registry("a.example", up=True, since=1.0, last_error="429", held_until=99.0)
+    state.registries.save("a.example", up=True, since=1.0, last_error="429", held_until=99.0)
     down, held = state.summary()["registries"][::-1]
     assert down == {
         "registry": "r.example",
@@ -658,18 +664,18 @@ def test_registry_health_is_kept_for_status(state: State, clock: Clock) -> None:
         "held_until": 99.0,
         "waiting": 0,
     }
-    state.forget_registries()
+    state.registries.forget()
     assert state.summary()["registries"] == []
 
 
 def test_a_version_2_file_gains_the_registries_table(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     with State(path, migrations=MIGRATIONS[:2]) as s:
-        s.enqueue("ns", "a", D1, "r.example/a:1", 0)
+        s.jobs.enqueue("ns", "a", D1, "r.example/a:1", 0)
     assert pragma(path, "user_version") == 2
     with State(path) as s:
-        assert s.open_jobs_on("r.example") == 1
-        s.save_registry("r.example", up=False, since=2.0, last_error="down", held_until=None)
+        assert s.jobs.open_on("r.example") == 1
+        s.registries.save("r.example", up=False, since=2.0, last_error="down", held_until=None)
         assert [r["registry"] for r in s.summary()["registries"]] == ["r.example"]
     assert pragma(path, "user_version") == len(MIGRATIONS) == 3
 
@@ -695,13 +701,13 @@ def test_concurrent_writers_stay_consistent(tmp_path: Path) -> None:
             s = states[k % 2]
             barrier.wait()
             for i in range(per_thread):
-                job = s.enqueue("ns", f"img-{i}", D1, f"t{k // 2}", 0)
-                if s.start(job.id) is not None:
+                job = s.jobs.enqueue("ns", f"img-{i}", D1, f"t{k // 2}", 0)
+                if s.jobs.start(job.id) is not None:
                     started[k] += 1
-                    s.record_push(job.target, f"{D1}-{i}", "ns", job.name, bytes=i, duration=0)
-                    assert s.finish(job.id)
-                s.save_upload("r", f"repo{k}", f"{i}", "loc", i)
-                s.record_blobs("r", f"repo{k}", [f"{i}"])
+                    s.pushed.record(job.target, f"{D1}-{i}", "ns", job.name, bytes=i, duration=0)
+                    assert s.jobs.finish(job.id)
+                s.uploads.save("r", f"repo{k}", f"{i}", "loc", i)
+                s.blobs.record("r", f"repo{k}", [f"{i}"])
         except BaseException as exc:
             errors.append(exc)
 
@@ -715,12 +721,14 @@ def test_concurrent_writers_stay_consistent(tmp_path: Path) -> None:
         total = 4 * per_thread
         assert sum(started) == total
         s = states[0]
-        jobs = s.jobs()
+        jobs = s.jobs.select()
         assert len(jobs) == total
         assert all(j.status == "done" and j.attempts == 1 for j in jobs)
-        assert s.counts()["done"] == total
-        assert s.pushed_count() == total
-        assert all(s.upload("r", f"repo{k}", f"{per_thread - 1}") is not None for k in range(8))
+        assert s.jobs.counts()["done"] == total
+        assert s.pushed.count() == total
+        assert all(
+            s.uploads.get("r", f"repo{k}", f"{per_thread - 1}") is not None for k in range(8)
+        )
     finally:
         for s in states:
             s.close()
@@ -732,7 +740,7 @@ def test_concurrent_writers_stay_consistent(tmp_path: Path) -> None:
 def test_a_future_migration_runs_once_and_bumps_the_version(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     with State(path) as s:
-        s.set_flag("kept", "yes")
+        s.flags.set("kept", "yes")
     now = len(MIGRATIONS)
     assert pragma(path, "user_version") == now
     calls: list[int] = []
@@ -743,8 +751,8 @@ def test_a_future_migration_runs_once_and_bumps_the_version(tmp_path: Path) -> N
 
     migrations = (*MIGRATIONS, v2)
     with State(path, migrations=migrations) as s:
-        assert s.get_flag("kept") == "yes"
-        s.enqueue("ns", "a", D1, "t", 0)
+        assert s.flags.get("kept") == "yes"
+        s.jobs.enqueue("ns", "a", D1, "t", 0)
     assert calls == [now]
     assert pragma(path, "user_version") == now + 1
     State(path, migrations=migrations).close()
@@ -761,7 +769,7 @@ def test_a_future_migration_runs_once_and_bumps_the_version(tmp_path: Path) -> N
 def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     with State(path) as s:
-        s.set_flag("kept", "yes")
+        s.flags.set("kept", "yes")
 
     def v2(conn: sqlite3.Connection) -> None:
         conn.execute("CREATE TABLE extra (x INTEGER)")
@@ -774,7 +782,7 @@ def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert "extra" not in names
     with State(path) as s:
-        assert s.get_flag("kept") == "yes"
+        assert s.flags.get("kept") == "yes"
 
 
 # ---------------------------------------------------------------------- refusals
@@ -920,14 +928,14 @@ def test_permission_denied_is_refused_untouched(shared_dir: Path, mode: int) -> 
 
 def test_body_limits_are_kept_per_registry_for_a_day(tmp_path: Path, clock: Clock) -> None:
     with State(tmp_path / "state.db", clock=clock) as s:
-        store = s.body_limit("a.example")
+        store = s.body_limits.of("a.example")
         assert store.load() is None
         store.save(4 << 20)
         store.save(1 << 20)
         assert store.load() == 1 << 20
-        assert s.body_limit("b.example").load() is None
+        assert s.body_limits.of("b.example").load() is None
     clock.advance(BODY_LIMIT_MEMORY - 1)
     with State(tmp_path / "state.db", clock=clock) as s:
-        assert s.body_limit("a.example").load() == 1 << 20  # across restarts
+        assert s.body_limits.of("a.example").load() == 1 << 20  # across restarts
         clock.advance(2)
-        assert s.body_limit("a.example").load() is None  # learned again after a day
+        assert s.body_limits.of("a.example").load() is None  # learned again after a day
