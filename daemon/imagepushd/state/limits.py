@@ -10,7 +10,7 @@ BODY_LIMIT_MEMORY = 86400.0
 
 
 class BodyLimits:
-    """The ``body_limits`` table: the largest request body each registry took."""
+    """The ``body_limits`` table: the request-body limit each registry enforces, from its 413s."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
