@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from imagepushd.config import ConfigError, config_path, load_config, parse_config
-from imagepushd.errors import UsageError
-from imagepushd.push import PlatformPolicy
+from imagepushd.config import config_path, load_config, parse_config
+from imagepushd.errors import ConfigError, UsageError
+from imagepushd.platforms import PlatformPolicy
 
 FULL = """
 [containerd]

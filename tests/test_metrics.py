@@ -12,9 +12,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from imagepushd.config import ConfigError, parse_config
-from imagepushd.errors import ListenError
-from imagepushd.metrics import Listen, Metrics, MetricsServer, parse_listen
+from imagepushd.config import parse_config
+from imagepushd.errors import ConfigError, ListenError
+from imagepushd.listen import Listen, parse_listen
+from imagepushd.metrics import Metrics, MetricsServer
 from tests.support.cli import run_cli
 
 
@@ -100,21 +101,6 @@ def test_openmetrics_when_asked_for() -> None:
 
 
 # ---- listen addresses and [metrics] -------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("text", "listen"),
-    [
-        ("127.0.0.1:9464", Listen(host="127.0.0.1", port=9464)),
-        ("0.0.0.0:1", Listen(host="0.0.0.0", port=1)),
-        ("[::1]:9464", Listen(host="::1", port=9464)),
-        ("[0:0::1]:65535", Listen(host="::1", port=65535)),
-        ("unix:/run/imagepushd/metrics.sock", Listen(path=Path("/run/imagepushd/metrics.sock"))),
-    ],
-)
-def test_listen_forms(text: str, listen: Listen) -> None:
-    assert parse_listen(text) == listen
-    assert parse_listen(str(listen)) == listen
 
 
 @pytest.mark.parametrize(

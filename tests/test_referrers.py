@@ -22,6 +22,7 @@ from imagepushd.containerd.metadata import BlobRecord, ImageRecord, MetadataSnap
 from imagepushd.errors import ManifestError, MissingContentError
 from imagepushd.oci import OCI_INDEX, OCI_MANIFEST, Descriptor
 from imagepushd.planner import Job
+from imagepushd.platforms import host_platform
 from imagepushd.push import Pusher
 from imagepushd.reference import parse_reference
 from imagepushd.referrers import (
@@ -352,7 +353,7 @@ class Setup:
             found,
             content=self.store,
             known=self.snap.blobs["default"],
-            pusher=Pusher(self.store, self.client, BlobUploader(self.client)),
+            pusher=Pusher(self.store, self.client, BlobUploader(self.client), host=host_platform()),
             client=self.client,
             target=parse_reference(target),
             subject=self.app.digest,

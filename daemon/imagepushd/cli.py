@@ -22,11 +22,12 @@ from typing import Any, TextIO
 from imagepushd import __version__
 from imagepushd.archive import ArchiveStore
 from imagepushd.blobs import BlobStore
-from imagepushd.config import Config, ConfigError, config_path, load_config
+from imagepushd.config import Config, config_path, load_config
 from imagepushd.containerd.content import ContentStore, ImageGraph
 from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot, MetadataStore
 from imagepushd.containerd.roots import Found, discover_root
 from imagepushd.errors import (
+    ConfigError,
     ImageNotFoundError,
     ImagepushdError,
     InvalidReferenceError,
@@ -38,8 +39,9 @@ from imagepushd.layout import ExportImage, export_layout
 from imagepushd.logs import configure_logging
 from imagepushd.notify import Notifier
 from imagepushd.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
+from imagepushd.platforms import PlatformPolicy, host_platform
 from imagepushd.progress import ProgressRenderer
-from imagepushd.push import PlatformPolicy, Pusher, PushResult, host_platform
+from imagepushd.push import Pusher, PushResult
 from imagepushd.reference import Reference, parse_reference
 from imagepushd.referrers import ReferrerFinder, ReferrersResult, push_referrers
 from imagepushd.registry import login as registry_login
@@ -376,7 +378,14 @@ def _push_graph(
     renderer = None if args.json else ProgressRenderer(ctx.stderr, ctx.stderr.isatty())
     with RegistryClient(target.registry, settings=settings, credentials=credentials) as client:
         uploader = BlobUploader(client, chunk_size=args.chunk_size)
-        pusher = Pusher(content, client, uploader, concurrency=args.concurrency, on_event=renderer)
+        pusher = Pusher(
+            content,
+            client,
+            uploader,
+            host=host_platform(),
+            concurrency=args.concurrency,
+            on_event=renderer,
+        )
         try:
             result = pusher.push(graph, target, policy, mount_sources)
             extra = None if referrers is None else referrers(pusher, client, result)

@@ -13,30 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from imagepushd.errors import ImagepushdError, UsageError
-from imagepushd.metrics import Listen, parse_listen
-from imagepushd.push import PlatformPolicy
+from imagepushd.errors import ConfigError, ImagepushdError, UsageError
+from imagepushd.listen import Listen, parse_listen
+from imagepushd.platforms import PlatformPolicy
 from imagepushd.rules import Glob, Rule, check_template
 from imagepushd.units import parse_duration, parse_size
 
 DEFAULT_PATH = Path("/etc/imagepushd/config.toml")
 DEFAULT_STATE = Path("/var/lib/imagepushd/state.db")
 T = TypeVar("T")
-
-
-class ConfigError(ImagepushdError):
-    """The configuration is invalid; ``problems`` lists every one (exit 2)."""
-
-    exit_code = 2
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        super().__init__(
-            f"{source}: {len(problems)} problem(s): " + "; ".join(problems)
-            if len(problems) > 1
-            else f"{source}: {problems[0]}"
-        )
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@
     ImagepushdError                 every error this package raises on purpose (exit 1)
     ├── UsageError                  bad command-line input (exit 2)
     ├── InvalidReferenceError       an image reference does not parse or normalise (exit 2)
+    ├── ConfigError                 the configuration is invalid (lists every problem; exit 2)
     ├── ContainerdError             reading containerd's root, metadata or content
     │   ├── RootNotFoundError       no containerd root (names every path tried)
     │   ├── BoltFormatError         meta.db is not a bbolt file or its tree is inconsistent
@@ -54,6 +55,24 @@ class InvalidReferenceError(ImagepushdError):
     """
 
     exit_code = 2
+
+
+class ConfigError(ImagepushdError):
+    """The configuration is invalid; ``problems`` lists every one (exit 2).
+
+    One error for the whole file, so an operator fixes every problem in one go.
+    """
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(
+            f"{source}: {len(problems)} problem(s): " + "; ".join(problems)
+            if len(problems) > 1
+            else f"{source}: {problems[0]}"
+        )
 
 
 class ContainerdError(ImagepushdError):

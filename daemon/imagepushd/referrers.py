@@ -40,7 +40,8 @@ from imagepushd.oci import (
     load_object,
 )
 from imagepushd.planner import Job
-from imagepushd.push import PlatformPolicy, Pusher, PushResult
+from imagepushd.platforms import PlatformPolicy
+from imagepushd.push import Pusher, PushResult
 from imagepushd.reference import Reference, parse_reference
 from imagepushd.registry.client import RegistryClient
 from imagepushd.rules import Rule, match_image

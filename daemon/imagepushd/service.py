@@ -41,7 +41,8 @@ from imagepushd.metrics import Metrics, MetricsServer
 from imagepushd.notify import Notifier, watchdog_interval
 from imagepushd.oci import Descriptor
 from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide
-from imagepushd.push import Pusher, PushResult, host_platform, plan
+from imagepushd.platforms import host_platform, select_manifests
+from imagepushd.push import Pusher, PushResult
 from imagepushd.reference import parse_reference
 from imagepushd.referrers import ReferrerFinder, ReferrerPushed, push_referrers, repush_jobs
 from imagepushd.registry.bodylimit import BodyLimit
@@ -98,10 +99,10 @@ def image_view(
 def _partial_ok(graph: ImageGraph, config: Config) -> bool:
     """Whether the platforms policy can push something from an incomplete index.
 
-    The push's own planner decides, so attestations and the host platform count as they will.
+    The push's own selection decides, so attestations and the host platform count as they will.
     """
     try:
-        plan(graph, config.push.platforms, host_platform())
+        select_manifests(graph, config.push.platforms, host_platform())
     except MissingContentError:
         return False
     return True
@@ -607,6 +608,7 @@ class Service:
             self._content,
             client,
             uploader,
+            host=host_platform(),
             concurrency=settings.concurrency or config.push.concurrency,
         )
         started = time.monotonic()

@@ -22,7 +22,8 @@ import pytest
 from imagepushd.blobs import BlobSource
 from imagepushd.containerd.content import ContentStore
 from imagepushd.oci import Descriptor
-from imagepushd.push import PlatformPolicy, Pusher
+from imagepushd.platforms import PlatformPolicy, host_platform
+from imagepushd.push import Pusher
 from imagepushd.reference import parse_reference
 from imagepushd.registry.client import HostSettings, RegistryClient
 from imagepushd.registry.upload import BlobUploader
@@ -270,7 +271,7 @@ def test_push_reads_nothing_the_walk_read(
     known = containerd.content_digests()
     graph = store.walk(Descriptor(root.media_type, root.digest, root.size), known)
     with RegistryClient(target.registry, settings=HostSettings(plain_http=True)) as client:
-        pusher = Pusher(counting, client, BlobUploader(client))
+        pusher = Pusher(counting, client, BlobUploader(client), host=host_platform())
         result = pusher.push(graph, target, PlatformPolicy("available"))
     assert counting.calls == ["source"] * result.pushed_blobs
     assert result.pushed_blobs == len(blobs(arm_gone["amd"])) + len(blobs(arm_gone["amd-att"]))
