@@ -6,7 +6,7 @@ APT_PACKAGES := containerd docker-registry skopeo strace nginx prometheus docker
                 systemd-container mmdebstrap libsystemd-dev pkg-config gcc python3-dev python3-venv
 PYTEST_ARGS ?=
 
-.PHONY: apt test lint typecheck unit deps venv demo bench-scan clean deb dist
+.PHONY: apt test lint typecheck unit deps venv demo bench-scan bench-busy clean deb dist
 
 ## make test: install everything needed, then lint, type-check and run the whole suite.
 test: deps lint typecheck
@@ -46,6 +46,9 @@ typecheck: venv
 
 bench-scan: deps
 	$(BIN)/python bench/scan.py
+
+bench-busy: deps
+	$(BIN)/python bench/busy.py
 
 ## make deb: dist/imagepushd_<version>_all.deb with Debian's tooling (dh + pybuild), then lintian.
 deb:

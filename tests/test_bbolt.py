@@ -658,3 +658,111 @@ def test_a_remembered_leaf_shape_still_checks_keys_and_bounds(tmp_path: Path) ->
 
     with BoltFile(path) as bolt:
         bolt.view(parse)
+
+
+# ---------------------------------------------------------------------- change detection
+
+
+def _images_and_blobs(data: bytes, tmp_path: Path) -> tuple[tuple[bytes, bytes], ...]:
+    """(ref, fingerprint) of the namespace's images bucket and content/blob bucket."""
+
+    def both(tx: Tx) -> tuple[tuple[bytes, bytes], ...]:
+        images = _images_bucket(tx)
+        v1 = tx.root.bucket(b"v1")
+        ns = v1.bucket(NAMESPACE.encode()) if v1 is not None else None
+        content = ns.bucket(b"content") if ns is not None else None
+        blobs = content.bucket(b"blob") if content is not None else None
+        assert blobs is not None and not images.inline and not blobs.inline
+        return (images.ref, images.fingerprint()), (blobs.ref, blobs.fingerprint())
+
+    with BoltFile(_write(tmp_path, data, "probe.db")) as bolt:
+        return bolt.view(both)
+
+
+def test_ref_and_fingerprint_follow_what_the_last_operation_changed(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    """The last ctr operation (a label on one image) rewrote the images bucket, not the blobs'."""
+    images_before, blobs_before = _images_and_blobs(corpus.before_last, tmp_path)
+    images_after, blobs_after = _images_and_blobs(corpus.pristine, tmp_path)
+    assert images_before[0] != images_after[0]
+    assert images_before[1] != images_after[1]
+    assert blobs_before == blobs_after
+    # A page-backed bucket's ref is its root page id (and sequence): 16 bytes.
+    assert len(images_after[0]) == 16
+    assert struct.unpack("<Q", images_after[0][:8])[0] == _images_root_pgid(
+        corpus.pristine, tmp_path
+    )
+    # The fingerprint covers every page of the bucket's own tree: 300 names need several.
+    assert len(images_after[1]) > 2 * (8 + PAGE_SIZE)
+    assert _images_and_blobs(corpus.pristine, tmp_path) == (images_after, blobs_after)
+
+
+def _leaf_pages_of_images(data: bytes, tmp_path: Path) -> list[int]:
+    def leaves(tx: Tx) -> list[int]:
+        root = _images_bucket(tx)._root
+        node = tx.node(root)
+        assert isinstance(node, bbolt._Branch)
+        return list(node.children)
+
+    with BoltFile(_write(tmp_path, data, "probe.db")) as bolt:
+        return bolt.view(leaves)
+
+
+def test_fingerprint_sees_entries_changed_under_an_unchanged_root(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    """A root page reused across commits keeps the ref; the leaves below tell the change.
+
+    A record's own page (a sub-bucket) is not covered: only reading it tells.
+    """
+    data = corpus.pristine
+    (ref, fingerprint), _blobs = _images_and_blobs(data, tmp_path)
+    leaf = _leaf_pages_of_images(data, tmp_path)[-1]
+    assert page_header(data, leaf)[1] == FLAG_LEAF
+    # The last byte of the leaf's used area (a key or value byte), as another commit left it.
+    used = data[leaf * PAGE_SIZE : (leaf + 1) * PAGE_SIZE].rstrip(b"\0")
+    at = leaf * PAGE_SIZE + len(used) - 1
+    changed = _patched(data, (at, bytes([data[at] ^ 0x01])))
+    (ref2, fingerprint2), _ = _images_and_blobs(changed, tmp_path)
+    assert ref2 == ref
+    assert fingerprint2 != fingerprint
+
+    # An image record's page changed in place: same ref, same fingerprint.
+    def single_page(tx: Tx) -> int:
+        image = _images_bucket(tx).bucket(SINGLE.encode())
+        assert image is not None and not image.inline
+        return image._root
+
+    with BoltFile(_write(tmp_path, data, "probe.db")) as bolt:
+        record = bolt.view(single_page)
+    at = data.index(b"createdat", record * PAGE_SIZE) + len(b"createdat") + 5
+    assert at < (record + 1) * PAGE_SIZE
+    rewritten = _patched(data, (at, bytes([data[at] ^ 0x01])))
+    assert _images_and_blobs(rewritten, tmp_path)[0] == (ref, fingerprint)
+
+
+def test_an_inline_bucket_is_its_own_fingerprint(corpus: Corpus, tmp_path: Path) -> None:
+    def target(tx: Tx) -> tuple[bool, bytes, bytes]:
+        image = _images_bucket(tx).bucket(SINGLE.encode())
+        found = image.bucket(b"target") if image is not None else None
+        assert found is not None
+        return found.inline, found.ref, found.fingerprint()
+
+    with BoltFile(_write(tmp_path, corpus.pristine)) as bolt:
+        inline, ref, fingerprint = bolt.view(target)
+    assert inline
+    assert fingerprint == ref
+    assert corpus.single_digest.encode() in ref
+
+
+@pytest.mark.usefixtures("hang_guard")
+def test_fingerprint_of_a_branch_pointing_at_itself_is_a_cycle(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    data = corpus.pristine
+    pgid = _images_root_pgid(data, tmp_path)
+    broken = _patched(data, (pgid * PAGE_SIZE + 16 + 8, struct.pack("<Q", pgid)))
+    bolt = BoltFile(_write(tmp_path, broken), attempts=2, sleep=lambda s: None)
+    with bolt, pytest.raises(BoltFormatError, match="cycle"):
+        bolt.view(lambda tx: _images_bucket(tx).fingerprint())

@@ -38,6 +38,8 @@ from tests.metadb import (
     TAG_COUNT,
     Corpus,
     corpus_once,
+    forge_meta,
+    newest_meta,
     reachable_pages,
 )
 
@@ -368,6 +370,193 @@ def test_reuse_records_never_reuses_records_read_from_other_pages(corpus: Corpus
     label = "test.example.com/big.1"
     assert after.labels[label] == "b" * 100 + "B" + "b" * 3899
     store.close()
+
+
+# ---------------------------------------------------------------------- reuse_buckets
+
+
+def advance(path: Path, by: int) -> int:
+    """Make the newest meta of ``path`` say ``by`` more commits happened, on the same tree."""
+    data = bytearray(path.read_bytes())
+    _magic, _version, _size, _flags, root, seq, freelist, pgid, txid, _sum = newest_meta(data)
+    forge_meta(
+        data,
+        (txid + by) % 2,
+        root=root,
+        sequence=seq,
+        freelist=freelist,
+        pgid=pgid,
+        txid=txid + by,
+    )
+    patch(path, 0, bytes(data[: 2 * PAGE_SIZE]))
+    return txid + by
+
+
+def test_reuse_buckets_carries_unchanged_buckets_over(corpus: Corpus, tmp_path: Path):
+    path = tmp_path / "meta.db"
+    path.write_bytes(corpus.pristine)
+    store = MetadataStore(BoltFile(path), reuse_buckets=True)
+    first = store.read(blobs=True)
+    assert (first.images_changed, first.blobs_changed) == ({NAMESPACE}, {NAMESPACE})
+    decoded = store.images_decoded
+    assert decoded == len(first.images) == TAG_COUNT + 2
+    second = store.read(blobs=True)
+    assert (second.images_changed, second.blobs_changed) == (frozenset(), frozenset())
+    assert not second.unverified
+    assert second == first
+    assert all(a is b for a, b in zip(first.images, second.images, strict=True))
+    assert second.blobs[NAMESPACE] is first.blobs[NAMESPACE]
+    assert store.images_decoded == decoded
+    assert second.moved(first) == set()
+    # Without blobs this time: no blob records, and the blob bucket no longer counts as read.
+    third = store.read()
+    assert (third.images_changed, third.blobs_changed, third.blobs) == (frozenset(), None, {})
+    # Asked for another namespace only: the one read before is gone from the snapshot.
+    assert store.read(["no-such-namespace"]).images_changed == {NAMESPACE}
+    store.close()
+
+
+def test_reuse_buckets_reads_a_changed_namespace_again(corpus: Corpus, tmp_path: Path):
+    """before_last → pristine: one image's labels changed, so its namespace is read again."""
+    path = tmp_path / "meta.db"
+    path.write_bytes(corpus.before_last)
+    store = MetadataStore(BoltFile(path), reuse_buckets=True)
+    before = store.read(blobs=True)
+    decoded = store.images_decoded
+    (tmp_path / "next.db").write_bytes(corpus.pristine)
+    (tmp_path / "next.db").replace(path)
+    after = store.read(blobs=True)
+    plain = MetadataStore(BoltFile(path)).read(blobs=True)
+    assert after == plain
+    assert after.images_changed == {NAMESPACE}
+    assert after.blobs_changed == frozenset()
+    # Decoded again: the relabelled image, and the one whose labels have pages of their own
+    # (never cached, see test_reuse_records_never_reuses_records_read_from_other_pages).
+    assert store.images_decoded == decoded + 2
+    assert after.moved(before) == set()  # labels, not targets
+    assert after.txid - before.txid > 1
+    # The blob bucket was carried over across two commits: unverified until a full read.
+    assert after.unverified
+    full = store.read(blobs=True, full=True)
+    assert (full.images_changed, full.blobs_changed, full.unverified) == (None, None, False)
+    assert full == plain
+    assert not store.read(blobs=True).unverified
+    store.close()
+
+
+def test_records_carried_over_across_commits_are_unverified(corpus: Corpus, tmp_path: Path):
+    """A record page rewritten in place stands for one deleted and created again on a reused
+    page: invisible to the fingerprints, flagged when commits came between, read by full."""
+    path = tmp_path / "meta.db"
+    path.write_bytes(corpus.pristine)
+    store = MetadataStore(BoltFile(path), reuse_buckets=True)
+    first = store.read(blobs=True)
+    old = first.image(NAMESPACE, SINGLE)
+    assert old is not None and old.created_at is not None
+    pgid, _used = image_page(path, SINGLE)
+    page = corpus.pristine[pgid * PAGE_SIZE : (pgid + 1) * PAGE_SIZE]
+    created = go_time(int(datetime(2020, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp()), 6000)
+    at = page.index(b"createdat") + len(b"createdat")
+    patch(path, pgid * PAGE_SIZE + at, created)
+    # One commit later the same root pages mean the same data (bbolt never writes a page in use).
+    txid = advance(path, 1)
+    second = store.read(blobs=True)
+    assert second.txid == txid
+    assert second.image(NAMESPACE, SINGLE) is old
+    assert (second.images_changed, second.unverified) == (frozenset(), False)
+    # Three commits later they may not: the records are carried over, flagged.
+    advance(path, 3)
+    third = store.read(blobs=True)
+    assert third.image(NAMESPACE, SINGLE) is old
+    assert (third.images_changed, third.unverified) == (frozenset(), True)
+    assert store.read(blobs=True).unverified  # stays flagged, even one commit later
+    full = store.read(blobs=True, full=True)
+    new = full.image(NAMESPACE, SINGLE)
+    assert new is not None and new.created_at == datetime(2020, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    assert not full.unverified
+    # A txid going back (meta.db replaced by an offline compaction, say) is no next commit.
+    data = bytearray(path.read_bytes())
+    _magic, _version, _size, _flags, root, seq, freelist, pgid, txid, _sum = newest_meta(data)
+    for back in (10, 11):
+        forge_meta(
+            data, (txid - back) % 2, root=root, sequence=seq, freelist=freelist, pgid=pgid,
+            txid=txid - back,
+        )  # fmt: skip
+    patch(path, 0, bytes(data[: 2 * PAGE_SIZE]))
+    earlier = store.read(blobs=True)
+    assert earlier.txid == txid - 10
+    assert earlier.unverified
+    store.close()
+
+
+def set_txid(path: Path, txid: int) -> None:
+    """Make both metas of ``path`` describe its newest tree, the newer one at ``txid``."""
+    data = bytearray(path.read_bytes())
+    _magic, _version, _size, _flags, root, seq, freelist, pgid, _txid, _sum = newest_meta(data)
+    for at in (txid, txid - 1):
+        forge_meta(
+            data, at % 2, root=root, sequence=seq, freelist=freelist, pgid=pgid, txid=at
+        )  # fmt: skip
+    patch(path, 0, bytes(data[: 2 * PAGE_SIZE]))
+
+
+@pytest.mark.parametrize("commits", [1, 2])
+def test_a_changed_namespace_takes_records_still_at_their_page(
+    corpus: Corpus, tmp_path: Path, commits: int
+):
+    """before_last → pristine rewrote the images bucket: it is read again, but a record whose
+    bucket still starts at the same page is taken as it was, without reading that page (here
+    one changed in place, which bbolt never does): certain one commit later, unverified after
+    several, and a full read reads it."""
+    path = tmp_path / "meta.db"
+    path.write_bytes(corpus.before_last)
+    store = MetadataStore(BoltFile(path), reuse_buckets=True)
+    before = store.read(blobs=True)
+    name = min(set(corpus.images) - {SINGLE, INDEX})
+    old = before.image(NAMESPACE, name)
+    assert old is not None
+    nxt = tmp_path / "next.db"
+    nxt.write_bytes(corpus.pristine)
+    pgid, _used = image_page(nxt, name)
+    page = corpus.pristine[pgid * PAGE_SIZE : (pgid + 1) * PAGE_SIZE]
+    at = page.index(b"createdat") + len(b"createdat")
+    patch(nxt, pgid * PAGE_SIZE + at, go_time(0, 0))
+    set_txid(nxt, before.txid + commits)
+    nxt.replace(path)
+    after = store.read(blobs=True)
+    assert after.images_changed == {NAMESPACE}
+    assert after.image(NAMESPACE, name) is old
+    assert after.unverified == (commits > 1)
+    full = store.read(blobs=True, full=True)
+    fresh = full.image(NAMESPACE, name)
+    assert fresh is not None and fresh.created_at == datetime(1970, 1, 1, tzinfo=UTC)
+    store.close()
+
+
+def image_record(ns: str, name: str, digest: str) -> ImageRecord:
+    return ImageRecord(ns, name, Descriptor("application/vnd.oci.image.index.v1+json", digest, 1))
+
+
+def test_moved_names_added_retargeted_and_removed_in_changed_namespaces():
+    d1, d2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    r = image_record
+    before = MetadataSnapshot(
+        1,
+        3,
+        ("a", "b"),
+        (r("a", "kept", d1), r("a", "moved", d1), r("a", "gone", d1), r("b", "quiet", d1)),
+    )
+    after = MetadataSnapshot(
+        2,
+        3,
+        ("a", "b"),
+        (r("a", "kept", d1), r("a", "moved", d2), r("a", "new", d1), r("b", "quiet", d2)),
+        images_changed=frozenset({"a"}),
+    )
+    assert after.moved(before) == {("a", "moved"), ("a", "gone"), ("a", "new")}
+    # Without a record of what changed, every namespace is compared.
+    unknown = dataclasses.replace(after, images_changed=None)
+    assert unknown.moved(before) == {("a", "moved"), ("a", "gone"), ("a", "new"), ("b", "quiet")}
 
 
 # ---------------------------------------------------------------------- odd records

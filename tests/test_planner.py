@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide
+from imagepushd.planner import Decision, ImageView, Job, Note, OpenJob, SeenImage, decide
 from imagepushd.rules import Glob, Rule
 
 D1 = "sha256:" + "1" * 64
@@ -163,6 +163,53 @@ def test_completeness_is_checked_only_for_targets_still_to_push():
     assert calls == ["walk"]
     assert one.enqueue == []
     assert [n.reason for n in one.waiting] == ["content incomplete: 1 blob missing"]
+
+
+def test_a_scope_decides_only_its_names_and_the_parts_make_the_whole():
+    """Each name is decided on its own: a daemon re-plans only what changed."""
+    names = [f"example.com/app{i}:1" for i in range(6)] + ["other.io/app:1"]
+    images = [img(name=n, digest=D2 if i % 2 else D1) for i, n in enumerate(names)]
+    images.append(img(name="example.com/incomplete:1", complete=False))
+    seen = {("default", n): SeenImage(D1, 0.0) for n in names[:4]}
+    seen[("default", "example.com/deleted:1")] = SeenImage(D1, 0.0)
+    jobs = [
+        OpenJob(1, Job("default", names[1], D1, names[1], 0)),  # moved to D2: cancelled
+        OpenJob(2, Job("default", names[2], D1, names[2], 0)),  # still wanted: queued
+        OpenJob(3, Job("default", "example.com/deleted:1", D1, "example.com/deleted:1", 0)),
+    ]
+    pushed = {(f"mirror.io/app{0}:1", D1)}
+    kwargs = {"pushed": pushed, "open_jobs": jobs, "now": 100.0, "settle": 10.0}
+    whole = run(images, seen, **kwargs)
+    keys = {("default", n) for n in [*names, "example.com/incomplete:1", "example.com/deleted:1"]}
+    part = {("default", names[i]) for i in (0, 1, 4)} | {("default", "example.com/deleted:1")}
+    parts = [
+        decide(images, seen, pushed, jobs, RULES, now=100.0, settle=10.0, baseline=False, scope=s)
+        for s in (part, keys - part)
+    ]
+    assert parts[0].seen_removed == [("default", "example.com/deleted:1")]
+    assert [j.target for j in parts[0].enqueue] == [names[0]]  # its mirror was pushed
+    assert [c[0] for c in parts[0].cancel] == [1, 3]
+
+    def notes(decisions: list[Decision], attr: str) -> list[Note]:
+        return sorted((n for d in decisions for n in getattr(d, attr)), key=repr)
+
+    merged_seen = {**parts[0].seen_changed, **parts[1].seen_changed}
+    assert merged_seen == whole.seen_changed
+    assert sorted(parts[0].seen_removed + parts[1].seen_removed) == sorted(whole.seen_removed)
+    for attr in ("enqueue", "queued", "cancel"):
+        merged = sorted((x for d in parts for x in getattr(d, attr)), key=repr)
+        assert merged == sorted(getattr(whole, attr), key=repr), attr
+    assert notes(parts, "waiting") == notes([whole], "waiting")
+    assert notes(parts, "skipped") == notes([whole], "skipped")
+    wakes = [d.wake_at for d in parts if d.wake_at is not None]
+    assert whole.wake_at == min(wakes)
+    # An empty scope decides nothing, whatever the inputs.
+    assert (
+        decide(
+            images, seen, pushed, jobs, RULES, now=100.0, settle=10.0, baseline=False, scope=set()
+        )
+        == Decision()
+    )
 
 
 def test_an_expired_image_is_skipped_with_its_expiry():

@@ -80,6 +80,16 @@ class Metrics:
             buckets=SCAN_BUCKETS,
             registry=reg,
         )
+        self._decoded = Counter(
+            "imagepushd_image_records_decoded",
+            "Image records decoded from containerd's metadata (new or changed ones).",
+            registry=reg,
+        )
+        self._planned = Counter(
+            "imagepushd_images_planned",
+            "Images the planner decided on (new, moved or removed names, and waiting ones).",
+            registry=reg,
+        )
         self._last_push = Gauge(
             "imagepushd_last_push_timestamp_seconds",
             "When a push of the rule last succeeded (unix time).",
@@ -129,6 +139,11 @@ class Metrics:
     def scan_observe(self, seconds: float) -> None:
         """One scan took ``seconds``."""
         self._scan.observe(seconds)
+
+    def scan_work(self, decoded: int, planned: int) -> None:
+        """One scan decoded ``decoded`` image records and planned ``planned`` images."""
+        self._decoded.inc(decoded)
+        self._planned.inc(planned)
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The scrape body and its content type, negotiated from the ``Accept`` header."""

@@ -98,12 +98,23 @@ def decide(
     now: float,
     settle: float,
     baseline: bool,
+    scope: Set[tuple[str, str]] | None = None,
 ) -> Decision:
     """Decide jobs for ``images``.
 
     ``baseline`` is true on the very first scan with ``on_start = "new-only"``: everything
     present then is remembered as already handled.
+
+    ``scope``, when given, limits the decision to those (namespace, name): images, seen names
+    and open jobs outside it are left out, and their previous decision stands. Each image is
+    decided on its own, so the decisions of the parts of a partition of the names make up the
+    decision on the whole: a daemon re-plans only names that moved, or that wait on something
+    that changed.
     """
+    if scope is not None:
+        images = [i for i in images if (i.namespace, i.name) in scope]
+        seen = {k: v for k, v in seen.items() if k in scope}
+        open_jobs = [o for o in open_jobs if (o.job.namespace, o.job.name) in scope]
     out = Decision()
     current: dict[tuple[str, str], str] = {}
     open_by_key = {(o.job.namespace, o.job.name, o.job.digest, o.job.target): o for o in open_jobs}

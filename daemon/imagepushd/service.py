@@ -15,7 +15,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +35,13 @@ from imagepushd.errors import (
     PushInterrupted,
     RegistryError,
     RootNotFoundError,
+    SnapshotBusyError,
 )
 from imagepushd.logs import push_fields
 from imagepushd.metrics import Metrics, MetricsServer
 from imagepushd.notify import Notifier, watchdog_interval
 from imagepushd.oci import Descriptor
+from imagepushd.pacing import BusyPatience, VerifyBudget
 from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide
 from imagepushd.platforms import host_platform, select_manifests
 from imagepushd.push import Pusher, PushResult
@@ -68,6 +70,13 @@ STOP_GRACE = 20.0
 MAX_LOOP_SLEEP = 5.0
 STALE_UPLOAD_AGE = 6 * 86400.0
 FINISHED_JOB_AGE = 30 * 86400.0
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    """The earlier of two optional times."""
+    if a is None or b is None:
+        return b if a is None else a
+    return min(a, b)
 
 
 def _txid(bolt: BoltFile) -> int | None:
@@ -109,11 +118,11 @@ def _partial_ok(graph: ImageGraph, config: Config) -> bool:
 
 
 def _plan_inputs(
-    state: State | None,
+    state: State | None, scope: Set[tuple[str, str]] | None = None
 ) -> tuple[dict[tuple[str, str], SeenImage], set[tuple[str, str]], list[OpenJob], bool]:
     if state is None:
         return {}, set(), [], True
-    seen = {k: SeenImage(v.digest, v.since, v.baseline) for k, v in state.seen.load().items()}
+    seen = {k: SeenImage(v.digest, v.since, v.baseline) for k, v in state.seen.load(scope).items()}
     open_jobs = [
         OpenJob(j.id, Job(j.namespace, j.name, j.digest, j.target, j.rule))
         for j in state.jobs.select(OPEN_STATUSES)
@@ -130,10 +139,17 @@ def _decide(
     *,
     now: float,
     settle: float,
+    scope: Set[tuple[str, str]] | None = None,
 ) -> Decision:
-    """The planner's decision for ``snap`` given what ``state`` remembers (None: nothing)."""
-    views = [image_view(r, snap, content, config) for r in snap.images]
-    seen, pushed, open_jobs, first = _plan_inputs(state)
+    """The planner's decision for ``snap`` given what ``state`` remembers (None: nothing).
+
+    ``scope`` limits it to those (namespace, name) (see :func:`decide`).
+    """
+    records = snap.images
+    if scope is not None:
+        records = tuple(r for r in records if (r.namespace, r.name) in scope)
+    views = [image_view(r, snap, content, config) for r in records]
+    seen, pushed, open_jobs, first = _plan_inputs(state, scope)
     return decide(
         views,
         seen,
@@ -143,6 +159,7 @@ def _decide(
         now=now,
         settle=settle,
         baseline=first and config.push.on_start == "new-only",
+        scope=scope,
     )
 
 
@@ -238,6 +255,12 @@ class Service:
         self._scan_error = ""
         self.stuck = 0
         self._last_scan = 0.0
+        self._last_full = 0.0
+        self._planned_config: Config | None = None
+        self._busy = BusyPatience()
+        self._verify = VerifyBudget()
+        self._verify_at: float | None = None
+        self._decoded = 0
         # Running jobs to run again when they end: a referrer of theirs came during the push.
         self._rerun: set[int] = set()
 
@@ -253,7 +276,7 @@ class Service:
             found = Found(expected_root(config.containerd.root, self._env, self._home))
             log.warning("%s; waiting for containerd at %s", exc, found.place)
         root = found.path
-        self._metadata = MetadataStore.at_root(root, reuse_records=True)
+        self._metadata = MetadataStore.at_root(root, reuse_buckets=True)
         self._content = ContentStore(root)
         self._finder = ReferrerFinder(self._content)
         with State(config.state_path, clock=self._clock) as state, self._metrics_server():
@@ -423,11 +446,31 @@ class Service:
     # ---- scanning and planning -----------------------------------------------------------
 
     def _scan(self) -> None:
+        """Read containerd's metadata and plan what changed since the last scan.
+
+        Only names that moved, or that wait on something that may have changed (their
+        namespace's blobs, or the clock), are planned again; every other keeps its decision.
+        Every image is planned on the first scan, after a reload, and every
+        ``resync_interval`` as a safety net. A snapshot that may hide a change (records carried
+        over across several commits, see ``MetadataSnapshot.unverified``) is followed by a full
+        read as soon as the time budget for them allows.
+        """
         config = self._config
-        self._last_scan = self._clock()
+        now = self._clock()
+        self._last_scan = now
+        previous = self._snapshot
+        replan = (
+            previous is None
+            or self._planned_config is not config
+            or now - self._last_full >= config.push.resync_interval
+        )
+        full = replan or (self._verify_at is not None and now >= self._verify_at)
         started = time.monotonic()
         try:
-            snap = self._metadata.read(config.containerd.namespaces, blobs=True)
+            snap = self._metadata.read(config.containerd.namespaces, blobs=True, full=full)
+        except SnapshotBusyError as exc:
+            self._retry_busy(exc, now)
+            return
         except ContainerdError as exc:
             if str(exc) != self._scan_error:
                 log.error("cannot read containerd's metadata: %s", exc)
@@ -436,17 +479,61 @@ class Service:
         if self._scan_error:
             log.info("containerd's metadata is readable again")
             self._scan_error = ""
+        if full:
+            self._verify.spent(now, time.monotonic() - started)
+        self._busy.succeeded()
         self._snapshot = snap
-        state = self._state
-        settle = 0.0 if self._once else config.push.settle
-        decision = _decide(snap, self._content, config, state, now=self._clock(), settle=settle)
-        self._apply(decision)
-        self._queue_referrers(snap, decision.seen_changed)
-        if state.flags.get("baseline_done") is None:
-            state.flags.set("baseline_done", str(self._clock()))
+        scope: set[tuple[str, str]] | None = None
+        if not replan and previous is not None:
+            scope = snap.moved(previous)
+            blobs = snap.blobs_changed
+            if self._wake_at is not None and now >= self._wake_at:
+                self._wake_at = None
+                scope.update(self._reasons)
+            else:
+                scope.update(k for k in self._reasons if blobs is None or k[0] in blobs)
+        if scope is None or scope:
+            self._plan(snap, scope, replan=replan)
+        if not snap.unverified:
+            self._verify_at = None
+        elif self._verify_at is None:
+            self._verify_at = self._verify.due(now)
+        self._wake_at = _earliest(self._wake_at, self._verify_at)
+        decoded = self._metadata.images_decoded
+        planned = len(snap.images) if scope is None else len(scope)
+        self._metrics.scan_work(decoded - self._decoded, planned)
+        self._decoded = decoded
         self._metrics.scan_observe(time.monotonic() - started)
 
-    def _apply(self, decision: Decision) -> None:
+    def _plan(
+        self, snap: MetadataSnapshot, scope: set[tuple[str, str]] | None, *, replan: bool
+    ) -> None:
+        """Plan ``scope`` (None: every image) of ``snap`` and apply the decision."""
+        config = self._config
+        state = self._state
+        settle = 0.0 if self._once else config.push.settle
+        decision = _decide(
+            snap, self._content, config, state, now=self._clock(), settle=settle, scope=scope
+        )
+        self._apply(decision, scope)
+        self._queue_referrers(snap, decision.seen_changed)
+        if replan:
+            self._planned_config = config
+            self._last_full = self._clock()
+            if state.flags.get("baseline_done") is None:
+                state.flags.set("baseline_done", str(self._clock()))
+
+    def _retry_busy(self, exc: SnapshotBusyError, now: float) -> None:
+        """Scan again soon; say so only if containerd has been too busy to read for long."""
+        delay, report = self._busy.failed(now)
+        self._wake_at = _earliest(self._wake_at, now + delay)
+        if report:
+            log.warning("containerd's metadata changed during every read for a while: %s", exc)
+            self._scan_error = str(exc)
+        else:
+            log.debug("containerd is busy; reading its metadata again in %.2fs: %s", delay, exc)
+
+    def _apply(self, decision: Decision, scope: Set[tuple[str, str]] | None = None) -> None:
         state = self._state
         state.seen.update(decision.seen_changed, decision.seen_removed)
         if decision.cancel:
@@ -462,8 +549,10 @@ class Service:
         for key, reason in reasons.items():
             if self._reasons.get(key) != reason.split(" (")[0]:
                 log.info("%s/%s waits: %s", key[0], key[1], reason)
-        self._reasons = {k: v.split(" (")[0] for k, v in reasons.items()}
-        self._wake_at = decision.wake_at
+        kept = {} if scope is None else {k: v for k, v in self._reasons.items() if k not in scope}
+        self._reasons = kept | {k: v.split(" (")[0] for k, v in reasons.items()}
+        wake_at = decision.wake_at
+        self._wake_at = wake_at if scope is None else _earliest(self._wake_at, wake_at)
 
     # ---- jobs ----------------------------------------------------------------------------
 

@@ -49,6 +49,21 @@ def test_update_seen_is_one_transaction(state: State) -> None:
     assert state.seen.load() == {a: Seen(D1, 1.0, False)}
 
 
+def test_seen_of_some_keys(state: State) -> None:
+    """Only the keys asked for (absent ones are absent), looked up one by one or, past a few
+    hundred, by one pass over the table: the same answer either way."""
+    rows = {("default", f"app{i:04d}:1"): Seen(D1, float(i), i % 2 == 0) for i in range(600)}
+    rows[("k8s.io", "app0001:1")] = Seen(D2, 1.0, False)
+    state.seen.update(rows, [])
+    few = {("default", "app0001:1"), ("k8s.io", "app0001:1"), ("default", "absent")}
+    assert state.seen.load(few) == {k: rows[k] for k in few if k in rows}
+    many = {k for k in rows if k[1] < "app0400"} | {("x", "absent")}
+    assert len(many) > 300
+    assert state.seen.load(many) == {k: rows[k] for k in many if k in rows}
+    assert state.seen.load(set()) == {}
+    assert state.seen.load() == rows
+
+
 keys = st.tuples(st.sampled_from(["default", "k8s.io"]), st.sampled_from(["a", "b", "c", "d"]))
 
 

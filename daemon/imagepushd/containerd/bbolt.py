@@ -412,19 +412,76 @@ class Tx:
         """Interpret a sub-bucket value: a page-backed root or an inline page image."""
         found = self.bucket_value(value, where)
         if isinstance(found, Leaf):
-            return Bucket(self, 0, found)
-        return Bucket(self, found, None)
+            return Bucket(self, 0, found, value)
+        return Bucket(self, found, None, value)
 
 
 class Bucket:
-    """A bucket: ordered keys mapping to values or to nested buckets."""
+    """A bucket: ordered keys mapping to values or to nested buckets.
 
-    __slots__ = ("_inline", "_root", "_tx")
+    ``value`` is what its parent holds for it (see :attr:`ref`), empty for the root bucket.
+    """
 
-    def __init__(self, tx: Tx, root: int, inline: Leaf | None) -> None:
+    __slots__ = ("_inline", "_root", "_tx", "_value")
+
+    def __init__(self, tx: Tx, root: int, inline: Leaf | None, value: bytes = b"") -> None:
         self._tx = tx
         self._root = root
         self._inline = inline
+        self._value = value
+
+    @property
+    def ref(self) -> bytes:
+        """What the parent bucket holds for this one: the root page id, or the inline page.
+
+        bbolt is copy-on-write: a commit that changes anything in a bucket writes its changed
+        pages, and every page above them up to the bucket's root, to pages that were free, and
+        never writes a page in use. So between two consecutive transactions, an equal ``ref``
+        means equal data, sub-buckets included. Across several commits, a page freed by one
+        can be reused by the next (the same root page id may then hold other data): see
+        :meth:`fingerprint`. An inline bucket's ``ref`` holds all its data.
+        """
+        return self._value
+
+    @property
+    def inline(self) -> bool:
+        """Whether the bucket is stored in its parent's leaf (no pages of its own)."""
+        return self._inline is not None
+
+    def fingerprint(self) -> bytes:
+        """Bytes that are equal for two versions of this bucket holding the same entries.
+
+        That is the same keys and values, where a page-backed sub-bucket's value is the id of
+        its root page: the sub-bucket's own pages are not covered. An inline bucket gives its
+        value (header and page image); a page-backed one the ids and bytes of every page of its
+        own tree (branches and leaves), read without parsing leaves.
+
+        Unlike :attr:`ref`, this sees a change hidden by page reuse across several commits
+        (a root page reused by a bucket with other entries), except in sub-buckets: one
+        rewritten on its old root page (a name deleted and created again) keeps the fingerprint
+        the same, and only reading the sub-buckets tells. Costs a read of every page of the
+        bucket's own tree (about 250 for 10,000 image names).
+        """
+        if self._inline is not None:
+            return self._value
+        tx = self._tx
+        parts: list[bytes] = []
+        visited: set[int] = set()
+        stack = [self._root]
+        while stack:
+            pgid = stack.pop()
+            if pgid in visited:
+                raise tx.error(f"page {pgid} reached twice in one bucket (cycle)")
+            visited.add(pgid)
+            buf, flags, count = tx.read_page(pgid)
+            parts += (pgid.to_bytes(8, "little"), buf)
+            if flags == FLAG_BRANCH:
+                node = tx.parse_page(buf, flags, count, pgid)
+                assert isinstance(node, _Branch)
+                stack += reversed(node.children)
+            elif flags != FLAG_LEAF:
+                raise tx.error(f"page {pgid}: unexpected page flags {flags:#x}")
+        return b"".join(parts)
 
     def _where(self) -> str:
         return "inline bucket" if self._inline is not None else f"bucket at page {self._root}"

@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 from imagepushd.containerd.bbolt import (
     FLAG_LEAF,
@@ -42,6 +42,8 @@ from imagepushd.errors import MetadataFormatError, UnsupportedSchemaError
 from imagepushd.oci import Descriptor, is_digest
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 
 META_DB = Path("io.containerd.metadata.v1.bolt") / "meta.db"
@@ -224,7 +226,10 @@ class BlobRecord:
 
 @dataclass(frozen=True)
 class MetadataSnapshot:
-    """A consistent view of containerd's images (and optionally blob records) at one txid."""
+    """A consistent view of containerd's images (and optionally blob records) at one txid.
+
+    Equal snapshots hold the same records; what a read found changed is not compared.
+    """
 
     txid: int
     db_version: int
@@ -232,6 +237,15 @@ class MetadataSnapshot:
     images: tuple[ImageRecord, ...]
     blobs: Mapping[str, Mapping[str, BlobRecord]] = field(default_factory=dict)
     skipped: tuple[SkippedRecord, ...] = ()
+    #: Namespaces whose image records may differ from the previous snapshot of the same store
+    #: (``MetadataStore(reuse_buckets=True)``); None: no such snapshot, so any may.
+    images_changed: frozenset[str] | None = field(default=None, compare=False)
+    #: The same for blob records.
+    blobs_changed: frozenset[str] | None = field(default=None, compare=False)
+    #: Some records were carried over on a bucket's fingerprint across several commits: one
+    #: rewritten on a reused page (a name deleted and created again) may be hidden until a
+    #: ``read(full=True)``.
+    unverified: bool = field(default=False, compare=False)
 
     def image(self, namespace: str, name: str) -> ImageRecord | None:
         """The image called ``name`` in ``namespace``, if any."""
@@ -239,6 +253,26 @@ class MetadataSnapshot:
             if record.namespace == namespace and record.name == name:
                 return record
         return None
+
+    def moved(self, previous: MetadataSnapshot) -> set[tuple[str, str]]:
+        """(namespace, name) of images added, retargeted or removed since ``previous``.
+
+        ``previous`` is the store's snapshot before this one: only namespaces in
+        :attr:`images_changed` are compared (all when it is None).
+        """
+        spaces = self.images_changed
+        if spaces is not None and not spaces:
+            return set()
+
+        def digests(snap: MetadataSnapshot) -> dict[tuple[str, str], str]:
+            return {
+                (r.namespace, r.name): r.target.digest
+                for r in snap.images
+                if spaces is None or r.namespace in spaces
+            }
+
+        before, after = digests(previous), digests(self)
+        return {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
 
 
 # ---------------------------------------------------------------------- general path
@@ -318,8 +352,38 @@ class _Cached:
         self.record = record
 
 
+class _BucketCache:
+    """One namespace's ``images`` or ``content/blob`` bucket as of transaction ``txid``.
+
+    ``records`` is what it decoded to (a tuple of images, or blobs by digest, with the records
+    skipped), ``pages`` its records by the page id of their bucket, ``ref`` and
+    ``fingerprint`` the bucket's (:attr:`Bucket.ref`, :meth:`Bucket.fingerprint`; empty when
+    not taken or when there is no bucket).
+    ``verified``: the records are known to be the bucket's at ``txid`` (read then, or carried
+    over only from one transaction to the next since they were).
+    """
+
+    __slots__ = ("fingerprint", "pages", "records", "ref", "txid", "verified")
+
+    def __init__(  # noqa: PLR0917 (one record)
+        self,
+        ref: bytes,
+        fingerprint: bytes,
+        records: object,
+        pages: dict[int, _Cached],
+        txid: int,
+        verified: bool,
+    ) -> None:
+        self.ref = ref
+        self.fingerprint = fingerprint
+        self.records = records
+        self.pages = pages
+        self.txid = txid
+        self.verified = verified
+
+
 class _RecordCache:
-    """Records of the last snapshot by the page id of their bucket (see ``reuse_records``).
+    """Records of the last snapshot, per (namespace, bucket) (see ``reuse_records``).
 
     Holds only the records of the newest snapshot, each with its page's used bytes (a few
     hundred bytes per image): bounded by the number of records, not by the file.
@@ -327,7 +391,12 @@ class _RecordCache:
 
     def __init__(self) -> None:
         self.order = ""
-        self.pages: dict[int, _Cached] = {}
+        self.buckets: dict[tuple[str, bytes], _BucketCache] = {}
+
+    @property
+    def pages(self) -> dict[int, _Cached]:
+        """Every cached record by the page id of its bucket."""
+        return {pgid: c for b in self.buckets.values() for pgid, c in b.pages.items()}
 
 
 def _key_where(where: Where, key: bytes) -> Callable[[], str]:
@@ -420,19 +489,32 @@ class _Reader:
     order is fixed within a transaction), and thousands of tags share a handful of values.
     """
 
-    def __init__(self, tx: Tx, cache: _RecordCache | None) -> None:
+    def __init__(
+        self,
+        tx: Tx,
+        cache: _RecordCache | None,
+        *,
+        fingerprints: bool = False,
+        reuse_buckets: bool = False,
+    ) -> None:
         self.tx = tx
         self.page_size = tx.meta.page_size
         self.targets: dict[bytes, Descriptor] = {}
         self.maps: dict[bytes, Mapping[str, str]] = {}
         self.image_plans: dict[object, _Plan] = {}
         self.blob_plans: dict[object, _Plan] = {}
-        self.old: dict[int, _Cached] = {}
-        self.new: dict[int, _Cached] | None = None
+        self.fingerprints = fingerprints and cache is not None
+        self.reuse_buckets = reuse_buckets and self.fingerprints
+        self.old: dict[tuple[str, bytes], _BucketCache] = {}
+        self.new: dict[tuple[str, bytes], _BucketCache] | None = None
+        self.changed: dict[bytes, set[str]] = {b"images": set(), b"blob": set()}
+        self.unverified = False
+        self.decoded = 0  # image records decoded (not reused)
+        self.trust_pages = False  # while reading a changed bucket: see _bucket
         if cache is not None:
             self.new = {}
             if cache.order == tx.byte_order:
-                self.old = cache.pages
+                self.old = cache.buckets
         self.image_kind = _Kind(ImageRecord, self._image, _read_image)
         self.blob_kind = _Kind(BlobRecord, self._blob, _read_blob)
 
@@ -446,7 +528,7 @@ class _Reader:
         version = 0
         namespaces: list[str] = []
         images: list[ImageRecord] = []
-        blob_records: dict[str, dict[str, BlobRecord]] = {}
+        blob_records: dict[str, Mapping[str, BlobRecord]] = {}
         skipped: list[SkippedRecord] = []
         for key, value in v1.items():
             if key == b"version" and isinstance(value, bytes):
@@ -458,69 +540,172 @@ class _Reader:
             namespaces.append(namespace)
             if wanted is not None and namespace not in wanted:
                 continue
-            images_bucket = value.bucket(b"images")
-            if images_bucket is not None:
-                record, kind = self._record, self.image_kind
-                for name, flags, raw in images_bucket.raw_items():
-                    if flags & LEAF_BUCKET:
-                        try:
-                            images.append(cast(ImageRecord, record(kind, namespace, name, raw)))
-                        except MetadataFormatError as exc:
-                            skipped.append(SkippedRecord("image", namespace, _text(name), str(exc)))
+            found, lost = self._bucket(namespace, b"images", value.bucket(b"images"), self._images)
+            images += found
+            skipped += lost
             if blobs:
                 content = value.bucket(b"content")
                 blob_bucket = content.bucket(b"blob") if content is not None else None
-                records: dict[str, BlobRecord] = {}
-                if blob_bucket is not None:
-                    record, kind = self._record, self.blob_kind
-                    for digest, flags, raw in blob_bucket.raw_items():
-                        if flags & LEAF_BUCKET:
-                            try:
-                                records[_text(digest)] = cast(
-                                    BlobRecord, record(kind, namespace, digest, raw)
-                                )
-                            except MetadataFormatError as exc:
-                                skipped.append(
-                                    SkippedRecord("blob", namespace, _text(digest), str(exc))
-                                )
+                records, lost = self._bucket(namespace, b"blob", blob_bucket, self._blobs)
                 blob_records[namespace] = records
+                skipped += lost
+        if self.new is not None:
+            for space, kind in self.old.keys() - self.new.keys():
+                self.changed[kind].add(space)  # a namespace gone, or no longer read
         return MetadataSnapshot(
-            tx.txid, version, tuple(namespaces), tuple(images), blob_records, tuple(skipped)
+            tx.txid,
+            version,
+            tuple(namespaces),
+            tuple(images),
+            blob_records,
+            tuple(skipped),
+            frozenset(self.changed[b"images"]) if self.reuse_buckets else None,
+            frozenset(self.changed[b"blob"]) if self.reuse_buckets and blobs else None,
+            self.unverified,
         )
 
-    def _record(self, kind: _Kind, namespace: str, key: bytes, value: bytes) -> object:
+    def _bucket(
+        self,
+        namespace: str,
+        kind: bytes,
+        bucket: Bucket | None,
+        read: Callable[[str, Bucket | None, dict[int, _Cached], dict[int, _Cached] | None], R],
+    ) -> R:
+        """The records of one namespace's ``images`` or ``content/blob`` bucket.
+
+        With ``reuse_buckets``, a bucket that did not change since it was last read is not read
+        again: its records (and cached pages) carry over. That is an equal :attr:`Bucket.ref`
+        when no other commit came between (or when the ref holds the whole bucket), otherwise
+        an equal :meth:`Bucket.fingerprint`, which leaves the records unverified.
+        """
+        old = self.old.get((namespace, kind))
+        txid = self.tx.txid
+        ref = bucket.ref if bucket is not None else b""
+        # No bucket, or an inline one, is all in its ref: equal refs mean equal records.
+        exact = bucket is None or bucket.inline
+        fingerprint = b""
+        verified: bool | None = None  # None: not carried over
+        if self.reuse_buckets and old is not None:
+            if old.ref == ref and (exact or 0 <= txid - old.txid <= 1):
+                fingerprint, verified = old.fingerprint, old.verified
+            elif bucket is not None and not exact:
+                fingerprint = bucket.fingerprint()
+                if fingerprint == old.fingerprint:
+                    verified = False
+        pages: dict[int, _Cached] | None
+        if old is not None and verified is not None:
+            records, pages = cast(R, old.records), old.pages
+            self.unverified = self.unverified or not verified
+        else:
+            self.changed[kind].add(namespace)
+            if self.fingerprints and not fingerprint and bucket is not None and not exact:
+                fingerprint = bucket.fingerprint()
+            pages = {} if self.new is not None else None
+            # Records still at their root page are taken as they were, without reading the
+            # page: certain from one commit to the next, unverified across several.
+            self.trust_pages = self.reuse_buckets and old is not None
+            records = read(namespace, bucket, old.pages if old is not None else {}, pages)
+            verified = True
+            if self.trust_pages and old is not None:
+                verified = old.verified and 0 <= txid - old.txid <= 1
+                self.unverified = self.unverified or not verified
+            self.trust_pages = False
+        if self.new is not None and pages is not None:
+            self.new[namespace, kind] = _BucketCache(
+                ref, fingerprint, records, pages, txid, verified
+            )
+        return records
+
+    def _images(
+        self,
+        namespace: str,
+        images_bucket: Bucket | None,
+        old: dict[int, _Cached],
+        new: dict[int, _Cached] | None,
+    ) -> tuple[tuple[ImageRecord, ...], tuple[SkippedRecord, ...]]:
+        images: list[ImageRecord] = []
+        skipped: list[SkippedRecord] = []
+        if images_bucket is not None:
+            record, kind = self._record, self.image_kind
+            for name, flags, raw in images_bucket.raw_items():
+                if flags & LEAF_BUCKET:
+                    try:
+                        images.append(
+                            cast(ImageRecord, record(kind, namespace, name, raw, old, new))
+                        )
+                    except MetadataFormatError as exc:
+                        skipped.append(SkippedRecord("image", namespace, _text(name), str(exc)))
+        return tuple(images), tuple(skipped)
+
+    def _blobs(
+        self,
+        namespace: str,
+        blob_bucket: Bucket | None,
+        old: dict[int, _Cached],
+        new: dict[int, _Cached] | None,
+    ) -> tuple[dict[str, BlobRecord], tuple[SkippedRecord, ...]]:
+        records: dict[str, BlobRecord] = {}
+        skipped: list[SkippedRecord] = []
+        if blob_bucket is not None:
+            record, kind = self._record, self.blob_kind
+            for digest, flags, raw in blob_bucket.raw_items():
+                if flags & LEAF_BUCKET:
+                    try:
+                        records[_text(digest)] = cast(
+                            BlobRecord, record(kind, namespace, digest, raw, old, new)
+                        )
+                    except MetadataFormatError as exc:
+                        skipped.append(SkippedRecord("blob", namespace, _text(digest), str(exc)))
+        return records, tuple(skipped)
+
+    def _record(  # noqa: PLR0917 (the record cache goes with its bucket)
+        self,
+        kind: _Kind,
+        namespace: str,
+        key: bytes,
+        value: bytes,
+        old: dict[int, _Cached],
+        new: dict[int, _Cached] | None,
+    ) -> object:
         """The record in the sub-bucket ``value`` at ``key``, from its leaf page if it has one.
 
         What the general path checks is checked here too: the bucket value, the page (bounds,
         header id, overflow, flags, every element), every sub-bucket of the record and every
-        value the record holds.
+        value the record holds. ``old`` holds the records last read from this bucket by page
+        id; ``new`` (when records are kept) collects this read's.
         """
         tx = self.tx
         where = lambda: f"namespace {namespace!r} key {key!r}"  # noqa: E731
         found = tx.bucket_value(value, where)
         if isinstance(found, Leaf):  # an inline record bucket (no sub-buckets, small)
+            self.decoded += kind is self.image_kind
             return kind.decode(namespace, key, found, where)[0]
         pgid = found
-        buf, page_flags, count = tx.read_page(pgid)
-        hit = self.old.get(pgid)
-        if (
-            hit is not None
-            and hit.key == key
-            and hit.namespace == namespace
-            and type(hit.record) is kind.type
-            and buf.startswith(hit.page)
+        hit = old.get(pgid)
+        if hit is not None and (
+            hit.key != key or hit.namespace != namespace or type(hit.record) is not kind.type
         ):
+            hit = None
+        if hit is not None and self.trust_pages:
+            # bbolt never writes a page in use: the record bucket still at the same root page
+            # is the same record (certain from one commit to the next, see _bucket).
+            if new is not None:
+                new[pgid] = hit
+            return hit.record
+        buf, page_flags, count = tx.read_page(pgid)
+        if hit is not None and buf.startswith(hit.page):
             # These bytes decoded to this record in the last snapshot, every check passed then;
             # the bucket value and the page header were checked again above.
-            if self.new is not None:
-                self.new[pgid] = hit
+            if new is not None:
+                new[pgid] = hit
             return hit.record
+        self.decoded += kind is self.image_kind
         if page_flags != FLAG_LEAF:  # a bucket spanning pages, or a bad flag: general path
             return kind.general(namespace, _text(key), Bucket(tx, pgid, None))
         leaf = tx.parse_leaf(buf, 0, count, pgid)
         record, self_contained = kind.decode(namespace, key, leaf, pgid)
-        if self.new is not None and self_contained and len(buf) == self.page_size:
-            self.new[pgid] = _Cached(buf[: leaf.end], namespace, key, record)
+        if new is not None and self_contained and len(buf) == self.page_size:
+            new[pgid] = _Cached(buf[: leaf.end], namespace, key, record)
         return record
 
     def _image(
@@ -659,18 +844,36 @@ class MetadataStore:
     from; the next snapshot reuses a record whose page still holds the same bytes (at the same
     page id, for the same name) instead of decoding it again. Pages are still read and their
     headers checked every time; the cache holds only the newest snapshot's records.
+
+    ``reuse_buckets`` (implies ``reuse_records``) goes further for a daemon reading after
+    every commit of a busy containerd, where most commits touch leases, containers or snapshots:
+    a namespace's ``images`` or ``content/blob`` bucket whose fingerprint
+    (:meth:`Bucket.fingerprint`: its own pages, a few hundred for 10,000 images, not the
+    records' pages) is the one last read is not read further, its records carry over, and the
+    snapshot says which namespaces were read again (``images_changed``, ``blobs_changed``).
+    Records carried over across several commits may hide a record rewritten on a reused page
+    (``unverified``); ``read(full=True)`` reads every bucket, which settles that.
     """
 
-    def __init__(self, bolt: BoltFile, *, reuse_records: bool = False) -> None:
+    def __init__(
+        self, bolt: BoltFile, *, reuse_records: bool = False, reuse_buckets: bool = False
+    ) -> None:
         self._bolt = bolt
         self._warned_version = 0
         self._warned_skips: frozenset[SkippedRecord] = frozenset()
-        self._cache = _RecordCache() if reuse_records else None
+        self._cache = _RecordCache() if reuse_records or reuse_buckets else None
+        self._reuse_buckets = reuse_buckets
+        #: Image records decoded by this store's snapshots so far (not carried over or reused).
+        self.images_decoded = 0
 
     @classmethod
-    def at_root(cls, root: Path, *, reuse_records: bool = False) -> MetadataStore:
+    def at_root(
+        cls, root: Path, *, reuse_records: bool = False, reuse_buckets: bool = False
+    ) -> MetadataStore:
         """The metadata store of the containerd root ``root``."""
-        return cls(BoltFile(root / META_DB), reuse_records=reuse_records)
+        return cls(
+            BoltFile(root / META_DB), reuse_records=reuse_records, reuse_buckets=reuse_buckets
+        )
 
     @property
     def path(self) -> Path:
@@ -682,23 +885,31 @@ class MetadataStore:
         self._bolt.close()
 
     def read(
-        self, namespaces: Collection[str] | None = None, *, blobs: bool = False
+        self,
+        namespaces: Collection[str] | None = None,
+        *,
+        blobs: bool = False,
+        full: bool = False,
     ) -> MetadataSnapshot:
         """A consistent snapshot of images (and blob records when ``blobs``) in ``namespaces``.
 
-        ``namespaces`` None means all; names that do not exist are simply absent.
+        ``namespaces`` None means all; names that do not exist are simply absent. ``full``
+        reads every bucket even when its fingerprint says it did not change (the snapshot then
+        reports every namespace as changed).
         """
         wanted = None if namespaces is None else frozenset(namespaces)
         cache = self._cache
+        buckets = self._reuse_buckets
 
         def attempt(tx: Tx) -> tuple[MetadataSnapshot, _Reader]:
-            reader = _Reader(tx, cache)
+            reader = _Reader(tx, cache, fingerprints=buckets, reuse_buckets=buckets and not full)
             return reader.snapshot(wanted, blobs), reader
 
         snap, reader = self._bolt.view(attempt)
         if cache is not None and reader.new is not None:
             cache.order = reader.tx.byte_order
-            cache.pages = reader.new
+            cache.buckets = reader.new
+        self.images_decoded += reader.decoded
         if snap.db_version < 1:
             raise UnsupportedSchemaError(
                 f"{self.path}: containerd metadata version {snap.db_version} is not supported"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from imagepushd.state.database import Database
+
+#: Up to this many keys, ``SeenImages.load`` looks each up rather than reading the whole table.
+_SEEN_LOOKUPS = 256
 
 
 @dataclass(frozen=True)
@@ -44,14 +47,24 @@ class SeenImages:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    def load(self) -> dict[tuple[str, str], Seen]:
-        """Every (namespace, name) last seen and the digest it pointed at."""
+    def load(self, keys: Collection[tuple[str, str]] | None = None) -> dict[tuple[str, str], Seen]:
+        """Every (namespace, name) last seen and the digest it pointed at; only ``keys``'s.
+
+        A daemon re-planning what changed asks for a few keys out of thousands: each is looked
+        up; past ``_SEEN_LOOKUPS`` keys one pass over the table is cheaper.
+        """
+        select = "SELECT namespace, name, digest, since, baseline FROM seen"
         with self._db.transaction(write=False) as conn:
-            rows = conn.execute("SELECT namespace, name, digest, since, baseline FROM seen")
-            return {
+            if keys is None or len(keys) > _SEEN_LOOKUPS:
+                rows: Iterable[Sequence[Any]] = conn.execute(select)
+            else:
+                where = f"{select} WHERE namespace = ? AND name = ?"
+                rows = [row for key in keys for row in conn.execute(where, key)]
+            found = {
                 (str(ns), str(name)): Seen(str(digest), float(since), bool(baseline))
                 for ns, name, digest, since, baseline in rows
             }
+        return found if keys is None else {k: v for k, v in found.items() if k in keys}
 
     def update(
         self, changed: Mapping[tuple[str, str], SeenLike], removed: Iterable[tuple[str, str]]
