@@ -55,7 +55,7 @@ class Store:
 
     saves: list[tuple[str, bool, float, str | None, float | None]] = field(default_factory=list)
 
-    def save_registry(
+    def save(
         self,
         registry: str,
         *,

@@ -472,9 +472,9 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
         raise ImagepushdError(f"no state file at {config.state_path}: the daemon has not run yet")
     with State(config.state_path) as state:
         summary = state.summary()
-        pushed = state.pushed(limit=args.limit)
-        open_jobs = state.jobs(OPEN_STATUSES)
-        cancelled = state.cancelled(limit=args.limit)
+        pushed = state.pushed.newest(limit=args.limit)
+        open_jobs = state.jobs.select(OPEN_STATUSES)
+        cancelled = state.jobs.cancelled(limit=args.limit)
     if args.json:
         doc = {
             **summary,

@@ -151,8 +151,8 @@ def daemon_connection(
             rate=settings.requests_per_second,
             concurrency=settings.max_concurrent_requests,
         ),
-        sessions=state.upload_sessions(host),
-        body_limit=BodyLimit(host, state.body_limit(host)),
+        sessions=state.uploads.sessions(host),
+        body_limit=BodyLimit(host, state.body_limits.of(host)),
         should_stop=stop.is_set,
         on_resume=functools.partial(metrics.resume_count, host),
     )

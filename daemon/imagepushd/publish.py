@@ -409,14 +409,14 @@ class JobRunner:
         state = self._state
 
         def mount_sources(descriptor: Descriptor) -> list[str]:
-            found = state.blob_repositories(target.registry, descriptor.digest)
+            found = state.blobs.repositories(target.registry, descriptor.digest)
             blob = blobs.get(descriptor.digest)
             if blob is not None:
                 found += [r for r in blob.sources_on(target.registry) if r not in found]
             return found
 
         def pushed(result: PushResult, duration: float) -> None:
-            state.record_push(
+            state.pushed.record(
                 job.target,
                 job.digest,
                 job.namespace,
@@ -424,7 +424,7 @@ class JobRunner:
                 bytes=result.bytes_sent,
                 duration=duration,
             )
-            state.record_blobs(
+            state.blobs.record(
                 target.registry, target.repository, [d.digest for d in graph.descriptors()]
             )
 
@@ -461,7 +461,7 @@ class JobRunner:
         return Referrers(job.digest, self._content, find)
 
     def _referrer_pushed(self, job: JobRecord, pushed: ReferrerPushed) -> None:
-        self._state.record_push(
+        self._state.pushed.record(
             str(pushed.target),
             pushed.result.digest,
             pushed.referrer.namespace,

@@ -109,13 +109,13 @@ def _plan_inputs(
 ) -> tuple[dict[tuple[str, str], SeenImage], set[tuple[str, str]], list[OpenJob], bool]:
     if state is None:
         return {}, set(), [], True
-    seen = {k: SeenImage(v.digest, v.since, v.baseline) for k, v in state.seen(scope).items()}
+    seen = {k: SeenImage(v.digest, v.since, v.baseline) for k, v in state.seen.load(scope).items()}
     open_jobs = [
         OpenJob(j.id, Job(j.namespace, j.name, j.digest, j.target, j.rule))
-        for j in state.jobs(OPEN_STATUSES)
+        for j in state.jobs.select(OPEN_STATUSES)
     ]
-    first = state.get_flag("baseline_done") is None
-    return seen, state.holdings(), open_jobs, first
+    first = state.flags.get("baseline_done") is None
+    return seen, state.pushed.holdings(), open_jobs, first
 
 
 def _decide(
@@ -254,11 +254,11 @@ class Service:
         self._finder = ReferrerFinder(self._content)
         with State(config.state_path, clock=self._clock) as state, self._metrics_server():
             self._state = state
-            state.forget_registries()  # health is what this run sees
+            state.registries.forget()  # health is what this run sees
             self._health = RegistryHealth(
                 probe=lambda host: self._clients.get(host).client.probe(),
-                store=state,
-                waiting=state.open_jobs_on,
+                store=state.registries,
+                waiting=state.jobs.open_on,
                 clock=self._clock,
                 wait=self._stop.wait,
                 on_change=self._registry_changed,
@@ -275,12 +275,12 @@ class Service:
                 snapshot=lambda: self._snapshot,
                 clock=self._clock,
             )
-            requeued = state.requeue_running()
+            requeued = state.jobs.requeue_running()
             if requeued:
                 log.info("%d job(s) interrupted by the last stop are queued again", requeued)
             # Registries expire abandoned upload sessions (distribution: after 7 days).
-            state.drop_stale_uploads(STALE_UPLOAD_AGE)
-            state.prune_jobs(FINISHED_JOB_AGE)
+            state.uploads.drop_stale(STALE_UPLOAD_AGE)
+            state.jobs.prune(FINISHED_JOB_AGE)
             # The watcher polls from its own thread: give it its own file descriptor.
             txid = TxidProbe(root)
             watcher = MetaWatcher(root / META_DB, txid=txid)
@@ -302,7 +302,7 @@ class Service:
                 self._notifier.stopping()
                 self._stop.set()
                 self._drain(pool)
-                state.requeue_running()
+                state.jobs.requeue_running()
                 self._restore(previous)
                 watcher.stop()
                 self._clients.close()
@@ -389,7 +389,7 @@ class Service:
         if self._wake_at is not None:
             budget = min(budget, max(0.0, self._wake_at - now))
         # Jobs due at ``now`` were dispatched or wait for a slot, whose freeing wakes the loop.
-        upcoming = self._state.next_attempt_after(now)
+        upcoming = self._state.jobs.next_attempt_after(now)
         if upcoming is not None:
             budget = min(budget, upcoming - now)
         released = self._health.next_release()  # jobs held by a Retry-After go then
@@ -509,8 +509,8 @@ class Service:
         if replan:
             self._planned_config = config
             self._last_full = self._clock()
-            if state.get_flag("baseline_done") is None:
-                state.set_flag("baseline_done", str(self._clock()))
+            if state.flags.get("baseline_done") is None:
+                state.flags.set("baseline_done", str(self._clock()))
 
     def _retry_busy(self, exc: SnapshotBusyError, now: float) -> None:
         """Scan again soon; say so only if containerd has been too busy to read for long."""
@@ -524,13 +524,15 @@ class Service:
 
     def _apply(self, decision: Decision, scope: Set[tuple[str, str]] | None = None) -> None:
         state = self._state
-        state.update_seen(decision.seen_changed, decision.seen_removed)
+        state.seen.update(decision.seen_changed, decision.seen_removed)
         if decision.cancel:
             for job_id, reason in decision.cancel:
                 log.info("job %d cancelled: %s", job_id, reason)
-            state.cancel(dict(decision.cancel))
+            state.jobs.cancel(dict(decision.cancel))
         for job in decision.enqueue:
-            state.enqueue(job.namespace, job.name, job.digest, job.target, job.rule, reopen=True)
+            state.jobs.enqueue(
+                job.namespace, job.name, job.digest, job.target, job.rule, reopen=True
+            )
             log.info("queued %s/%s → %s (%s)", job.namespace, job.name, job.target, job.digest)
         reasons = {(n.namespace, n.name): n.why for n in decision.waiting}
         for key, why in reasons.items():
@@ -544,17 +546,17 @@ class Service:
     # ---- jobs ----------------------------------------------------------------------------
 
     def _due_now(self) -> bool:
-        return bool(self._state.due(self._clock(), 1, self._health.blocked()))
+        return bool(self._state.jobs.due(self._clock(), 1, self._health.blocked()))
 
     def _dispatch(self, pool: ThreadPoolExecutor, now: float) -> None:
         free = self._config.push.parallel_images - len(self._running)
         if free <= 0 or self._stop.is_set():
             return
         blocked = self._health.blocked()  # registries down or held: their jobs wait
-        for record in self._state.due(now, free + len(self._running), blocked):
+        for record in self._state.jobs.due(now, free + len(self._running), blocked):
             if record.id in self._running:
                 continue
-            started = self._state.start(record.id)
+            started = self._state.jobs.start(record.id)
             if started is None:
                 continue
             future = pool.submit(self._runner.run, started)
@@ -589,13 +591,13 @@ class Service:
     def _record(self, outcome: Outcome) -> None:
         job = outcome.job
         if isinstance(outcome, Cancelled):
-            self._state.cancel({job.id: outcome.reason})
+            self._state.jobs.cancel({job.id: outcome.reason})
             log.info("job %d cancelled: %s", job.id, outcome.reason)
             self._metrics.push_count(job.rule, "cancelled")
         elif isinstance(outcome, Pushed):
-            self._state.finish(job.id)
+            self._state.jobs.finish(job.id)
             if job.id in self._rerun:
-                self._state.enqueue(
+                self._state.jobs.enqueue(
                     job.namespace, job.name, job.digest, job.target, job.rule, reopen=True
                 )
             result = outcome.result
@@ -610,7 +612,7 @@ class Service:
             self._metrics.push_count(job.rule, "interrupted")
         else:
             if outcome.waits_for_registry:  # due as soon as the registry is; it logged why
-                self._state.fail(job.id, str(outcome.error), self._clock())
+                self._state.jobs.fail(job.id, str(outcome.error), self._clock())
                 self._failures += 1
             else:
                 self._fail(job.id, str(outcome.error), job.attempts)
@@ -621,7 +623,7 @@ class Service:
         push = self._config.push
         delay = min(push.job_backoff_max, push.job_backoff_initial * 2 ** max(0, attempts - 1))
         delay *= 0.9 + random.random() * 0.2
-        self._state.fail(job_id, error, self._clock() + delay)
+        self._state.jobs.fail(job_id, error, self._clock() + delay)
         self._failures += 1
         log.error(
             "job %d failed (attempt %d), retrying in %.0fs: %s", job_id, attempts, delay, error
@@ -640,14 +642,16 @@ class Service:
         if not new:
             return
         state = self._state
-        jobs = repush_jobs(new, state.pushed(), state.holdings(), self._config.rules, snap)
+        jobs = repush_jobs(
+            new, state.pushed.newest(), state.pushed.holdings(), self._config.rules, snap
+        )
         open_jobs = {
-            (j.namespace, j.name, j.digest, j.target): j for j in state.jobs(OPEN_STATUSES)
+            (j.namespace, j.name, j.digest, j.target): j for j in state.jobs.select(OPEN_STATUSES)
         }
         for job in jobs:
             current = open_jobs.get((job.namespace, job.name, job.digest, job.target))
             if current is None:
-                state.enqueue(
+                state.jobs.enqueue(
                     job.namespace, job.name, job.digest, job.target, job.rule, reopen=True
                 )
                 log.info(
@@ -675,12 +679,12 @@ class Service:
     # ---- reporting -----------------------------------------------------------------------
 
     def _report(self) -> None:
-        counts = self._state.counts()
+        counts = self._state.jobs.counts()
         self._metrics.queue_set(counts.get("queued", 0) + counts.get("failed", 0))
         activity = f"pushing {len(self._running)}" if self._running else "idle"
         if self._scan_error:
             activity = "waiting for containerd"
-        parts = [activity, f"{self._state.pushed_count()} pushed"]
+        parts = [activity, f"{self._state.pushed.count()} pushed"]
         if counts.get("failed"):
             parts.append(f"{counts['failed']} retrying")
         if counts.get("queued"):

@@ -41,9 +41,9 @@ MAX_HOLD = 300.0
 
 
 class HealthStore(Protocol):
-    """Where registry health is kept for other processes (``State`` has this shape)."""
+    """Where registry health is kept for other processes (``State.registries`` has this shape)."""
 
-    def save_registry(
+    def save(
         self,
         registry: str,
         *,
@@ -205,7 +205,7 @@ class RegistryHealth:
     def _save(self, host: str, entry: _Registry) -> None:
         """Write ``entry`` to the store (called with the lock held: writes stay in order)."""
         if self._store is not None:
-            self._store.save_registry(
+            self._store.save(
                 host,
                 up=entry.up,
                 since=entry.since,
