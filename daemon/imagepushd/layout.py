@@ -32,6 +32,7 @@ from imagepushd.errors import (
     OutputError,
 )
 from imagepushd.oci import OCI_INDEX, Descriptor, Platform
+from imagepushd.platforms import host_manifest
 from imagepushd.reference import parse_reference
 
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
@@ -77,17 +78,7 @@ def _docker_manifest(graph: ImageGraph, host: Platform) -> ManifestNode | None:
     """The manifest ``docker load`` should load: the image's own, or the host's of an index."""
     if isinstance(graph.root, ManifestNode):
         return graph.root
-    for node in graph.manifests():
-        if node.is_attestation or node.manifest is None:
-            continue
-        platform = node.platform
-        if (
-            platform is not None
-            and (platform.os, platform.architecture) == (host.os, host.architecture)
-            and (not host.variant or platform.variant == host.variant)
-        ):
-            return node
-    return None
+    return host_manifest(graph, host)
 
 
 def docker_save_json(images: Sequence[ExportImage], host: Platform) -> tuple[bytes, bytes]:

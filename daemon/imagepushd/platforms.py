@@ -207,11 +207,19 @@ def _require_complete(graph: ImageGraph) -> None:
     )
 
 
-def _host_manifest(graph: ImageGraph, host: Platform) -> ManifestNode:
-    """The first complete image manifest for ``host``."""
+def host_manifest(graph: ImageGraph, host: Platform) -> ManifestNode | None:
+    """The first complete image manifest of ``graph`` for ``host``, if any."""
     for m in _images(graph):
         if graph.manifest_complete(m) and _matches(host, m.platform):
             return m
+    return None
+
+
+def _host_manifest(graph: ImageGraph, host: Platform) -> ManifestNode:
+    """:func:`host_manifest`, or the refusal that names the platforms the image has."""
+    found = host_manifest(graph, host)
+    if found is not None:
+        return found
     raise MissingContentError(
         f"no complete manifest for the host platform {host}; the image has "
         + (", ".join(str(p) for p in graph.platforms()) or "no platforms"),
