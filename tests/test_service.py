@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
+from imagepushd.assembly import Daemon
 from imagepushd.metrics import Metrics
 from imagepushd.notify import Notifier
-from imagepushd.assembly import Daemon
 from tests.support.boltwriter import BoltWriter
 from tests.support.daemon import render_config
 from tests.support.fakeregistry import FakeRegistry, error

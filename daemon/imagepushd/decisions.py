@@ -1,9 +1,8 @@
-"""The planner fed: containerd's images as it sees them, and what the state remembers.
+"""The planner fed: containerd's images (:mod:`imagepushd.views`) and what the state remembers.
 
-:mod:`imagepushd.planner` is pure; this module gives it its inputs. An image's content is
-walked only when the planner asks whether it is complete (most images are decided on their
-name and digest alone). The daemon decides with :func:`decide_snapshot` after each scan;
-``imagepushd plan`` shows :func:`preview`, the same decision without writing anything.
+:mod:`imagepushd.planner` is pure; this module gives it its inputs. The daemon decides with
+:func:`decide_snapshot` after each scan; ``imagepushd plan`` shows :func:`preview`, the same
+decision without writing anything.
 """
 
 from __future__ import annotations
@@ -13,43 +12,13 @@ from collections.abc import Mapping, Set
 from pathlib import Path
 
 from imagepushd.config import Config
-from imagepushd.containerd.content import ContentStore, ImageGraph
-from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot, MetadataStore
+from imagepushd.containerd.content import ContentStore
+from imagepushd.containerd.metadata import MetadataSnapshot, MetadataStore
 from imagepushd.containerd.roots import discover_root
-from imagepushd.errors import ImagepushdError, MissingContentError
-from imagepushd.planner import Decision, ImageView, Job, OpenJob, SeenImage, decide
-from imagepushd.platforms import host_platform, select_manifests
+from imagepushd.planner import Decision, Job, OpenJob, SeenImage, decide
+from imagepushd.platforms import host_platform
 from imagepushd.state import OPEN_STATUSES, State
-
-
-def image_view(
-    record: ImageRecord, snap: MetadataSnapshot, content: ContentStore, config: Config
-) -> ImageView:
-    """The planner's view of one image; its content is walked only if the planner asks."""
-
-    def missing() -> str | None:
-        try:
-            graph = content.walk(record.target, snap.blobs.get(record.namespace, {}))
-            if graph.complete or _partial_ok(graph, config):
-                return None
-        except ImagepushdError as exc:
-            return str(exc)
-        return f"{len(graph.missing)} blob(s) missing, e.g. {graph.missing[0].digest}"
-
-    expires = record.expires_at(snap.db_version)
-    return ImageView(record.namespace, record.name, record.target.digest, missing, expires)
-
-
-def _partial_ok(graph: ImageGraph, config: Config) -> bool:
-    """Whether the platforms policy can push something from an incomplete index.
-
-    The push's own selection decides, so attestations and the host platform count as they will.
-    """
-    try:
-        select_manifests(graph, config.push.platforms, host_platform())
-    except MissingContentError:
-        return False
-    return True
+from imagepushd.views import image_view
 
 
 def _remembered(
@@ -84,7 +53,8 @@ def decide_snapshot(
     records = snap.images
     if scope is not None:
         records = tuple(r for r in records if (r.namespace, r.name) in scope)
-    views = [image_view(r, snap, content, config) for r in records]
+    host = host_platform()
+    views = [image_view(r, snap, content, config.push.platforms, host) for r in records]
     seen, pushed, open_jobs, first = _remembered(state, scope)
     return decide(
         views,
