@@ -253,14 +253,13 @@ class Service:
         over across several commits, see ``MetadataSnapshot.unverified``) is followed by a full
         read as soon as the time budget for them allows.
         """
-        config = self._config
         now = self._clock()
         self._last_scan = now
         previous = self._snapshot
         replan = (
             previous is None
-            or self._planned_config is not config
-            or now - self._last_full >= config.push.resync_interval
+            or self._planned_config is not self._config
+            or now - self._last_full >= self._config.push.resync_interval
         )
         full = replan or (self._verify_at is not None and now >= self._verify_at)
         started = time.monotonic()
@@ -273,16 +272,20 @@ class Service:
         scope = None if replan or previous is None else self._scope(snap, previous, now)
         if scope is None or scope:
             self._plan(snap, scope, replan=replan)
-        if not snap.unverified:
-            self._verify_at = None
-        elif self._verify_at is None:
-            self._verify_at = self._verify.due(now)
-        self._wake_at = _earliest(self._wake_at, self._verify_at)
+        self._schedule_verify(snap, now)
         decoded = self._metadata.images_decoded
         planned = len(snap.images) if scope is None else len(scope)
         self._metrics.scan_work(decoded - self._decoded, planned)
         self._decoded = decoded
         self._metrics.scan_observe(time.monotonic() - started)
+
+    def _schedule_verify(self, snap: MetadataSnapshot, now: float) -> None:
+        """A full read for a snapshot that may hide a change, when the time budget allows."""
+        if not snap.unverified:
+            self._verify_at = None
+        elif self._verify_at is None:
+            self._verify_at = self._verify.due(now)
+        self._wake_at = _earliest(self._wake_at, self._verify_at)
 
     def _read(self, now: float, *, full: bool) -> MetadataSnapshot | None:
         """A snapshot of containerd's metadata, or None (said once) when it cannot be read."""
