@@ -481,6 +481,22 @@ class _Kind:
         self.general = general
 
 
+def _cached_record(
+    cached: _Cached | None, kind: _Kind, namespace: str, key: bytes
+) -> _Cached | None:
+    """``cached`` if it is a record of ``kind`` at ``key`` in ``namespace``, else None."""
+    if cached is None or cached.key != key or cached.namespace != namespace:
+        return None
+    return cached if type(cached.record) is kind.type else None
+
+
+def _carry(cached: _Cached, pgid: int, new: dict[int, _Cached] | None) -> object:
+    """The record of ``cached``, kept at ``pgid`` in ``new`` when records are kept."""
+    if new is not None:
+        new[pgid] = cached
+    return cached.record
+
+
 class _Reader:
     """One snapshot attempt: the page-level record path, its memos and the record cache.
 
@@ -510,7 +526,7 @@ class _Reader:
         self.changed: dict[bytes, set[str]] = {b"images": set(), b"blob": set()}
         self.unverified = False
         self.decoded = 0  # image records decoded (not reused)
-        self.trust_pages = False  # while reading a changed bucket: see _bucket
+        self.trust_pages = False  # while reading a changed bucket: see _read_bucket
         if cache is not None:
             self.new = {}
             if cache.order == tx.byte_order:
@@ -579,42 +595,61 @@ class _Reader:
         an equal :meth:`Bucket.fingerprint`, which leaves the records unverified.
         """
         old = self.old.get((namespace, kind))
-        txid = self.tx.txid
         ref = bucket.ref if bucket is not None else b""
         # No bucket, or an inline one, is all in its ref: equal refs mean equal records.
-        exact = bucket is None or bucket.inline
-        fingerprint = b""
-        verified: bool | None = None  # None: not carried over
-        if self.reuse_buckets and old is not None:
-            if old.ref == ref and (exact or 0 <= txid - old.txid <= 1):
-                fingerprint, verified = old.fingerprint, old.verified
-            elif bucket is not None and not exact:
-                fingerprint = bucket.fingerprint()
-                if fingerprint == old.fingerprint:
-                    verified = False
+        paged = None if bucket is None or bucket.inline else bucket
+        fingerprint, verified = self._reuse(old, ref, paged)
         pages: dict[int, _Cached] | None
         if old is not None and verified is not None:
             records, pages = cast(R, old.records), old.pages
-            self.unverified = self.unverified or not verified
         else:
             self.changed[kind].add(namespace)
-            if self.fingerprints and not fingerprint and bucket is not None and not exact:
-                fingerprint = bucket.fingerprint()
-            pages = {} if self.new is not None else None
-            # Records still at their root page are taken as they were, without reading the
-            # page: certain from one commit to the next, unverified across several.
-            self.trust_pages = self.reuse_buckets and old is not None
-            records = read(namespace, bucket, old.pages if old is not None else {}, pages)
-            verified = True
-            if self.trust_pages and old is not None:
-                verified = old.verified and 0 <= txid - old.txid <= 1
-                self.unverified = self.unverified or not verified
-            self.trust_pages = False
+            records, pages, verified = self._read_bucket(namespace, bucket, old, read)
+        self.unverified = self.unverified or not verified
         if self.new is not None and pages is not None:
             self.new[namespace, kind] = _BucketCache(
-                ref, fingerprint, records, pages, txid, verified
+                ref, fingerprint, records, pages, self.tx.txid, verified
             )
         return records
+
+    def _reuse(
+        self, old: _BucketCache | None, ref: bytes, paged: Bucket | None
+    ) -> tuple[bytes, bool | None]:
+        """The bucket's fingerprint (empty: not taken) and whether ``old`` carries over whole.
+
+        That is None when it does not (the bucket is read), else whether its records are
+        verified. ``paged`` is the bucket when it has pages of its own.
+        """
+        if self.reuse_buckets and old is not None:
+            if old.ref == ref and (paged is None or self._next_commit(old)):
+                return old.fingerprint, old.verified
+            if paged is not None:
+                fingerprint = paged.fingerprint()
+                return fingerprint, (False if fingerprint == old.fingerprint else None)
+        return (paged.fingerprint() if self.fingerprints and paged is not None else b""), None
+
+    def _read_bucket(
+        self,
+        namespace: str,
+        bucket: Bucket | None,
+        old: _BucketCache | None,
+        read: Callable[[str, Bucket | None, dict[int, _Cached], dict[int, _Cached] | None], R],
+    ) -> tuple[R, dict[int, _Cached] | None, bool]:
+        """A changed bucket's records, their pages (when kept) and whether they are verified."""
+        pages: dict[int, _Cached] | None = {} if self.new is not None else None
+        # Records still at their root page are taken as they were, without reading the
+        # page: certain from one commit to the next, unverified across several.
+        self.trust_pages = self.reuse_buckets and old is not None
+        records = read(namespace, bucket, old.pages if old is not None else {}, pages)
+        verified = True
+        if self.trust_pages and old is not None:
+            verified = old.verified and self._next_commit(old)
+        self.trust_pages = False
+        return records, pages, verified
+
+    def _next_commit(self, old: _BucketCache) -> bool:
+        """Whether ``old`` was read in this transaction or the one just before it."""
+        return 0 <= self.tx.txid - old.txid <= 1
 
     def _images(
         self,
@@ -681,24 +716,16 @@ class _Reader:
             self.decoded += kind is self.image_kind
             return kind.decode(namespace, key, found, where)[0]
         pgid = found
-        hit = old.get(pgid)
-        if hit is not None and (
-            hit.key != key or hit.namespace != namespace or type(hit.record) is not kind.type
-        ):
-            hit = None
+        hit = _cached_record(old.get(pgid), kind, namespace, key)
         if hit is not None and self.trust_pages:
             # bbolt never writes a page in use: the record bucket still at the same root page
-            # is the same record (certain from one commit to the next, see _bucket).
-            if new is not None:
-                new[pgid] = hit
-            return hit.record
+            # is the same record (certain from one commit to the next, see _read_bucket).
+            return _carry(hit, pgid, new)
         buf, page_flags, count = tx.read_page(pgid)
         if hit is not None and buf.startswith(hit.page):
             # These bytes decoded to this record in the last snapshot, every check passed then;
             # the bucket value and the page header were checked again above.
-            if new is not None:
-                new[pgid] = hit
-            return hit.record
+            return _carry(hit, pgid, new)
         self.decoded += kind is self.image_kind
         if page_flags != FLAG_LEAF:  # a bucket spanning pages, or a bad flag: general path
             return kind.general(namespace, _text(key), Bucket(tx, pgid, None))
