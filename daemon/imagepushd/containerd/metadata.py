@@ -448,21 +448,51 @@ class _Plan:
         self.created = self.updated = self.size = -1
         self.others: list[int] = []
         for i, (key, flags) in enumerate(zip(leaf.keys, leaf.flags, strict=True)):
-            if not flags & LEAF_BUCKET:
-                if key == b"createdat":
-                    self.created = i
-                elif key == b"updatedat":
-                    self.updated = i
-                elif key == b"size" and not image:
-                    self.size = i
-            elif key == b"target" and image:
-                self.target = i
-            elif key == b"labels":
-                self.labels = i
-            elif key == b"annotations" and image:
-                self.annotations = i
+            if flags & LEAF_BUCKET:
+                self._sub_bucket(i, key, image=image)
             else:
-                self.others.append(i)
+                self._value(i, key, image=image)
+
+    def _value(self, i: int, key: bytes, *, image: bool) -> None:
+        if key == b"createdat":
+            self.created = i
+        elif key == b"updatedat":
+            self.updated = i
+        elif key == b"size" and not image:
+            self.size = i
+
+    def _sub_bucket(self, i: int, key: bytes, *, image: bool) -> None:
+        if key == b"target" and image:
+            self.target = i
+        elif key == b"labels":
+            self.labels = i
+        elif key == b"annotations" and image:
+            self.annotations = i
+        else:
+            self.others.append(i)
+
+
+def _blob_bucket(namespace: Bucket) -> Bucket | None:
+    """A namespace's ``content/blob`` bucket, if it has one."""
+    content = namespace.bucket(b"content")
+    return content.bucket(b"blob") if content is not None else None
+
+
+def _image_times(
+    values: list[bytes], plan: _Plan, namespace: str, name: str
+) -> tuple[datetime | None, datetime | None]:
+    """An image leaf's ``createdat`` and ``updatedat`` (often equal: decoded once then)."""
+    created = values[plan.created] if plan.created >= 0 else None
+    updated = values[plan.updated] if plan.updated >= 0 else None
+    try:
+        created_at = _time(created) if created else None
+    except MetadataFormatError as exc:
+        raise MetadataFormatError(f"image {namespace}/{name} createdat: {exc}") from None
+    try:
+        updated_at = created_at if updated == created else (_time(updated) if updated else None)
+    except MetadataFormatError as exc:
+        raise MetadataFormatError(f"image {namespace}/{name} updatedat: {exc}") from None
+    return created_at, updated_at
 
 
 class _Kind:
@@ -560,14 +590,10 @@ class _Reader:
             images += found
             skipped += lost
             if blobs:
-                content = value.bucket(b"content")
-                blob_bucket = content.bucket(b"blob") if content is not None else None
-                records, lost = self._bucket(namespace, b"blob", blob_bucket, self._blobs)
+                records, lost = self._bucket(namespace, b"blob", _blob_bucket(value), self._blobs)
                 blob_records[namespace] = records
                 skipped += lost
-        if self.new is not None:
-            for space, kind in self.old.keys() - self.new.keys():
-                self.changed[kind].add(space)  # a namespace gone, or no longer read
+        self._mark_dropped()
         return MetadataSnapshot(
             tx.txid,
             version,
@@ -575,10 +601,20 @@ class _Reader:
             tuple(images),
             blob_records,
             tuple(skipped),
-            frozenset(self.changed[b"images"]) if self.reuse_buckets else None,
-            frozenset(self.changed[b"blob"]) if self.reuse_buckets and blobs else None,
+            self._changed(b"images"),
+            self._changed(b"blob") if blobs else None,
             self.unverified,
         )
+
+    def _mark_dropped(self) -> None:
+        """Count as changed the buckets read last time and not this time."""
+        if self.new is not None:
+            for space, kind in self.old.keys() - self.new.keys():
+                self.changed[kind].add(space)  # a namespace gone, or no longer read
+
+    def _changed(self, kind: bytes) -> frozenset[str] | None:
+        """The namespaces whose ``kind`` bucket changed (None: not known, without reuse)."""
+        return frozenset(self.changed[kind]) if self.reuse_buckets else None
 
     def _bucket(
         self,
@@ -748,12 +784,7 @@ class _Reader:
         values = leaf.values
         for i in plan.others:
             tx.bucket_value(values[i], _key_where(where, leaf.keys[i]))
-        target = new_target = None
-        if plan.target >= 0:
-            value = values[plan.target]
-            target = self.targets.get(value)
-            if target is None:
-                new_target = (value, tx.bucket_value(value, _key_where(where, b"target")))
+        target, new_target = self._open_target(leaf, plan.target, where)
         labels, new_labels = self._open_map(leaf, plan.labels, where)
         annotations, new_annotations = self._open_map(leaf, plan.annotations, where)
         name = _text(key)
@@ -761,31 +792,13 @@ class _Reader:
             raise MetadataFormatError(f"image {namespace}/{name}: no target bucket")
         self_contained = True
         if new_target is not None:
-            value, found = new_target
-            if isinstance(found, Leaf):
-                target = self.targets[value] = self._target(found, f"image {namespace}/{name}")
-            else:
-                target = _decode_target(Bucket(tx, found, None), f"image {namespace}/{name}")
-                self_contained = False
+            target, self_contained = self._decoded_target(*new_target, f"image {namespace}/{name}")
         assert target is not None
-        created = values[plan.created] if plan.created >= 0 else None
-        updated = values[plan.updated] if plan.updated >= 0 else None
-        try:
-            created_at = _time(created) if created else None
-        except MetadataFormatError as exc:
-            raise MetadataFormatError(f"image {namespace}/{name} createdat: {exc}") from None
-        try:
-            updated_at = created_at if updated == created else (_time(updated) if updated else None)
-        except MetadataFormatError as exc:
-            raise MetadataFormatError(f"image {namespace}/{name} updatedat: {exc}") from None
-        if new_labels is not None:
-            labels, contained = self._map(*new_labels)
-            self_contained = self_contained and contained
-        if new_annotations is not None:
-            annotations, contained = self._map(*new_annotations)
-            self_contained = self_contained and contained
+        created_at, updated_at = _image_times(values, plan, namespace, name)
+        labels, labels_inline = self._decoded_map(labels, new_labels)
+        annotations, annotations_inline = self._decoded_map(annotations, new_annotations)
         record = _new_image(namespace, name, target, created_at, updated_at, labels, annotations)
-        return record, self_contained
+        return record, self_contained and labels_inline and annotations_inline
 
     def _blob(
         self, namespace: str, key: bytes, leaf: Leaf, where: Where
@@ -806,9 +819,7 @@ class _Reader:
         updated_at = (
             created_at if updated == created else _optional_time(updated, f"{what} updatedat")
         )
-        self_contained = True
-        if new_labels is not None:
-            labels, self_contained = self._map(*new_labels)
+        labels, self_contained = self._decoded_map(labels, new_labels)
         return BlobRecord(digest, size, created_at, updated_at, labels), self_contained
 
     def _plan(self, leaf: Leaf, *, image: bool) -> _Plan:
@@ -821,6 +832,27 @@ class _Reader:
             if shape is not None:
                 plans[shape] = plan
         return plan
+
+    def _open_target(
+        self, leaf: Leaf, index: int, where: Where
+    ) -> tuple[Descriptor | None, tuple[bytes, int | Leaf] | None]:
+        """A memoised target at ``leaf.values[index]``, or its opened (checked) bucket to decode."""
+        if index < 0:
+            return None, None
+        value = leaf.values[index]
+        target = self.targets.get(value)
+        if target is not None:
+            return target, None
+        return None, (value, self.tx.bucket_value(value, _key_where(where, b"target")))
+
+    def _decoded_target(
+        self, value: bytes, found: int | Leaf, what: str
+    ) -> tuple[Descriptor, bool]:
+        """The target in an opened bucket (see :meth:`_open_target`), and whether it was inline."""
+        if isinstance(found, Leaf):
+            target = self.targets[value] = self._target(found, what)
+            return target, True
+        return _decode_target(Bucket(self.tx, found, None), what), False
 
     def _open_map(
         self, leaf: Leaf, index: int, where: Where
@@ -862,6 +894,12 @@ class _Reader:
             mapping = StringMap(found.keys, found.values)
         self.maps[value] = mapping
         return mapping, True
+
+    def _decoded_map(
+        self, mapping: Mapping[str, str], opened: tuple[bytes, int | Leaf] | None
+    ) -> tuple[Mapping[str, str], bool]:
+        """What :meth:`_open_map` gave, its bucket decoded if opened; and whether it was inline."""
+        return (mapping, True) if opened is None else self._map(*opened)
 
 
 class MetadataStore:
