@@ -17,7 +17,7 @@ from imagepushd.containerd.metadata import MetadataSnapshot
 from imagepushd.containerd.referrers import Referrer
 from imagepushd.errors import InvalidReferenceError
 from imagepushd.reference import parse_reference
-from imagepushd.rules import Rule, match_image
+from imagepushd.rules import Match, Rule, match_image
 
 
 def _complete() -> str | None:
@@ -132,6 +132,13 @@ class Decision:
     wake_at: float | None = None
 
 
+_JobKey = tuple[str, str, str, str]  # (namespace, name, digest, target)
+
+
+def _job_key(job: Job) -> _JobKey:
+    return job.namespace, job.name, job.digest, job.target
+
+
 def decide(
     images: Iterable[ImageView],
     seen: Mapping[tuple[str, str], SeenImage],
@@ -156,13 +163,11 @@ def decide(
     that changed.
     """
     if scope is not None:
-        images = [i for i in images if (i.namespace, i.name) in scope]
-        seen = {k: v for k, v in seen.items() if k in scope}
-        open_jobs = [o for o in open_jobs if (o.job.namespace, o.job.name) in scope]
+        images, seen, open_jobs = _within(scope, images, seen, open_jobs)
     out = Decision()
     current: dict[tuple[str, str], str] = {}
-    open_by_key = {(o.job.namespace, o.job.name, o.job.digest, o.job.target): o for o in open_jobs}
-    wanted: set[tuple[str, str, str, str]] = set()
+    open_by_key = {_job_key(o.job): o for o in open_jobs}
+    wanted: set[_JobKey] = set()
 
     for image in images:
         key = (image.namespace, image.name)
@@ -171,83 +176,146 @@ def decide(
         if record is None or record.digest != image.digest:
             record = SeenImage(image.digest, now, baseline)
             out.seen_changed[key] = record
-        try:
-            matches = match_image(rules, image.namespace, image.name)
-        except InvalidReferenceError as exc:
-            reason = Reason(Why.BAD_TARGET, str(exc))
-            out.skipped.append(Note(image.namespace, image.name, None, reason))
-            continue
-        if not matches:
-            out.skipped.append(Note(image.namespace, image.name, None, Reason(Why.NO_RULE)))
-            continue
-        if image.expires is not None and image.expires.timestamp() <= now:
-            when = image.expires.isoformat()
-            reason = Reason(
-                Why.EXPIRED,
-                f"containerd.io/gc.expire {when} has passed",
-                "containerd collects it",
-            )
-            out.skipped.append(Note(image.namespace, image.name, None, reason))
-            continue
-        if record.baseline:
-            out.skipped.append(
-                Note(
-                    image.namespace,
-                    image.name,
-                    None,
-                    Reason(Why.BASELINE, aside='on_start = "new-only"'),
-                )
-            )
-            continue
-        targets = [(m.rule, str(t)) for m in matches for t in m.targets]
-        for _rule, target in targets:
-            wanted.add((image.namespace, image.name, image.digest, target))
-        ready_at = record.since + settle
-        if ready_at > now:
-            out.waiting.append(
-                Note(
-                    image.namespace,
-                    image.name,
-                    None,
-                    Reason(
-                        Why.SETTLING,
-                        f"tag must stay put {settle:g}s",
-                        f"{ready_at - now:.1f}s left",
-                    ),
-                )
-            )
-            out.wake_at = ready_at if out.wake_at is None else min(out.wake_at, ready_at)
-            continue
-        pending: list[Job] = []
-        for rule, target in targets:
-            job = Job(image.namespace, image.name, image.digest, target, rule)
-            if (target, image.digest) in pushed:
-                out.skipped.append(Note(image.namespace, image.name, target, Reason(Why.PUSHED)))
-            elif (image.namespace, image.name, image.digest, target) in open_by_key:
-                out.queued.append(job)
-            else:
-                pending.append(job)
-        if not pending:
-            continue
-        missing = image.missing()
-        if missing is not None:
-            out.waiting.append(
-                Note(image.namespace, image.name, None, Reason(Why.INCOMPLETE, missing))
-            )
-            continue
-        out.enqueue.extend(pending)
+        share = _decide_image(image, record, rules, pushed, open_by_key, now=now, settle=settle)
+        out.skipped += share.skipped
+        out.waiting += share.waiting
+        out.queued += share.queued
+        out.enqueue += share.enqueue
+        wanted.update(share.wanted)
+        out.wake_at = _earlier(out.wake_at, share.ready_at)
 
     out.seen_removed = [key for key in seen if key not in current]
+    out.cancel = _cancels(open_by_key, current, wanted)
+    return out
+
+
+def _within(
+    scope: Set[tuple[str, str]],
+    images: Iterable[ImageView],
+    seen: Mapping[tuple[str, str], SeenImage],
+    open_jobs: Sequence[OpenJob],
+) -> tuple[list[ImageView], dict[tuple[str, str], SeenImage], list[OpenJob]]:
+    """The images, seen names and open jobs whose (namespace, name) is in ``scope``."""
+    return (
+        [i for i in images if (i.namespace, i.name) in scope],
+        {k: v for k, v in seen.items() if k in scope},
+        [o for o in open_jobs if (o.job.namespace, o.job.name) in scope],
+    )
+
+
+@dataclass(frozen=True)
+class _Share:
+    """One image's part of a :class:`Decision`.
+
+    ``wanted`` are the jobs the rules ask for (settled or not): an open job not among them
+    is cancelled. ``ready_at`` is when a settling image is due.
+    """
+
+    skipped: tuple[Note, ...] = ()
+    waiting: tuple[Note, ...] = ()
+    queued: tuple[Job, ...] = ()
+    enqueue: tuple[Job, ...] = ()
+    wanted: tuple[_JobKey, ...] = ()
+    ready_at: float | None = None
+
+
+def _decide_image(
+    image: ImageView,
+    record: SeenImage,
+    rules: Sequence[Rule],
+    pushed: Set[tuple[str, str]],
+    open_by_key: Mapping[_JobKey, OpenJob],
+    *,
+    now: float,
+    settle: float,
+) -> _Share:
+    """Skip ``image`` as a whole, let it settle, or sort its jobs (``record``: as seen now)."""
+    targets = _targets(image, record, rules, now)
+    if isinstance(targets, Reason):
+        return _Share(skipped=(Note(image.namespace, image.name, None, targets),))
+    jobs = [
+        Job(image.namespace, image.name, image.digest, target, rule) for rule, target in targets
+    ]
+    wanted = tuple(_job_key(job) for job in jobs)
+    ready_at = record.since + settle
+    if ready_at > now:
+        reason = Reason(
+            Why.SETTLING, f"tag must stay put {settle:g}s", f"{ready_at - now:.1f}s left"
+        )
+        note = Note(image.namespace, image.name, None, reason)
+        return _Share(waiting=(note,), wanted=wanted, ready_at=ready_at)
+    skipped, queued, pending = _sort_jobs(jobs, pushed, open_by_key)
+    # Only an image with something left to push is worth the walk of the content store.
+    missing = image.missing() if pending else None
+    if missing is not None:
+        note = Note(image.namespace, image.name, None, Reason(Why.INCOMPLETE, missing))
+        return _Share(skipped=skipped, waiting=(note,), queued=queued, wanted=wanted)
+    return _Share(skipped=skipped, queued=queued, enqueue=pending, wanted=wanted)
+
+
+def _targets(
+    image: ImageView, record: SeenImage, rules: Sequence[Rule], now: float
+) -> list[tuple[int, str]] | Reason:
+    """The (rule, target) pairs the rules ask ``image`` to be pushed to, or why none."""
+    try:
+        matches = match_image(rules, image.namespace, image.name)
+    except InvalidReferenceError as exc:
+        return Reason(Why.BAD_TARGET, str(exc))
+    if not matches:
+        return Reason(Why.NO_RULE)
+    if image.expires is not None and image.expires.timestamp() <= now:
+        when = image.expires.isoformat()
+        return Reason(
+            Why.EXPIRED, f"containerd.io/gc.expire {when} has passed", "containerd collects it"
+        )
+    if record.baseline:
+        return Reason(Why.BASELINE, aside='on_start = "new-only"')
+    return [(m.rule, str(t)) for m in matches for t in m.targets]
+
+
+def _sort_jobs(
+    jobs: Iterable[Job], pushed: Set[tuple[str, str]], open_by_key: Mapping[_JobKey, OpenJob]
+) -> tuple[tuple[Note, ...], tuple[Job, ...], tuple[Job, ...]]:
+    """Notes for the jobs already pushed, the jobs already open, and the jobs still to run."""
+    skipped: list[Note] = []
+    queued: list[Job] = []
+    pending: list[Job] = []
+    for job in jobs:
+        if (job.target, job.digest) in pushed:
+            skipped.append(Note(job.namespace, job.name, job.target, Reason(Why.PUSHED)))
+        elif _job_key(job) in open_by_key:
+            queued.append(job)
+        else:
+            pending.append(job)
+    return tuple(skipped), tuple(queued), tuple(pending)
+
+
+def _earlier(wake_at: float | None, ready_at: float | None) -> float | None:
+    """The earlier of two wake-up times, either of which may be none."""
+    if wake_at is None:
+        return ready_at
+    if ready_at is None:
+        return wake_at
+    return min(wake_at, ready_at)
+
+
+def _cancels(
+    open_by_key: Mapping[_JobKey, OpenJob],
+    current: Mapping[tuple[str, str], str],
+    wanted: Set[_JobKey],
+) -> list[tuple[int, str]]:
+    """The open jobs to cancel, with why: given the digest of each image now and the jobs wanted."""
+    cancel: list[tuple[int, str]] = []
     for job_key, opened in open_by_key.items():
         namespace, name, digest, _target = job_key
         now_digest = current.get((namespace, name))
         if now_digest is None:
-            out.cancel.append((opened.id, f"{namespace}/{name} was deleted"))
+            cancel.append((opened.id, f"{namespace}/{name} was deleted"))
         elif now_digest != digest:
-            out.cancel.append((opened.id, f"{namespace}/{name} moved to {now_digest}"))
+            cancel.append((opened.id, f"{namespace}/{name} moved to {now_digest}"))
         elif job_key not in wanted:
-            out.cancel.append((opened.id, "no rule asks for this target any more"))
-    return out
+            cancel.append((opened.id, "no rule asks for this target any more"))
+    return cancel
 
 
 class PushRecord(Protocol):
@@ -287,31 +355,48 @@ def repush_jobs(
     for record in pushed:
         by_subject.setdefault(record.digest, []).append(record)
     with_referrers = {r.index for r in rules if r.referrers}
-    jobs: dict[tuple[str, str, str, str], Job] = {}
+    jobs: dict[_JobKey, Job] = {}
     for referrer in referrers:
         for record in by_subject.get(referrer.subject, ()):
-            if record.namespace != referrer.namespace:
-                continue
-            image = snap.image(record.namespace, record.name)
-            if image is None or image.target.digest != record.digest:
-                continue
-            try:
-                matches = match_image(rules, record.namespace, record.name)
-                where = referrer.target(parse_reference(record.target))
-            except InvalidReferenceError:
-                continue  # the planner reports bad targets
-            rule = next(
-                (
-                    m.rule
-                    for m in matches
-                    if m.rule in with_referrers and any(str(t) == record.target for t in m.targets)
-                ),
-                None,
-            )
-            if rule is None:
-                continue
-            if (str(where), referrer.descriptor.digest) in holdings:
-                continue
-            key = (record.namespace, record.name, record.digest, record.target)
-            jobs.setdefault(key, Job(*key, rule))
+            rule = _repush_rule(referrer, record, holdings, rules, with_referrers, snap)
+            if rule is not None:
+                key = (record.namespace, record.name, record.digest, record.target)
+                jobs.setdefault(key, Job(*key, rule))
     return list(jobs.values())
+
+
+def _repush_rule(  # noqa: PLR0917 (repush_jobs's own inputs)
+    referrer: Referrer,
+    record: PushRecord,
+    holdings: Set[tuple[str, str]],
+    rules: Sequence[Rule],
+    with_referrers: Set[int],
+    snap: MetadataSnapshot,
+) -> int | None:
+    """The rule by which ``referrer`` makes the push ``record`` due again, if it does."""
+    if record.namespace != referrer.namespace:
+        return None
+    image = snap.image(record.namespace, record.name)
+    if image is None or image.target.digest != record.digest:
+        return None
+    try:
+        matches = match_image(rules, record.namespace, record.name)
+        where = referrer.target(parse_reference(record.target))
+    except InvalidReferenceError:
+        return None  # the planner reports bad targets
+    rule = _rendering_rule(matches, record.target, with_referrers)
+    if rule is None or (str(where), referrer.descriptor.digest) in holdings:
+        return None
+    return rule
+
+
+def _rendering_rule(matches: Iterable[Match], target: str, with_referrers: Set[int]) -> int | None:
+    """The first of the ``matches`` by a rule in ``with_referrers`` that renders ``target``."""
+    return next(
+        (
+            m.rule
+            for m in matches
+            if m.rule in with_referrers and any(str(t) == target for t in m.targets)
+        ),
+        None,
+    )

@@ -288,26 +288,40 @@ class Tx:
         buckets share a few) is therefore only checked for fitting in ``buf`` and for having
         the same keys; everything else is fully checked again.
         """
-        size = len(buf)
         base = offset + PAGE_HEADER_SIZE
         floor = base + ELEMENT_SIZE * count  # data starts after the elements
-        if floor > size:
+        if floor > len(buf):
             raise self.error(f"{where_text(where)}: {count} elements overflow the page")
-        elements = b""
-        if 0 < count <= _SHAPE_MAX_COUNT:
-            elements = buf[base:floor]
-            shape = self._shapes.get(elements)
-            if shape is not None and offset + shape.end <= size:
-                parts = shape.extract.unpack_from(buf, offset)
-                keys_seen = parts[0::2]
-                if keys_seen == shape.keys:
-                    return Leaf(
-                        list(keys_seen),
-                        list(shape.flags),
-                        list(parts[1::2]),
-                        offset + shape.end,
-                        shape,
-                    )
+        elements = buf[base:floor] if 0 < count <= _SHAPE_MAX_COUNT else b""
+        if elements:
+            known = self._known_leaf(buf, offset, elements)
+            if known is not None:
+                return known
+        flat, leaf = self._checked_leaf(buf, offset, count, where)
+        if elements and len(self._shapes) < _SHAPES_PER_TX:
+            leaf.shape = self._shapes[elements] = self._shape(flat, leaf, offset)
+        return leaf
+
+    def _known_leaf(self, buf: bytes, offset: int, elements: bytes) -> Leaf | None:
+        """The leaf at ``buf[offset:]`` if its element array is a known shape with its keys."""
+        shape = self._shapes.get(elements)
+        if shape is None or offset + shape.end > len(buf):
+            return None
+        parts = shape.extract.unpack_from(buf, offset)
+        keys_seen = parts[0::2]
+        if keys_seen != shape.keys:
+            return None
+        return Leaf(
+            list(keys_seen), list(shape.flags), list(parts[1::2]), offset + shape.end, shape
+        )
+
+    def _checked_leaf(
+        self, buf: bytes, offset: int, count: int, where: Where
+    ) -> tuple[tuple[int, ...], Leaf]:
+        """The flat element array and the leaf at ``buf[offset:]``, every element checked."""
+        size = len(buf)
+        base = offset + PAGE_HEADER_SIZE
+        floor = base + ELEMENT_SIZE * count
         layout = self._layout
         if count <= _ELEMENT_STRUCTS:
             flat = layout.elements(count).unpack_from(buf, base)
@@ -334,10 +348,7 @@ class Tx:
             keys.append(key)
             values.append(buf[mid:stop])
             base += ELEMENT_SIZE
-        leaf = Leaf(keys, list(flat[0::4]), values, floor)
-        if elements and len(self._shapes) < _SHAPES_PER_TX:
-            leaf.shape = self._shapes[elements] = self._shape(flat, leaf, offset)
-        return leaf
+        return flat, Leaf(keys, list(flat[0::4]), values, floor)
 
     @staticmethod
     def _shape(flat: tuple[int, ...], leaf: Leaf, offset: int) -> _Shape:
@@ -654,32 +665,34 @@ class BoltFile:
 
     def _read_metas(self, fd: int) -> Meta:
         """The valid meta with the highest txid, probing for meta 1 as bbolt does."""
-        try:
-            head = os.pread(fd, PAGE_HEADER_SIZE + META_SIZE, 0)
-        except OSError as exc:
-            raise ContainerdError(f"{self.path}: {exc.strerror}") from exc
-        meta0 = Meta.parse(head[META_OFFSET:])
+        meta0 = Meta.parse(self._pread_meta(fd, PAGE_HEADER_SIZE + META_SIZE, 0)[META_OFFSET:])
         if meta0 is not None and not MIN_PAGE_SIZE <= meta0.page_size <= MAX_PAGE_SIZE:
             meta0 = None
         offsets = [meta0.page_size] if meta0 else [1024 << i for i in range(15)]
-        meta1 = None
+        meta1 = self._probe_meta1(fd, offsets)
+        valid = [m for m in (meta0, meta1) if m is not None]
+        if not valid:
+            raise BoltFormatError(f"{self.path}: not a bbolt file (no valid meta page)")
+        return max(valid, key=lambda m: m.txid)
+
+    def _probe_meta1(self, fd: int, offsets: list[int]) -> Meta | None:
+        """Meta 1 at the first of ``offsets`` (page sizes) where a valid one names that size."""
         for offset in offsets:
-            try:
-                raw = os.pread(fd, META_SIZE, offset + META_OFFSET)
-            except OSError as exc:
-                raise ContainerdError(f"{self.path}: {exc.strerror}") from exc
-            candidate = Meta.parse(raw)
+            candidate = Meta.parse(self._pread_meta(fd, META_SIZE, offset + META_OFFSET))
             if (
                 candidate is not None
                 and candidate.page_size == offset
                 and MIN_PAGE_SIZE <= offset <= MAX_PAGE_SIZE
             ):
-                meta1 = candidate
-                break
-        valid = [m for m in (meta0, meta1) if m is not None]
-        if not valid:
-            raise BoltFormatError(f"{self.path}: not a bbolt file (no valid meta page)")
-        return max(valid, key=lambda m: m.txid)
+                return candidate
+        return None
+
+    def _pread_meta(self, fd: int, size: int, offset: int) -> bytes:
+        """``size`` bytes at ``offset``; an OSError as a ContainerdError naming the file."""
+        try:
+            return os.pread(fd, size, offset)
+        except OSError as exc:
+            raise ContainerdError(f"{self.path}: {exc.strerror}") from exc
 
     def meta(self) -> Meta:
         """The newest valid meta page now (cheap: a change check for watchers)."""

@@ -448,21 +448,51 @@ class _Plan:
         self.created = self.updated = self.size = -1
         self.others: list[int] = []
         for i, (key, flags) in enumerate(zip(leaf.keys, leaf.flags, strict=True)):
-            if not flags & LEAF_BUCKET:
-                if key == b"createdat":
-                    self.created = i
-                elif key == b"updatedat":
-                    self.updated = i
-                elif key == b"size" and not image:
-                    self.size = i
-            elif key == b"target" and image:
-                self.target = i
-            elif key == b"labels":
-                self.labels = i
-            elif key == b"annotations" and image:
-                self.annotations = i
+            if flags & LEAF_BUCKET:
+                self._sub_bucket(i, key, image=image)
             else:
-                self.others.append(i)
+                self._value(i, key, image=image)
+
+    def _value(self, i: int, key: bytes, *, image: bool) -> None:
+        if key == b"createdat":
+            self.created = i
+        elif key == b"updatedat":
+            self.updated = i
+        elif key == b"size" and not image:
+            self.size = i
+
+    def _sub_bucket(self, i: int, key: bytes, *, image: bool) -> None:
+        if key == b"target" and image:
+            self.target = i
+        elif key == b"labels":
+            self.labels = i
+        elif key == b"annotations" and image:
+            self.annotations = i
+        else:
+            self.others.append(i)
+
+
+def _blob_bucket(namespace: Bucket) -> Bucket | None:
+    """A namespace's ``content/blob`` bucket, if it has one."""
+    content = namespace.bucket(b"content")
+    return content.bucket(b"blob") if content is not None else None
+
+
+def _image_times(
+    values: list[bytes], plan: _Plan, namespace: str, name: str
+) -> tuple[datetime | None, datetime | None]:
+    """An image leaf's ``createdat`` and ``updatedat`` (often equal: decoded once then)."""
+    created = values[plan.created] if plan.created >= 0 else None
+    updated = values[plan.updated] if plan.updated >= 0 else None
+    try:
+        created_at = _time(created) if created else None
+    except MetadataFormatError as exc:
+        raise MetadataFormatError(f"image {namespace}/{name} createdat: {exc}") from None
+    try:
+        updated_at = created_at if updated == created else (_time(updated) if updated else None)
+    except MetadataFormatError as exc:
+        raise MetadataFormatError(f"image {namespace}/{name} updatedat: {exc}") from None
+    return created_at, updated_at
 
 
 class _Kind:
@@ -479,6 +509,22 @@ class _Kind:
         self.type = record_type
         self.decode = decode
         self.general = general
+
+
+def _cached_record(
+    cached: _Cached | None, kind: _Kind, namespace: str, key: bytes
+) -> _Cached | None:
+    """``cached`` if it is a record of ``kind`` at ``key`` in ``namespace``, else None."""
+    if cached is None or cached.key != key or cached.namespace != namespace:
+        return None
+    return cached if type(cached.record) is kind.type else None
+
+
+def _carry(cached: _Cached, pgid: int, new: dict[int, _Cached] | None) -> object:
+    """The record of ``cached``, kept at ``pgid`` in ``new`` when records are kept."""
+    if new is not None:
+        new[pgid] = cached
+    return cached.record
 
 
 class _Reader:
@@ -510,7 +556,7 @@ class _Reader:
         self.changed: dict[bytes, set[str]] = {b"images": set(), b"blob": set()}
         self.unverified = False
         self.decoded = 0  # image records decoded (not reused)
-        self.trust_pages = False  # while reading a changed bucket: see _bucket
+        self.trust_pages = False  # while reading a changed bucket: see _read_bucket
         if cache is not None:
             self.new = {}
             if cache.order == tx.byte_order:
@@ -544,14 +590,10 @@ class _Reader:
             images += found
             skipped += lost
             if blobs:
-                content = value.bucket(b"content")
-                blob_bucket = content.bucket(b"blob") if content is not None else None
-                records, lost = self._bucket(namespace, b"blob", blob_bucket, self._blobs)
+                records, lost = self._bucket(namespace, b"blob", _blob_bucket(value), self._blobs)
                 blob_records[namespace] = records
                 skipped += lost
-        if self.new is not None:
-            for space, kind in self.old.keys() - self.new.keys():
-                self.changed[kind].add(space)  # a namespace gone, or no longer read
+        self._mark_dropped()
         return MetadataSnapshot(
             tx.txid,
             version,
@@ -559,10 +601,20 @@ class _Reader:
             tuple(images),
             blob_records,
             tuple(skipped),
-            frozenset(self.changed[b"images"]) if self.reuse_buckets else None,
-            frozenset(self.changed[b"blob"]) if self.reuse_buckets and blobs else None,
+            self._changed(b"images"),
+            self._changed(b"blob") if blobs else None,
             self.unverified,
         )
+
+    def _mark_dropped(self) -> None:
+        """Count as changed the buckets read last time and not this time."""
+        if self.new is not None:
+            for space, kind in self.old.keys() - self.new.keys():
+                self.changed[kind].add(space)  # a namespace gone, or no longer read
+
+    def _changed(self, kind: bytes) -> frozenset[str] | None:
+        """The namespaces whose ``kind`` bucket changed (None: not known, without reuse)."""
+        return frozenset(self.changed[kind]) if self.reuse_buckets else None
 
     def _bucket(
         self,
@@ -579,42 +631,61 @@ class _Reader:
         an equal :meth:`Bucket.fingerprint`, which leaves the records unverified.
         """
         old = self.old.get((namespace, kind))
-        txid = self.tx.txid
         ref = bucket.ref if bucket is not None else b""
         # No bucket, or an inline one, is all in its ref: equal refs mean equal records.
-        exact = bucket is None or bucket.inline
-        fingerprint = b""
-        verified: bool | None = None  # None: not carried over
-        if self.reuse_buckets and old is not None:
-            if old.ref == ref and (exact or 0 <= txid - old.txid <= 1):
-                fingerprint, verified = old.fingerprint, old.verified
-            elif bucket is not None and not exact:
-                fingerprint = bucket.fingerprint()
-                if fingerprint == old.fingerprint:
-                    verified = False
+        paged = None if bucket is None or bucket.inline else bucket
+        fingerprint, verified = self._reuse(old, ref, paged)
         pages: dict[int, _Cached] | None
         if old is not None and verified is not None:
             records, pages = cast(R, old.records), old.pages
-            self.unverified = self.unverified or not verified
         else:
             self.changed[kind].add(namespace)
-            if self.fingerprints and not fingerprint and bucket is not None and not exact:
-                fingerprint = bucket.fingerprint()
-            pages = {} if self.new is not None else None
-            # Records still at their root page are taken as they were, without reading the
-            # page: certain from one commit to the next, unverified across several.
-            self.trust_pages = self.reuse_buckets and old is not None
-            records = read(namespace, bucket, old.pages if old is not None else {}, pages)
-            verified = True
-            if self.trust_pages and old is not None:
-                verified = old.verified and 0 <= txid - old.txid <= 1
-                self.unverified = self.unverified or not verified
-            self.trust_pages = False
+            records, pages, verified = self._read_bucket(namespace, bucket, old, read)
+        self.unverified = self.unverified or not verified
         if self.new is not None and pages is not None:
             self.new[namespace, kind] = _BucketCache(
-                ref, fingerprint, records, pages, txid, verified
+                ref, fingerprint, records, pages, self.tx.txid, verified
             )
         return records
+
+    def _reuse(
+        self, old: _BucketCache | None, ref: bytes, paged: Bucket | None
+    ) -> tuple[bytes, bool | None]:
+        """The bucket's fingerprint (empty: not taken) and whether ``old`` carries over whole.
+
+        That is None when it does not (the bucket is read), else whether its records are
+        verified. ``paged`` is the bucket when it has pages of its own.
+        """
+        if self.reuse_buckets and old is not None:
+            if old.ref == ref and (paged is None or self._next_commit(old)):
+                return old.fingerprint, old.verified
+            if paged is not None:
+                fingerprint = paged.fingerprint()
+                return fingerprint, (False if fingerprint == old.fingerprint else None)
+        return (paged.fingerprint() if self.fingerprints and paged is not None else b""), None
+
+    def _read_bucket(
+        self,
+        namespace: str,
+        bucket: Bucket | None,
+        old: _BucketCache | None,
+        read: Callable[[str, Bucket | None, dict[int, _Cached], dict[int, _Cached] | None], R],
+    ) -> tuple[R, dict[int, _Cached] | None, bool]:
+        """A changed bucket's records, their pages (when kept) and whether they are verified."""
+        pages: dict[int, _Cached] | None = {} if self.new is not None else None
+        # Records still at their root page are taken as they were, without reading the
+        # page: certain from one commit to the next, unverified across several.
+        self.trust_pages = self.reuse_buckets and old is not None
+        records = read(namespace, bucket, old.pages if old is not None else {}, pages)
+        verified = True
+        if self.trust_pages and old is not None:
+            verified = old.verified and self._next_commit(old)
+        self.trust_pages = False
+        return records, pages, verified
+
+    def _next_commit(self, old: _BucketCache) -> bool:
+        """Whether ``old`` was read in this transaction or the one just before it."""
+        return 0 <= self.tx.txid - old.txid <= 1
 
     def _images(
         self,
@@ -681,24 +752,16 @@ class _Reader:
             self.decoded += kind is self.image_kind
             return kind.decode(namespace, key, found, where)[0]
         pgid = found
-        hit = old.get(pgid)
-        if hit is not None and (
-            hit.key != key or hit.namespace != namespace or type(hit.record) is not kind.type
-        ):
-            hit = None
+        hit = _cached_record(old.get(pgid), kind, namespace, key)
         if hit is not None and self.trust_pages:
             # bbolt never writes a page in use: the record bucket still at the same root page
-            # is the same record (certain from one commit to the next, see _bucket).
-            if new is not None:
-                new[pgid] = hit
-            return hit.record
+            # is the same record (certain from one commit to the next, see _read_bucket).
+            return _carry(hit, pgid, new)
         buf, page_flags, count = tx.read_page(pgid)
         if hit is not None and buf.startswith(hit.page):
             # These bytes decoded to this record in the last snapshot, every check passed then;
             # the bucket value and the page header were checked again above.
-            if new is not None:
-                new[pgid] = hit
-            return hit.record
+            return _carry(hit, pgid, new)
         self.decoded += kind is self.image_kind
         if page_flags != FLAG_LEAF:  # a bucket spanning pages, or a bad flag: general path
             return kind.general(namespace, _text(key), Bucket(tx, pgid, None))
@@ -721,12 +784,7 @@ class _Reader:
         values = leaf.values
         for i in plan.others:
             tx.bucket_value(values[i], _key_where(where, leaf.keys[i]))
-        target = new_target = None
-        if plan.target >= 0:
-            value = values[plan.target]
-            target = self.targets.get(value)
-            if target is None:
-                new_target = (value, tx.bucket_value(value, _key_where(where, b"target")))
+        target, new_target = self._open_target(leaf, plan.target, where)
         labels, new_labels = self._open_map(leaf, plan.labels, where)
         annotations, new_annotations = self._open_map(leaf, plan.annotations, where)
         name = _text(key)
@@ -734,31 +792,13 @@ class _Reader:
             raise MetadataFormatError(f"image {namespace}/{name}: no target bucket")
         self_contained = True
         if new_target is not None:
-            value, found = new_target
-            if isinstance(found, Leaf):
-                target = self.targets[value] = self._target(found, f"image {namespace}/{name}")
-            else:
-                target = _decode_target(Bucket(tx, found, None), f"image {namespace}/{name}")
-                self_contained = False
+            target, self_contained = self._decoded_target(*new_target, f"image {namespace}/{name}")
         assert target is not None
-        created = values[plan.created] if plan.created >= 0 else None
-        updated = values[plan.updated] if plan.updated >= 0 else None
-        try:
-            created_at = _time(created) if created else None
-        except MetadataFormatError as exc:
-            raise MetadataFormatError(f"image {namespace}/{name} createdat: {exc}") from None
-        try:
-            updated_at = created_at if updated == created else (_time(updated) if updated else None)
-        except MetadataFormatError as exc:
-            raise MetadataFormatError(f"image {namespace}/{name} updatedat: {exc}") from None
-        if new_labels is not None:
-            labels, contained = self._map(*new_labels)
-            self_contained = self_contained and contained
-        if new_annotations is not None:
-            annotations, contained = self._map(*new_annotations)
-            self_contained = self_contained and contained
+        created_at, updated_at = _image_times(values, plan, namespace, name)
+        labels, labels_inline = self._decoded_map(labels, new_labels)
+        annotations, annotations_inline = self._decoded_map(annotations, new_annotations)
         record = _new_image(namespace, name, target, created_at, updated_at, labels, annotations)
-        return record, self_contained
+        return record, self_contained and labels_inline and annotations_inline
 
     def _blob(
         self, namespace: str, key: bytes, leaf: Leaf, where: Where
@@ -779,9 +819,7 @@ class _Reader:
         updated_at = (
             created_at if updated == created else _optional_time(updated, f"{what} updatedat")
         )
-        self_contained = True
-        if new_labels is not None:
-            labels, self_contained = self._map(*new_labels)
+        labels, self_contained = self._decoded_map(labels, new_labels)
         return BlobRecord(digest, size, created_at, updated_at, labels), self_contained
 
     def _plan(self, leaf: Leaf, *, image: bool) -> _Plan:
@@ -794,6 +832,27 @@ class _Reader:
             if shape is not None:
                 plans[shape] = plan
         return plan
+
+    def _open_target(
+        self, leaf: Leaf, index: int, where: Where
+    ) -> tuple[Descriptor | None, tuple[bytes, int | Leaf] | None]:
+        """A memoised target at ``leaf.values[index]``, or its opened (checked) bucket to decode."""
+        if index < 0:
+            return None, None
+        value = leaf.values[index]
+        target = self.targets.get(value)
+        if target is not None:
+            return target, None
+        return None, (value, self.tx.bucket_value(value, _key_where(where, b"target")))
+
+    def _decoded_target(
+        self, value: bytes, found: int | Leaf, what: str
+    ) -> tuple[Descriptor, bool]:
+        """The target in an opened bucket (see :meth:`_open_target`), and whether it was inline."""
+        if isinstance(found, Leaf):
+            target = self.targets[value] = self._target(found, what)
+            return target, True
+        return _decode_target(Bucket(self.tx, found, None), what), False
 
     def _open_map(
         self, leaf: Leaf, index: int, where: Where
@@ -835,6 +894,12 @@ class _Reader:
             mapping = StringMap(found.keys, found.values)
         self.maps[value] = mapping
         return mapping, True
+
+    def _decoded_map(
+        self, mapping: Mapping[str, str], opened: tuple[bytes, int | Leaf] | None
+    ) -> tuple[Mapping[str, str], bool]:
+        """What :meth:`_open_map` gave, its bucket decoded if opened; and whether it was inline."""
+        return (mapping, True) if opened is None else self._map(*opened)
 
 
 class MetadataStore:
