@@ -197,27 +197,52 @@ class Authenticator:
         challenge = self._challenge
         assert challenge is not None
         if challenge.scheme == "bearer":
-            wanted = merge_scopes(request.scopes, challenge.scopes)
-            with self._lock:
-                self._tokens.pop(self._key(challenge, wanted), None)
-                self._tokens.pop(self._key(challenge, request.scopes), None)
-            request.scopes = wanted
-        creds = request.credentials
-        if not request.learned and (
-            creds is None or previous is None or previous.scheme != challenge.scheme
-        ):
-            request.learned = True
+            self._forget_token(request, challenge)
+        if self._answer_learned(request, previous, challenge):
             return
-        if challenge.scheme == "bearer" and not (creds is not None and creds.registry_token):
-            if not request.refetched:
-                request.refetched = True
-                return
-            if creds is not None and not creds.anonymous:
-                # The token server took these credentials: what they lack is permission.
-                raise self.denied(creds)
+        if challenge.scheme == "bearer" and self._fetch_again(request):
+            return
+        creds = request.credentials
         if creds is not None and not request.fresh and self._renew(request, creds):
             return
         raise self.denied(creds)
+
+    def _forget_token(self, request: RequestAuth, challenge: Challenge) -> None:
+        """Drop the refused token; the next one also covers the scopes the challenge asks for."""
+        wanted = merge_scopes(request.scopes, challenge.scopes)
+        with self._lock:
+            self._tokens.pop(self._key(challenge, wanted), None)
+            self._tokens.pop(self._key(challenge, request.scopes), None)
+        request.scopes = wanted
+
+    @staticmethod
+    def _answer_learned(
+        request: RequestAuth, previous: Challenge | None, challenge: Challenge
+    ) -> bool:
+        """Whether to send again to answer a challenge (or scheme) met only now; once a request."""
+        creds = request.credentials
+        if request.learned or not (
+            creds is None or previous is None or previous.scheme != challenge.scheme
+        ):
+            return False
+        request.learned = True
+        return True
+
+    def _fetch_again(self, request: RequestAuth) -> bool:
+        """Whether to send again with a fresh Bearer token; once a request.
+
+        Raises when the token server took the credentials of a refused fresh token.
+        """
+        creds = request.credentials
+        if creds is not None and creds.registry_token:
+            return False  # a token from the credentials themselves: no server to ask again
+        if not request.refetched:
+            request.refetched = True
+            return True
+        if creds is not None and not creds.anonymous:
+            # The token server took these credentials: what they lack is permission.
+            raise self.denied(creds)
+        return False
 
     def denied(self, credentials: Credentials | None) -> RegistryAuthError:
         """The error for a request still unauthorized after fresh tokens or credentials."""
