@@ -39,6 +39,7 @@ import httpx
 
 from imagepushd.blobs import BlobSource
 from imagepushd.errors import BlobCorruptError, ContainerdError, PushInterrupted, RegistryError
+from imagepushd.oci import Descriptor
 from imagepushd.registry.auth import repository_scope
 from imagepushd.registry.bodylimit import BodyLimit
 from imagepushd.registry.client import RegistryClient
@@ -306,6 +307,18 @@ class SessionStore(Protocol):
         """Forget the session (finished or unusable)."""
 
 
+def _open_blob(source: BlobSource) -> int:
+    """A read-only descriptor of the blob's file; a missing file names the blob."""
+    try:
+        return os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ContainerdError(
+            f"blob {source.descriptor.digest}: {source.path} is missing"
+        ) from None
+    except OSError as exc:
+        raise ContainerdError(f"{source.path}: {exc.strerror}") from exc
+
+
 class BlobUploader:
     """Uploads blobs to one registry with bounded memory; safe to share between threads.
 
@@ -365,50 +378,56 @@ class BlobUploader:
         requests, see ``body_limit``). A registry answering 503 to every PUT gets one POST
         and R PUTs; one refusing every session gets 3 POSTs, 3 PUTs and 4 HEADs.
         """
-        client = self.client
         desc = source.descriptor
-        if client.blob_exists(repository, desc):
+        if self.client.blob_exists(repository, desc):
             return UploadResult(desc.digest, Outcome.EXISTS, 0)
-        started: httpx.Response | None = None
-        for origin in [r for r in mount_from if r != repository][:MAX_MOUNT_SOURCES]:
-            try:
-                response = client.upload_start(repository, mount=desc.digest, source=origin)
-            except RegistryError as exc:
-                if exc.is_unavailable():
-                    raise  # the registry, not the mount: another source would fail the same
-                log.info(
-                    "%s: mount of %s from %s failed (%s)", client.host, desc.digest, origin, exc
-                )
-                continue
-            if response.status_code == 201:
-                return UploadResult(desc.digest, Outcome.MOUNTED, 0)
-            started = response
-            break
-        resume = None
-        if started is None and self.sessions is not None and not self._whole(desc.size):
-            saved = self.sessions.load(repository, desc.digest)
-            if saved is not None:
-                resume = client.url("/").join(saved[0])
-                log.info(
-                    "%s: resuming upload of %s (saved at %d bytes)",
-                    client.host,
-                    desc.digest,
-                    saved[1],
-                )
-        try:
-            fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ContainerdError(f"blob {desc.digest}: {source.path} is missing") from None
-        except OSError as exc:
-            raise ContainerdError(f"{source.path}: {exc.strerror}") from exc
+        started = self._mount(repository, desc.digest, mount_from)
+        if started is not None and started.status_code == 201:
+            return UploadResult(desc.digest, Outcome.MOUNTED, 0)
+        resume = None if started is not None else self._saved_session(repository, desc)
+        fd = _open_blob(source)
         try:
             transfer = _Transfer(source, fd, progress)
             result = self._upload(repository, transfer, started, resume)
         finally:
             os.close(fd)
-        if self.sessions is not None and not self._whole(desc.size):
-            self.sessions.drop(repository, desc.digest)
+        sessions = self._sessions_for(desc.size)
+        if sessions is not None:
+            sessions.drop(repository, desc.digest)
         return result
+
+    def _mount(
+        self, repository: str, digest: str, mount_from: Sequence[str]
+    ) -> httpx.Response | None:
+        """The answer to the first mount that did not fail (201 mounted, 202 a new session)."""
+        for origin in [r for r in mount_from if r != repository][:MAX_MOUNT_SOURCES]:
+            try:
+                return self.client.upload_start(repository, mount=digest, source=origin)
+            except RegistryError as exc:
+                if exc.is_unavailable():
+                    raise  # the registry, not the mount: another source would fail the same
+                log.info(
+                    "%s: mount of %s from %s failed (%s)", self.client.host, digest, origin, exc
+                )
+        return None
+
+    def _saved_session(self, repository: str, desc: Descriptor) -> httpx.URL | None:
+        """The Location of a chunked session saved for this blob by an earlier run, if any."""
+        sessions = self._sessions_for(desc.size)
+        saved = None if sessions is None else sessions.load(repository, desc.digest)
+        if saved is None:
+            return None
+        log.info(
+            "%s: resuming upload of %s (saved at %d bytes)",
+            self.client.host,
+            desc.digest,
+            saved[1],
+        )
+        return self.client.url("/").join(saved[0])
+
+    def _sessions_for(self, size: int) -> SessionStore | None:
+        """Where a blob of ``size`` bytes keeps its session: nowhere if it goes in one PUT."""
+        return None if self.sessions is None or self._whole(size) else self.sessions
 
     def _whole(self, size: int) -> bool:
         """Whether a blob of ``size`` bytes goes in one PUT."""
