@@ -447,52 +447,27 @@ class BlobUploader:
         whole = not self._limits.chunked
         last: RegistryError | None = None
         for _ in range(SESSION_ATTEMPTS):
-            if resume is not None:
-                response, location, resuming = None, resume, True
-                resume = None
-            else:
-                response = started or client.upload_start(repository)
-                location, resuming = client.session_url(response), False
-            started = None
+            response, location = self._session(repository, started, resume)
+            resuming = resume is not None
+            started = resume = None
             try:
                 if self._whole(transfer.size) or whole:
-                    try:
-                        self._monolithic(repository, transfer, location)
-                    except RegistryError as exc:
-                        if exc.status != 413:
-                            raise
-                        if whole:
-                            raise RegistryError(
-                                f"{exc}: this registry takes no chunked uploads, so a blob of "
-                                f"{human_size(transfer.size)} needs a body limit at least that "
-                                "large",
-                                status=413,
-                            ) from None
-                        self.body_limit.refused(transfer.size, exc)
+                    too_large = self._put_whole(repository, transfer, location, chunks=not whole)
+                    if too_large is not None:
                         # Refused before the body was read: the session is still empty.
-                        started, last = response, exc
+                        started, last = response, too_large
                         continue
                 else:
-                    try:
-                        self._chunked(repository, transfer, location, response, resuming)
-                    except _FallBackToWhole as fallback:
-                        log.info(
-                            "%s: chunked upload refused (%s); sending the blob in one PUT",
-                            client.host,
-                            fallback.error,
-                        )
-                        whole = True
-                        last = fallback.error
+                    refused = self._send_chunks(repository, transfer, location, response, resuming)
+                    if refused is not None:
+                        whole, last = True, refused
                         continue
                 return UploadResult(desc.digest, Outcome.UPLOADED, transfer.sent)
             except _RestartSession as restart:
                 last = restart.error
-                if self.sessions is not None:
-                    self.sessions.drop(repository, desc.digest)
-                log.warning("%s: upload of %s restarts: %s", client.host, desc.digest, last)
-                if client.blob_exists(repository, desc):
-                    outcome = Outcome.UPLOADED if transfer.sent else Outcome.EXISTS
-                    return UploadResult(desc.digest, outcome, transfer.sent)
+                landed = self._restarted(repository, transfer, last)
+                if landed is not None:
+                    return landed
             except BlobCorruptError:
                 client.upload_cancel(repository, location)
                 raise
@@ -503,6 +478,70 @@ class BlobUploader:
             status=last.status,
             codes=last.codes,
         )
+
+    def _session(
+        self, repository: str, started: httpx.Response | None, resume: httpx.URL | None
+    ) -> tuple[httpx.Response | None, httpx.URL]:
+        """The POST answer (None for a saved session) and Location of the session to send into."""
+        if resume is not None:
+            return None, resume
+        response = started or self.client.upload_start(repository)
+        return response, self.client.session_url(response)
+
+    def _put_whole(
+        self, repository: str, transfer: _Transfer, location: httpx.URL, *, chunks: bool
+    ) -> RegistryError | None:
+        """Send the blob in one PUT; the 413 that taught a lower body limit, if one did.
+
+        Raises on any other error, and on a 413 when the registry takes no chunks either.
+        """
+        try:
+            self._monolithic(repository, transfer, location)
+        except RegistryError as exc:
+            if exc.status != 413:
+                raise
+            if not chunks:
+                raise RegistryError(
+                    f"{exc}: this registry takes no chunked uploads, so a blob of "
+                    f"{human_size(transfer.size)} needs a body limit at least that large",
+                    status=413,
+                ) from None
+            self.body_limit.refused(transfer.size, exc)
+            return exc
+        return None
+
+    def _send_chunks(
+        self,
+        repository: str,
+        transfer: _Transfer,
+        location: httpx.URL,
+        start: httpx.Response | None,
+        resuming: bool,
+    ) -> RegistryError | None:
+        """Send the blob in chunks; the refusal of the first one, if it says to send it whole."""
+        try:
+            self._chunked(repository, transfer, location, start, resuming)
+        except _FallBackToWhole as fallback:
+            log.info(
+                "%s: chunked upload refused (%s); sending the blob in one PUT",
+                self.client.host,
+                fallback.error,
+            )
+            return fallback.error
+        return None
+
+    def _restarted(
+        self, repository: str, transfer: _Transfer, error: RegistryError
+    ) -> UploadResult | None:
+        """After the registry refused the session: the result if the blob landed anyway."""
+        desc = transfer.descriptor
+        if self.sessions is not None:
+            self.sessions.drop(repository, desc.digest)
+        log.warning("%s: upload of %s restarts: %s", self.client.host, desc.digest, error)
+        if not self.client.blob_exists(repository, desc):
+            return None
+        outcome = Outcome.UPLOADED if transfer.sent else Outcome.EXISTS
+        return UploadResult(desc.digest, outcome, transfer.sent)
 
     def _close(self, repository: str, transfer: _Transfer, location: httpx.URL) -> None:
         url = location.copy_merge_params({"digest": transfer.descriptor.digest})
