@@ -641,25 +641,10 @@ class BlobUploader:
                     f"{client.host}: upload {transfer.descriptor.digest}", session.next_chunk
                 )
             except RegistryError as exc:
-                if exc.status == 413:
-                    limit = self.body_limit.refused(session.sent_size, exc)
-                    if session.sizer.limit_to(limit):
-                        continue
-                    raise RegistryError(
-                        f"{exc}: chunks of {human_size(session.sizer.chunk)} are the smallest "
-                        f"this registry takes, and bodies over {human_size(limit)} are refused",
-                        status=413,
-                    ) from None
                 if exc.status == 416:
                     range_errors += 1
-                    if range_errors <= 2:
-                        continue
-                    raise _RestartSession(exc) from None
-                if exc.status == 404:
-                    raise _RestartSession(exc) from None
-                if first and not exc.is_temporary() and exc.status not in (401, 403):
-                    raise _FallBackToWhole(exc) from None
-                raise
+                self._chunk_failed(exc, session, first=first, range_errors=range_errors)
+                continue
             first = False
             transfer.report(session.acked)
             if self.sessions is not None:
@@ -668,6 +653,30 @@ class BlobUploader:
                 )
         transfer.verify(session.snapshot)
         self._close(repository, transfer, session.location)
+
+    def _chunk_failed(
+        self, exc: RegistryError, session: _ChunkSession, *, first: bool, range_errors: int
+    ) -> None:
+        """Return when the chunk is worth sending again; otherwise raise what ends the session.
+
+        Called only after a failure: a chunk that goes through pays nothing for it.
+        """
+        if exc.status == 413:
+            limit = self.body_limit.refused(session.sent_size, exc)
+            if session.sizer.limit_to(limit):
+                return
+            raise RegistryError(
+                f"{exc}: chunks of {human_size(session.sizer.chunk)} are the smallest "
+                f"this registry takes, and bodies over {human_size(limit)} are refused",
+                status=413,
+            ) from None
+        if exc.status == 416 and range_errors <= 2:
+            return
+        if exc.status in (404, 416):
+            raise _RestartSession(exc) from None
+        if first and not exc.is_temporary() and exc.status not in (401, 403):
+            raise _FallBackToWhole(exc) from None
+        raise exc
 
     def status(self, repository: str, location: httpx.URL, own: int) -> tuple[httpx.URL, int]:
         """Where the registry says the session stands (GET status), or our own count."""
