@@ -76,6 +76,7 @@ class Rig:
         self.network = Network(self.fake)
         self.store = Store()
         self.changes: list[tuple[str, bool]] = []
+        self.wakes = 0
         self.spawned: list[Callable[[], None]] = []
         # A probe loop runs inline unless ``background``: then the test runs it when it likes.
         spawn = self.spawned.append if background else (lambda run: run())
@@ -87,6 +88,7 @@ class Rig:
             wait=self.clock.wait,
             spawn=spawn,
             on_change=lambda host, up: self.changes.append((host, up)),
+            wake=self.woken,
             rand=lambda: 1.0,  # no jitter: each wait is the full backoff
         )
         self.client = RegistryClient(
@@ -95,6 +97,9 @@ class Rig:
             retrier=Retrier(sleep=self.clock.sleep, gate=self.health.gate(HOST)),
             transport=self.network.transport(),
         )
+
+    def woken(self) -> None:
+        self.wakes += 1
 
     def stop_registry(self) -> None:
         del self.network.servers[HOST]
@@ -152,6 +157,7 @@ def test_an_outage_is_one_probe_loop_one_line_down_and_one_back(
     assert back_level == logging.INFO
     assert back.startswith(f"registry {HOST} is reachable again after 22s")
     assert rig.changes == [(HOST, False), (HOST, True)]
+    assert rig.wakes == 1  # the loop dispatches the waiting jobs at once
     start = 1_000_000.0
     # Saved for status: first seen, down (the job's error, then the probe's), back.
     probe_error = f"{HOST}: GET /v2/: ConnectError: connection refused"

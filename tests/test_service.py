@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
+from imagepushd.assembly import Daemon
 from imagepushd.metrics import Metrics
 from imagepushd.notify import Notifier
-from imagepushd.service import Service
 from tests.support.boltwriter import BoltWriter
 from tests.support.daemon import render_config
 from tests.support.fakeregistry import FakeRegistry, error
@@ -87,7 +87,7 @@ class Rig:
         self.manifests = Manifests(self.fake, api=False)
         self.config = tmp_path / "config.toml"
         self.state = tmp_path / "state.db"
-        self.service: Service | None = None
+        self.service: Daemon | None = None
         self.thread: threading.Thread | None = None
         self.exit: list[int] = []
         self.notifier = Readiness()
@@ -142,8 +142,8 @@ class Rig:
             )
         )
 
-    def start(self) -> Service:
-        service = Service(
+    def start(self) -> Daemon:
+        service = Daemon(
             self.config,
             env={},
             home=self.base / "home",

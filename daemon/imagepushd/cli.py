@@ -21,12 +21,14 @@ from typing import Any, TextIO
 
 from imagepushd import __version__
 from imagepushd.archive import ArchiveStore
+from imagepushd.assembly import Daemon
 from imagepushd.clients import Connection, RegistryClients
 from imagepushd.config import Config, config_path, load_config
 from imagepushd.containerd.content import ContentStore, ImageGraph
 from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot, MetadataStore
 from imagepushd.containerd.referrers import Referrer, ReferrerFinder
 from imagepushd.containerd.roots import Found, discover_root
+from imagepushd.decisions import preview
 from imagepushd.errors import (
     ConfigError,
     ImageNotFoundError,
@@ -48,7 +50,6 @@ from imagepushd.registry import login as registry_login
 from imagepushd.registry.client import HostSettings
 from imagepushd.registry.credentials import Credentials, CredentialSource, CredentialStore
 from imagepushd.rules import push_target
-from imagepushd.service import Service, plan_preview
 from imagepushd.state import OPEN_STATUSES, JobRecord, Pushed, RegistryStatus, State, Summary
 from imagepushd.units import human_size, parse_size
 
@@ -465,9 +466,9 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
     """The daemon (foreground, for systemd); ``--once``: one pass, then exit."""
     path = config_path(args.config, ctx.env)
     with Notifier.from_env(ctx.env) as notifier:
-        service = Service(path, env=ctx.env, home=ctx.home, notifier=notifier, once=args.once)
-        code = service.run()
-    if service.stuck:
+        daemon = Daemon(path, env=ctx.env, home=ctx.home, notifier=notifier, once=args.once)
+        code = daemon.run()
+    if daemon.stuck:
         # A push thread hung in a registry request: don't let interpreter exit join it.
         logging.shutdown()
         os._exit(code)
@@ -477,7 +478,7 @@ def cmd_run(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_plan(args: argparse.Namespace, ctx: Context) -> int:
     """What the rules match now and what would be pushed, with the reason for each skip."""
     config = _config(args, ctx)
-    rows = plan_preview(config, ctx.env, ctx.home)
+    rows = preview(config, ctx.env, ctx.home)
     if args.json:
         json.dump(rows, ctx.stdout, indent=2)
         ctx.stdout.write("\n")

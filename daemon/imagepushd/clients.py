@@ -3,7 +3,7 @@
 A host's client and uploader are built on first use from a :class:`Connection` (its settings,
 credentials, retry policy, throttle, upload sessions, body limit) and kept: their HTTP
 connections, tokens and learned limits outlive one push. The daemon's connections come from
-its configuration (:func:`daemon_connection`); ``imagepushd push`` builds one from its options.
+its configuration (:class:`DaemonConnector`); ``imagepushd push`` builds one from its options.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from imagepushd.config import Config
+from imagepushd.config import Config, LiveConfig
 from imagepushd.errors import PushInterrupted
 from imagepushd.metrics import Metrics
 from imagepushd.registry.bodylimit import BodyLimit
@@ -101,6 +101,10 @@ class RegistryClients:
             self._registries[host] = Registry(client, uploader)
             return self._registries[host]
 
+    def probe(self, host: str) -> None:
+        """One ``GET /v2/`` to ``host`` without retries (:meth:`RegistryClient.probe`)."""
+        self.get(host).client.probe()
+
     def forget(self) -> None:
         """Build new clients from now on: the configuration changed.
 
@@ -116,46 +120,66 @@ class RegistryClients:
                 registry.client.close()
 
 
-def daemon_connection(
-    current: Callable[[], Config],
-    host: str,
-    *,
-    env: Mapping[str, str],
-    home: Path,
-    state: State,
-    metrics: Metrics,
-    health: RegistryHealth,
-    stop: threading.Event,
-) -> Connection:
-    """The daemon's connection to ``host``, from its configuration (``current()``, read now)."""
-    config = current()
-    settings = config.registry(host)
-    push = config.push
+class DaemonConnector:
+    """The daemon's connections, from its configuration as it is when a host is first used.
 
-    def retry_sleep(seconds: float) -> None:
+    ``stop`` set cuts retry waits and uploads short (the job resumes after the restart).
+    """
+
+    def __init__(
+        self,
+        config: LiveConfig,
+        *,
+        env: Mapping[str, str],
+        home: Path,
+        state: State,
+        metrics: Metrics,
+        health: RegistryHealth,
+        stop: threading.Event,
+    ) -> None:
+        self._config = config
+        self._env = env
+        self._home = home
+        self._state = state
+        self._metrics = metrics
+        self._health = health
+        self._stop = stop
+
+    def __call__(self, host: str) -> Connection:
+        """``host``'s connection (see :class:`RegistryClients`)."""
+        config = self._config.current
+        settings = config.registry(host)
+        push = config.push
+        state = self._state
+        return Connection(
+            settings=HostSettings(plain_http=settings.plain_http, ca_file=settings.ca_file),
+            credentials=CredentialSource(functools.partial(self._credentials, host)),
+            chunk_size=settings.chunk_size or push.chunk_size,
+            retrier=Retrier(
+                RetryPolicy(push.retry_attempts, push.retry_initial, push.retry_max),
+                sleep=self._retry_sleep,
+                on_retry=functools.partial(self._metrics.retry_count, host),
+                gate=self._health.gate(host),
+            ),
+            throttle=RequestThrottle(
+                rate=settings.requests_per_second,
+                concurrency=settings.max_concurrent_requests,
+            ),
+            sessions=state.uploads.sessions(host),
+            body_limit=BodyLimit(host, state.body_limits.of(host)),
+            should_stop=self._stop.is_set,
+            on_resume=functools.partial(self._metrics.resume_count, host),
+        )
+
+    def _credentials(self, host: str) -> Credentials | None:
+        # Read at first use and whenever the registry refuses them: a rotated password or a
+        # reloaded configuration is picked up by the next request.
+        return configured_credentials(self._config.current, host, self._env, self._home)
+
+    def _retry_sleep(self, seconds: float) -> None:
         # The retry policy's sleep, cut short (abandoning the push) when the daemon stops.
-        if stop.wait(seconds):
+        if self._stop.wait(seconds):
             raise PushInterrupted("stopping: retry abandoned")
-
-    return Connection(
-        settings=HostSettings(plain_http=settings.plain_http, ca_file=settings.ca_file),
-        credentials=CredentialSource(lambda: configured_credentials(current(), host, env, home)),
-        chunk_size=settings.chunk_size or push.chunk_size,
-        retrier=Retrier(
-            RetryPolicy(push.retry_attempts, push.retry_initial, push.retry_max),
-            sleep=retry_sleep,
-            on_retry=functools.partial(metrics.retry_count, host),
-            gate=health.gate(host),
-        ),
-        throttle=RequestThrottle(
-            rate=settings.requests_per_second,
-            concurrency=settings.max_concurrent_requests,
-        ),
-        sessions=state.uploads.sessions(host),
-        body_limit=BodyLimit(host, state.body_limits.of(host)),
-        should_stop=stop.is_set,
-        on_resume=functools.partial(metrics.resume_count, host),
-    )
 
 
 def configured_credentials(

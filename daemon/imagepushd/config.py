@@ -114,6 +114,24 @@ def load_config(path: Path, env: Mapping[str, str], *, missing_ok: bool = False)
     return parse_config(text, str(path), env)
 
 
+class LiveConfig:
+    """The daemon's configuration file as last read successfully; a reload replaces it.
+
+    Worker threads read :attr:`current` at each job and each new registry connection, so a
+    reload reaches them without a callback into the loop (one attribute read: atomic).
+    """
+
+    def __init__(self, path: Path, env: Mapping[str, str]) -> None:
+        self.path = path
+        self._env = env
+        self.current = load_config(path, env)
+
+    def reload(self) -> Config:
+        """Read the file again; on an error (:class:`ImagepushdError`) the current one stays."""
+        self.current = load_config(self.path, self._env)
+        return self.current
+
+
 def _default_state(env: Mapping[str, str]) -> Path:
     directory = env.get("STATE_DIRECTORY", "").split(":")[0]
     return Path(directory) / "state.db" if directory else DEFAULT_STATE

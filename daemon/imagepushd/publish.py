@@ -25,9 +25,9 @@ from typing import Any
 
 from imagepushd.blobs import BlobStore
 from imagepushd.clients import RegistryClients
-from imagepushd.config import Config
+from imagepushd.config import LiveConfig
 from imagepushd.containerd.content import ContentStore, ImageGraph
-from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot
+from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot, MetadataStore
 from imagepushd.containerd.referrers import Referrer, ReferrerFinder
 from imagepushd.errors import ImagepushdError, ManifestError, PushInterrupted, RegistryError
 from imagepushd.logs import push_fields
@@ -336,35 +336,36 @@ Outcome = Pushed | Failed | Interrupted | Cancelled
 class JobRunner:
     """The daemon's pushes: a job in, an :data:`Outcome` out, what went out recorded.
 
-    ``config`` and ``snapshot`` are read at each job (a reload or a rescan may swap them).
+    The configuration and the newest snapshot are read at each job (a reload or a rescan
+    replaces them).
     """
 
     def __init__(
         self,
         publisher: Publisher,
         *,
+        config: LiveConfig,
+        metadata: MetadataStore,
         content: ContentStore,
         finder: ReferrerFinder,
         state: State,
         health: RegistryHealth,
         metrics: Metrics,
-        config: Callable[[], Config],
-        snapshot: Callable[[], MetadataSnapshot | None],
         clock: Callable[[], float],
     ) -> None:
         self._publisher = publisher
+        self._config = config
+        self._metadata = metadata
         self._content = content
         self._finder = finder
         self._state = state
         self._health = health
         self._metrics = metrics
-        self._config = config
-        self._snapshot = snapshot
         self._clock = clock
 
     def run(self, job: JobRecord) -> Outcome:
         """Push one job (worker thread); never raises for expected failures."""
-        snap = self._snapshot()  # one snapshot for the record and its blobs
+        snap = self._metadata.latest  # one snapshot for the record and its blobs
         record = snap.image(job.namespace, job.name) if snap is not None else None
         if snap is None or record is None or record.target.digest != job.digest:
             return Cancelled(job, "source image changed before the push started")
@@ -402,7 +403,7 @@ class JobRunner:
         self, job: JobRecord, record: ImageRecord, snap: MetadataSnapshot
     ) -> tuple[PushResult, float]:
         """Push and record it; the result and the seconds the push took."""
-        config = self._config()
+        config = self._config.current
         target = parse_reference(job.target)
         blobs = snap.blobs.get(job.namespace, {})
         graph = self._content.walk(record.target, blobs)
@@ -452,7 +453,7 @@ class JobRunner:
         def find() -> tuple[Sequence[Referrer], Collection[str]]:
             # The newest snapshot, not the job's: a referrer tagged during the push is seen
             # too (or the scan that sees it finds this push recorded, and runs it again).
-            snap = self._snapshot()
+            snap = self._metadata.latest
             assert snap is not None
             source = parse_reference(job.name, default_tag=None)
             found = self._finder.referrers(snap, job.namespace, job.digest, source.repository)

@@ -1,60 +1,34 @@
-"""The daemon: watch meta.db, plan, push on a bounded worker pool, remember, report to systemd.
+"""The daemon's loop: watch meta.db, decide, apply the decision, dispatch jobs, reap them.
 
-Control flow is explicit and single-threaded in the main loop; only pushes run on worker
-threads. Signal handlers just set flags and wake the loop. READY=1 is sent after the first
-full scan, WATCHDOG=1 from the loop itself (so a stuck loop gets the service restarted), and
-STATUS= is kept current.
+Control flow is explicit and single-threaded in the loop; only pushes run on worker threads
+(:class:`~imagepushd.publish.JobRunner`). Everything it works with comes in built and opened
+(:mod:`imagepushd.assembly` does that from the configuration); signal handlers only record
+and wake it. READY=1 is sent after the first full scan, WATCHDOG=1 from the loop itself (so a
+stuck loop gets the service restarted), and STATUS= is kept current.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Set
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from types import FrameType
+from dataclasses import dataclass
 
-import httpx
-
-from imagepushd.clients import Connection, RegistryClients, daemon_connection
-from imagepushd.config import Config, load_config
-from imagepushd.containerd.content import ContentStore, ImageGraph
-from imagepushd.containerd.metadata import (
-    META_DB,
-    ImageRecord,
-    MetadataSnapshot,
-    MetadataStore,
-    TxidProbe,
-)
+from imagepushd.clients import RegistryClients
+from imagepushd.config import Config, LiveConfig
+from imagepushd.containerd.content import ContentStore
+from imagepushd.containerd.metadata import MetadataSnapshot, MetadataStore
 from imagepushd.containerd.referrers import ReferrerFinder
-from imagepushd.containerd.roots import Found, discover_root, expected_root
-from imagepushd.errors import (
-    ContainerdError,
-    ImagepushdError,
-    MissingContentError,
-    RootNotFoundError,
-    SnapshotBusyError,
-)
-from imagepushd.metrics import Metrics, MetricsServer
-from imagepushd.notify import Notifier, watchdog_interval
+from imagepushd.decisions import decide_snapshot
+from imagepushd.errors import ContainerdError, ImagepushdError, SnapshotBusyError
+from imagepushd.metrics import Metrics
+from imagepushd.notify import Notifier
 from imagepushd.pacing import BusyPatience, VerifyBudget
-from imagepushd.planner import (
-    Decision,
-    ImageView,
-    Job,
-    OpenJob,
-    SeenImage,
-    Why,
-    decide,
-    repush_jobs,
-)
-from imagepushd.platforms import host_platform, select_manifests
-from imagepushd.publish import Cancelled, Interrupted, JobRunner, Outcome, Publisher, Pushed
+from imagepushd.planner import Decision, Why, repush_jobs
+from imagepushd.publish import Cancelled, Interrupted, JobRunner, Outcome, Pushed
 from imagepushd.registry.health import RegistryHealth
 from imagepushd.state import OPEN_STATUSES, RUNNING, State
 from imagepushd.watcher import MetaWatcher
@@ -74,148 +48,57 @@ def _earliest(a: float | None, b: float | None) -> float | None:
     return min(a, b)
 
 
-def image_view(
-    record: ImageRecord, snap: MetadataSnapshot, content: ContentStore, config: Config
-) -> ImageView:
-    """The planner's view of one image; its content is walked only if the planner asks."""
+@dataclass(frozen=True)
+class Parts:
+    """What the loop works with, built and opened by :mod:`imagepushd.assembly`."""
 
-    def missing() -> str | None:
-        try:
-            graph = content.walk(record.target, snap.blobs.get(record.namespace, {}))
-            if graph.complete or _partial_ok(graph, config):
-                return None
-        except ImagepushdError as exc:
-            return str(exc)
-        return f"{len(graph.missing)} blob(s) missing, e.g. {graph.missing[0].digest}"
-
-    expires = record.expires_at(snap.db_version)
-    return ImageView(record.namespace, record.name, record.target.digest, missing, expires)
-
-
-def _partial_ok(graph: ImageGraph, config: Config) -> bool:
-    """Whether the platforms policy can push something from an incomplete index.
-
-    The push's own selection decides, so attestations and the host platform count as they will.
-    """
-    try:
-        select_manifests(graph, config.push.platforms, host_platform())
-    except MissingContentError:
-        return False
-    return True
-
-
-def _plan_inputs(
-    state: State | None, scope: Set[tuple[str, str]] | None = None
-) -> tuple[dict[tuple[str, str], SeenImage], set[tuple[str, str]], list[OpenJob], bool]:
-    if state is None:
-        return {}, set(), [], True
-    seen = {k: SeenImage(v.digest, v.since, v.baseline) for k, v in state.seen.load(scope).items()}
-    open_jobs = [
-        OpenJob(j.id, Job(j.namespace, j.name, j.digest, j.target, j.rule))
-        for j in state.jobs.select(OPEN_STATUSES)
-    ]
-    first = state.flags.get("baseline_done") is None
-    return seen, state.pushed.holdings(), open_jobs, first
-
-
-def _decide(
-    snap: MetadataSnapshot,
-    content: ContentStore,
-    config: Config,
-    state: State | None,
-    *,
-    now: float,
-    settle: float,
-    scope: Set[tuple[str, str]] | None = None,
-) -> Decision:
-    """The planner's decision for ``snap`` given what ``state`` remembers (None: nothing).
-
-    ``scope`` limits it to those (namespace, name) (see :func:`decide`).
-    """
-    records = snap.images
-    if scope is not None:
-        records = tuple(r for r in records if (r.namespace, r.name) in scope)
-    views = [image_view(r, snap, content, config) for r in records]
-    seen, pushed, open_jobs, first = _plan_inputs(state, scope)
-    return decide(
-        views,
-        seen,
-        pushed,
-        open_jobs,
-        config.rules,
-        now=now,
-        settle=settle,
-        baseline=first and config.push.on_start == "new-only",
-        scope=scope,
-    )
-
-
-def plan_preview(config: Config, env: Mapping[str, str], home: Path) -> list[dict[str, str]]:
-    """``imagepushd plan``: the decision for containerd's images now, without writing state."""
-    root = discover_root(None, config.containerd.root, env, home).path
-    metadata = MetadataStore.at_root(root)
-    try:
-        snap = metadata.read(config.containerd.namespaces, blobs=True)
-    finally:
-        metadata.close()
-    state = State(config.state_path) if config.state_path.exists() else None
-    try:
-        decision = _decide(snap, ContentStore(root), config, state, now=time.time(), settle=0.0)
-    finally:
-        if state is not None:
-            state.close()
-
-    def row(action: str, ns: str, name: str, target: str | None, reason: str) -> dict[str, str]:
-        return {
-            "action": action,
-            "namespace": ns,
-            "name": name,
-            "target": target or "",
-            "reason": reason,
-        }
-
-    rows = [row("push", j.namespace, j.name, j.target, "") for j in decision.enqueue]
-    rows += [
-        row("queued", j.namespace, j.name, j.target, "already queued") for j in decision.queued
-    ]
-    rows += [row("wait", n.namespace, n.name, n.target, n.reason) for n in decision.waiting]
-    rows += [row("skip", n.namespace, n.name, n.target, n.reason) for n in decision.skipped]
-    return sorted(rows, key=lambda r: (r["namespace"], r["name"], r["target"]))
+    config: LiveConfig
+    metadata: MetadataStore
+    content: ContentStore
+    finder: ReferrerFinder
+    state: State
+    health: RegistryHealth
+    clients: RegistryClients
+    runner: JobRunner
+    watcher: MetaWatcher
+    notifier: Notifier
+    metrics: Metrics
+    #: Set when the daemon stops: workers' retries and uploads end at once.
+    stop: threading.Event
 
 
 class Service:
-    """``imagepushd run``: everything the daemon does, built from the configuration.
+    """``imagepushd run``'s loop over :class:`Parts`.
 
-    ``transport`` (httpx) and ``clock`` are injected for tests; ``once`` makes one pass.
-    ``metrics`` collects what it does; ``[metrics] listen`` serves them while it runs.
+    ``watching`` is what the start-up line says is watched; ``watchdog`` the seconds between
+    WATCHDOG=1 pings (None: none); ``once`` makes one pass; ``clock`` is injected for tests.
     """
 
     def __init__(
         self,
-        config_path: Path,
+        parts: Parts,
         *,
-        env: Mapping[str, str],
-        home: Path,
-        notifier: Notifier,
+        watching: str,
+        watchdog: float | None = None,
         once: bool = False,
         clock: Callable[[], float] = time.time,
-        transport: httpx.BaseTransport | None = None,
-        install_signals: bool = True,
-        metrics: Metrics | None = None,
     ) -> None:
-        self._config_path = config_path
-        self._env = env
-        self._home = home
-        self._notifier = notifier
+        self._parts = parts
+        self._live = parts.config
+        self._config = parts.config.current
+        self._metadata = parts.metadata
+        self._state = parts.state
+        self._health = parts.health
+        self._watcher = parts.watcher
+        self._notifier = parts.notifier
+        self._metrics = parts.metrics
+        self._stop = parts.stop
+        self._watching = watching
+        self._watchdog = watchdog
         self._once = once
         self._clock = clock
-        self._transport = transport
-        self._install_signals = install_signals
-        self._config = load_config(config_path, env)
-        self._metrics = metrics or Metrics()
-        self._metrics.rules_known(rule.index for rule in self._config.rules)
-        self._stop = threading.Event()
-        # Set by signal handlers, which only record and wake (see _signals); the loop acts.
+        self._metrics.rules_known([rule.index for rule in self._config.rules])
+        # Set by signal handlers, which only record and wake (see assembly); the loop acts.
         self._stop_requested = False
         self._reload = False
         self._running: dict[int, Future[Outcome]] = {}
@@ -223,7 +106,6 @@ class Service:
         self._reasons: dict[tuple[str, str], tuple[Why, str]] = {}
         self._wake_at: float | None = None
         self._failures = 0
-        self._watcher: MetaWatcher | None = None
         self._status = ""
         self._scan_error = ""
         self.stuck = 0
@@ -241,100 +123,31 @@ class Service:
 
     def run(self) -> int:
         """Run until stopped (or one pass with ``once``); the process exit code."""
-        config = self._config
+        state = self._state
+        state.registries.forget()  # health is what this run sees
+        requeued = state.jobs.requeue_running()
+        if requeued:
+            log.info("%d job(s) interrupted by the last stop are queued again", requeued)
+        # Registries expire abandoned upload sessions (distribution: after 7 days).
+        state.uploads.drop_stale(STALE_UPLOAD_AGE)
+        state.jobs.prune(FINISHED_JOB_AGE)
+        pool = ThreadPoolExecutor(self._config.push.parallel_images, thread_name_prefix="push")
         try:
-            found = discover_root(None, config.containerd.root, self._env, self._home)
-        except RootNotFoundError as exc:
-            # containerd may simply not have started yet: watch where its root will be.
-            found = Found(expected_root(config.containerd.root, self._env, self._home))
-            log.warning("%s; waiting for containerd at %s", exc, found.place)
-        root = found.path
-        self._metadata = MetadataStore.at_root(root, reuse_buckets=True)
-        self._content = ContentStore(root)
-        self._finder = ReferrerFinder(self._content)
-        with State(config.state_path, clock=self._clock) as state, self._metrics_server():
-            self._state = state
-            state.registries.forget()  # health is what this run sees
-            self._health = RegistryHealth(
-                probe=lambda host: self._clients.get(host).client.probe(),
-                store=state.registries,
-                waiting=state.jobs.open_on,
-                clock=self._clock,
-                wait=self._stop.wait,
-                on_change=self._registry_changed,
+            self._scan()
+            self._notifier.ready()
+            log.info(
+                "watching %s; %d rule(s); state %s",
+                self._watching,
+                len(self._config.rules),
+                state.path,
             )
-            self._clients = RegistryClients(self._connect, transport=self._transport)
-            self._runner = JobRunner(
-                Publisher(self._clients, host=host_platform()),
-                content=self._content,
-                finder=self._finder,
-                state=state,
-                health=self._health,
-                metrics=self._metrics,
-                config=lambda: self._config,
-                snapshot=lambda: self._snapshot,
-                clock=self._clock,
-            )
-            requeued = state.jobs.requeue_running()
-            if requeued:
-                log.info("%d job(s) interrupted by the last stop are queued again", requeued)
-            # Registries expire abandoned upload sessions (distribution: after 7 days).
-            state.uploads.drop_stale(STALE_UPLOAD_AGE)
-            state.jobs.prune(FINISHED_JOB_AGE)
-            # The watcher polls from its own thread: give it its own file descriptor.
-            txid = TxidProbe(root)
-            watcher = MetaWatcher(root / META_DB, txid=txid)
-            self._watcher = watcher
-            previous = self._signals()
-            watcher.start()
-            pool = ThreadPoolExecutor(config.push.parallel_images, thread_name_prefix="push")
-            try:
-                self._scan()
-                self._notifier.ready()
-                log.info(
-                    "watching %s; %d rule(s); state %s",
-                    found.describe(),
-                    len(config.rules),
-                    state.path,
-                )
-                self._loop(pool, watcher)
-            finally:
-                self._notifier.stopping()
-                self._stop.set()
-                self._drain(pool)
-                state.jobs.requeue_running()
-                self._restore(previous)
-                watcher.stop()
-                self._clients.close()
-                self._metadata.close()
-                txid.close()
+            self._loop(pool)
+        finally:
+            self._notifier.stopping()
+            self._stop.set()
+            self._drain(pool)
+            state.jobs.requeue_running()
         return 1 if self._once and self._failures else 0
-
-    def _metrics_server(self) -> contextlib.AbstractContextManager[object]:
-        listen = self._config.metrics.listen
-        return contextlib.nullcontext() if listen is None else MetricsServer(listen, self._metrics)
-
-    def _signals(self) -> dict[int, object]:
-        if not self._install_signals:
-            return {}
-        previous: dict[int, object] = {}
-
-        # A handler runs on the main thread between two bytecodes, possibly while that thread
-        # holds a lock (the watcher's, or the stop Event's own), so it takes none: it records
-        # the signal and wakes the loop through the watcher's lock-free self-pipe.
-        def stop(signum: int, frame: FrameType | None) -> None:
-            self.stop()
-
-        def reload(signum: int, frame: FrameType | None) -> None:
-            self.reload()
-
-        for signum, handler in (
-            (signal.SIGTERM, stop),
-            (signal.SIGINT, stop),
-            (signal.SIGHUP, reload),
-        ):
-            previous[signum] = signal.signal(signum, handler)
-        return previous
 
     def stop(self) -> None:
         """Ask the loop to stop, as SIGTERM does (safe from a signal handler: no lock taken)."""
@@ -346,12 +159,8 @@ class Service:
         self._reload = True
         self._wake()
 
-    def _restore(self, previous: dict[int, object]) -> None:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
-
-    def _loop(self, pool: ThreadPoolExecutor, watcher: MetaWatcher) -> None:
-        interval = watchdog_interval(self._env)
+    def _loop(self, pool: ThreadPoolExecutor) -> None:
+        interval = self._watchdog
         last_ping = 0.0
         while not self._stopping():
             if self._reload:
@@ -367,7 +176,7 @@ class Service:
             if self._once and not self._running and not self._due_now():
                 return
             timeout = self._sleep_budget(now, interval)
-            changed = watcher.wait(timeout)
+            changed = self._watcher.wait(timeout)
             if self._stopping():
                 return
             now = self._clock()
@@ -419,16 +228,16 @@ class Service:
     def _do_reload(self) -> None:
         self._notifier.reloading()
         try:
-            config = load_config(self._config_path, self._env)
+            config = self._live.reload()
         except ImagepushdError as exc:
             log.error("reload: keeping the previous configuration: %s", exc)
         else:
             if config.metrics != self._config.metrics:
                 log.warning("reload: [metrics] changes take effect when the daemon restarts")
             self._config = config
-            self._metrics.rules_known(rule.index for rule in config.rules)
-            self._clients.forget()
-            log.info("reloaded %s: %d rule(s)", self._config_path, len(config.rules))
+            self._metrics.rules_known([rule.index for rule in config.rules])
+            self._parts.clients.forget()
+            log.info("reloaded %s: %d rule(s)", self._live.path, len(config.rules))
             self._scan()
         self._notifier.ready()
 
@@ -444,55 +253,70 @@ class Service:
         over across several commits, see ``MetadataSnapshot.unverified``) is followed by a full
         read as soon as the time budget for them allows.
         """
-        config = self._config
         now = self._clock()
         self._last_scan = now
         previous = self._snapshot
         replan = (
             previous is None
-            or self._planned_config is not config
-            or now - self._last_full >= config.push.resync_interval
+            or self._planned_config is not self._config
+            or now - self._last_full >= self._config.push.resync_interval
         )
         full = replan or (self._verify_at is not None and now >= self._verify_at)
         started = time.monotonic()
-        try:
-            snap = self._metadata.read(config.containerd.namespaces, blobs=True, full=full)
-        except SnapshotBusyError as exc:
-            self._retry_busy(exc, now)
+        snap = self._read(now, full=full)
+        if snap is None:
             return
-        except ContainerdError as exc:
-            if str(exc) != self._scan_error:
-                log.error("cannot read containerd's metadata: %s", exc)
-                self._scan_error = str(exc)
-            return
-        if self._scan_error:
-            log.info("containerd's metadata is readable again")
-            self._scan_error = ""
         if full:
             self._verify.spent(now, time.monotonic() - started)
-        self._busy.succeeded()
         self._snapshot = snap
-        scope: set[tuple[str, str]] | None = None
-        if not replan and previous is not None:
-            scope = snap.moved(previous)
-            blobs = snap.blobs_changed
-            if self._wake_at is not None and now >= self._wake_at:
-                self._wake_at = None
-                scope.update(self._reasons)
-            else:
-                scope.update(k for k in self._reasons if blobs is None or k[0] in blobs)
+        scope = None if replan or previous is None else self._scope(snap, previous, now)
         if scope is None or scope:
             self._plan(snap, scope, replan=replan)
-        if not snap.unverified:
-            self._verify_at = None
-        elif self._verify_at is None:
-            self._verify_at = self._verify.due(now)
-        self._wake_at = _earliest(self._wake_at, self._verify_at)
+        self._schedule_verify(snap, now)
         decoded = self._metadata.images_decoded
         planned = len(snap.images) if scope is None else len(scope)
         self._metrics.scan_work(decoded - self._decoded, planned)
         self._decoded = decoded
         self._metrics.scan_observe(time.monotonic() - started)
+
+    def _schedule_verify(self, snap: MetadataSnapshot, now: float) -> None:
+        """A full read for a snapshot that may hide a change, when the time budget allows."""
+        if not snap.unverified:
+            self._verify_at = None
+        elif self._verify_at is None:
+            self._verify_at = self._verify.due(now)
+        self._wake_at = _earliest(self._wake_at, self._verify_at)
+
+    def _read(self, now: float, *, full: bool) -> MetadataSnapshot | None:
+        """A snapshot of containerd's metadata, or None (said once) when it cannot be read."""
+        try:
+            snap = self._metadata.read(self._config.containerd.namespaces, blobs=True, full=full)
+        except SnapshotBusyError as exc:
+            self._retry_busy(exc, now)
+            return None
+        except ContainerdError as exc:
+            if str(exc) != self._scan_error:
+                log.error("cannot read containerd's metadata: %s", exc)
+                self._scan_error = str(exc)
+            return None
+        if self._scan_error:
+            log.info("containerd's metadata is readable again")
+            self._scan_error = ""
+        self._busy.succeeded()
+        return snap
+
+    def _scope(
+        self, snap: MetadataSnapshot, previous: MetadataSnapshot, now: float
+    ) -> set[tuple[str, str]]:
+        """The names to plan again: moved ones, and those waiting on what may have changed."""
+        scope = snap.moved(previous)
+        if self._wake_at is not None and now >= self._wake_at:
+            self._wake_at = None
+            scope.update(self._reasons)
+        else:
+            blobs = snap.blobs_changed
+            scope.update(k for k in self._reasons if blobs is None or k[0] in blobs)
+        return scope
 
     def _plan(
         self, snap: MetadataSnapshot, scope: set[tuple[str, str]] | None, *, replan: bool
@@ -501,8 +325,8 @@ class Service:
         config = self._config
         state = self._state
         settle = 0.0 if self._once else config.push.settle
-        decision = _decide(
-            snap, self._content, config, state, now=self._clock(), settle=settle, scope=scope
+        decision = decide_snapshot(
+            snap, self._parts.content, config, state, now=self._clock(), settle=settle, scope=scope
         )
         self._apply(decision, scope)
         self._queue_referrers(snap, decision.seen_changed)
@@ -559,7 +383,7 @@ class Service:
             started = self._state.jobs.start(record.id)
             if started is None:
                 continue
-            future = pool.submit(self._runner.run, started)
+            future = pool.submit(self._parts.runner.run, started)
             future.add_done_callback(self._wake)
             self._running[record.id] = future
             free -= 1
@@ -567,13 +391,7 @@ class Service:
                 break
 
     def _wake(self, _future: Future[Outcome] | None = None) -> None:
-        if self._watcher is not None:
-            self._watcher.notify_external()
-
-    def _registry_changed(self, host: str, up: bool) -> None:
-        self._metrics.registry_up(host, up)
-        if up:
-            self._wake()  # its waiting jobs are due now
+        self._watcher.notify_external()
 
     def _reap(self) -> None:
         for job_id, future in list(self._running.items()):
@@ -638,7 +456,9 @@ class Service:
         """
         if not changed or not any(r.referrers for r in self._config.rules):
             return
-        new = self._finder.among((r for r in snap.images if (r.namespace, r.name) in changed), snap)
+        new = self._parts.finder.among(
+            (r for r in snap.images if (r.namespace, r.name) in changed), snap
+        )
         if not new:
             return
         state = self._state
@@ -663,18 +483,6 @@ class Service:
             elif current.status == RUNNING:
                 self._rerun.add(current.id)
             # A queued or failing job takes the newest snapshot's referrers when it runs.
-
-    def _connect(self, host: str) -> Connection:
-        return daemon_connection(
-            lambda: self._config,
-            host,
-            env=self._env,
-            home=self._home,
-            state=self._state,
-            metrics=self._metrics,
-            health=self._health,
-            stop=self._stop,
-        )
 
     # ---- reporting -----------------------------------------------------------------------
 

@@ -865,6 +865,9 @@ class MetadataStore:
         self._reuse_buckets = reuse_buckets
         #: Image records decoded by this store's snapshots so far (not carried over or reused).
         self.images_decoded = 0
+        #: The newest snapshot read (None before the first): the daemon's workers take theirs
+        #: from here (one attribute read, atomic) while its loop reads the next.
+        self.latest: MetadataSnapshot | None = None
 
     @classmethod
     def at_root(
@@ -924,6 +927,7 @@ class MetadataStore:
                 NEWEST_KNOWN_DB_VERSION,
                 NEWEST_KNOWN_DB_VERSION,
             )
+        self.latest = snap
         return snap
 
     def _warn_skipped(self, skipped: Sequence[SkippedRecord]) -> None:

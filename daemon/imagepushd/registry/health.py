@@ -74,7 +74,8 @@ class RegistryHealth:
     registry answers. ``waiting(host)`` counts its open jobs (for the log line). ``wait(s)``
     sleeps and returns True when the daemon stops (``threading.Event.wait``); ``spawn`` starts
     a probe loop (default: a daemon thread); ``on_change(host, up)`` is called on every
-    up/down change (the service sets a gauge, and wakes its loop when one is back).
+    up/down change (the daemon sets a gauge), and ``wake()`` when one is back, so the loop
+    dispatches its waiting jobs at once.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class RegistryHealth:
         wait: Callable[[float], bool] | None = None,
         spawn: Callable[[Callable[[], None]], None] | None = None,
         on_change: Callable[[str, bool], None] = lambda host, up: None,
+        wake: Callable[[], None] = lambda: None,
         rand: Callable[[], float] = random.random,
         probe_initial: float = PROBE_INITIAL,
         probe_max: float = PROBE_MAX,
@@ -99,6 +101,7 @@ class RegistryHealth:
         self._wait = wait or threading.Event().wait
         self._spawn = spawn or _thread
         self._on_change = on_change
+        self._wake = wake
         self._rand = rand
         self._probe_initial = probe_initial
         self._probe_max = probe_max
@@ -256,6 +259,7 @@ class RegistryHealth:
                 self._waiting(host),
             )
         self._on_change(host, True)
+        self._wake()
 
     def _ask(self, host: str) -> RegistryError | None:
         """One probe: None if the registry answers (whatever it says), else why it does not."""
