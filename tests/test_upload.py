@@ -20,6 +20,7 @@ import pytest
 from imagepushd.blobs import BlobSource
 from imagepushd.errors import (
     BlobCorruptError,
+    ContainerdError,
     PushInterrupted,
     RegistryAuthError,
     RegistryError,
@@ -181,6 +182,40 @@ def test_closing_put_digest_invalid_restarts_the_session(rig: Rig, tmp_path: Pat
     # Between the sessions it asked whether someone else finished the blob meanwhile.
     methods = [r.method for r in rig.fake.calls()]
     assert methods.count("HEAD") == 2
+
+
+def test_blob_finished_elsewhere_while_its_session_was_refused(rig: Rig, tmp_path: Path) -> None:
+    """The HEAD after a refused session finds the blob (another pusher): no new session."""
+    data = data_of(3 * MiB)
+    source = source_for(tmp_path, data)
+
+    def finished_elsewhere(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "PUT":
+            rig.fake.add_blob(REPO, data)
+            return error(400, "DIGEST_INVALID")
+        return None
+
+    rig.fake.hooks.append(finished_elsewhere)
+    result = rig.uploader(chunk_size=MiB).upload(REPO, source)
+
+    assert result.outcome is Outcome.UPLOADED
+    assert result.bytes_sent == len(data)
+    assert [r.method for r in rig.fake.calls() if r.method != "PATCH"] == [
+        "HEAD",
+        "POST",
+        "PUT",
+        "HEAD",
+    ]
+
+
+def test_missing_blob_file_is_named_before_any_session(rig: Rig, tmp_path: Path) -> None:
+    source = source_for(tmp_path, data_of(1000))
+    source.path.unlink()
+
+    with pytest.raises(ContainerdError, match=r"^blob sha256:[0-9a-f]{64}: .* is missing$"):
+        rig.uploader().upload(REPO, source)
+
+    assert [r.method for r in rig.fake.calls()] == ["HEAD"]
 
 
 # ---- chunked ----------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from imagepushd.registry import login as registry_login
 from imagepushd.registry.client import HostSettings
 from imagepushd.registry.credentials import Credentials, CredentialSource, CredentialStore
 from imagepushd.rules import push_target
-from imagepushd.state import OPEN_STATUSES, State
+from imagepushd.state import OPEN_STATUSES, JobRecord, Pushed, RegistryStatus, State, Summary
 from imagepushd.units import human_size, parse_size
 
 log = logging.getLogger("imagepushd")
@@ -190,13 +190,20 @@ def _image_json(record: ImageRecord, shared: _TargetRow) -> str:
     )
 
 
-def cmd_images(args: argparse.Namespace, ctx: Context) -> int:
-    """List images with their content status."""
-    store = _Store(args, ctx)
-    if args.root is None:
-        ctx.stderr.write(f"imagepushd: {store.found.describe()}\n")
-    namespace = _namespace(args, ctx)
-    snap = store.snapshot(namespace)
+def _target_row(store: _Store, snap: MetadataSnapshot, record: ImageRecord) -> _TargetRow:
+    """The shared row of ``record``'s target; a failed walk is logged and kept as its error."""
+    graph: ImageGraph | None = None
+    error: str | None = None
+    try:
+        graph = store.content.walk(record.target, snap.blobs.get(record.namespace, {}))
+    except ImagepushdError as exc:
+        log.warning("%s/%s: %s", record.namespace, record.name, exc)
+        error = str(exc)
+    return _TargetRow(record.namespace, record.target, graph, error)
+
+
+def _listing(store: _Store, snap: MetadataSnapshot) -> list[tuple[ImageRecord, _TargetRow]]:
+    """Every image of ``snap`` with the row of its target."""
     # Thousands of tags share a few targets: their graph and derived fields are computed once.
     shared: dict[tuple[str, str, str, int], _TargetRow] = {}
     listing: list[tuple[ImageRecord, _TargetRow]] = []
@@ -205,43 +212,62 @@ def cmd_images(args: argparse.Namespace, ctx: Context) -> int:
         key = (record.namespace, target.digest, target.media_type, target.size)
         row = shared.get(key)
         if row is None:
-            graph: ImageGraph | None = None
-            error: str | None = None
-            try:
-                graph = store.content.walk(target, snap.blobs.get(record.namespace, {}))
-            except ImagepushdError as exc:
-                log.warning("%s/%s: %s", record.namespace, record.name, exc)
-                error = str(exc)
-            row = shared[key] = _TargetRow(record.namespace, target, graph, error)
+            row = shared[key] = _target_row(store, snap, record)
         listing.append((record, row))
-    if args.json:
-        # One object per line, encoded by the C encoder (indent=2 uses the pure-Python one).
-        if listing:
-            lines = ",\n  ".join([_image_json(record, row) for record, row in listing])
-            ctx.stdout.write(f"[\n  {lines}\n]\n")
-        else:
-            ctx.stdout.write("[]\n")
-        return 0
-    table = [("NAMESPACE", "NAME", "DIGEST", "TYPE", "SIZE", "PLATFORMS", "CONTENT")]
-    for record, row in listing:
-        content = "error" if row.error is not None else "complete"
-        if row.missing:
-            content = f"missing {len(row.missing)}"
-        table.append(
-            (
-                record.namespace,
-                record.name,
-                row.digest,
-                _SHORT_TYPES.get(row.media_type, row.media_type),
-                human_size(row.size),
-                ",".join(row.platforms) or "-",
-                content,
-            )
-        )
+    return listing
+
+
+def _images_json(out: TextIO, listing: list[tuple[ImageRecord, _TargetRow]]) -> None:
+    # One object per line, encoded by the C encoder (indent=2 uses the pure-Python one).
+    if listing:
+        lines = ",\n  ".join([_image_json(record, row) for record, row in listing])
+        out.write(f"[\n  {lines}\n]\n")
+    else:
+        out.write("[]\n")
+
+
+def _content_cell(row: _TargetRow) -> str:
+    """The CONTENT column: complete, error (the walk failed) or how many blobs are missing."""
+    if row.missing:
+        return f"missing {len(row.missing)}"
+    return "error" if row.error is not None else "complete"
+
+
+def _image_cells(record: ImageRecord, row: _TargetRow) -> tuple[str, ...]:
+    return (
+        record.namespace,
+        record.name,
+        row.digest,
+        _SHORT_TYPES.get(row.media_type, row.media_type),
+        human_size(row.size),
+        ",".join(row.platforms) or "-",
+        _content_cell(row),
+    )
+
+
+def _images_table(out: TextIO, listing: list[tuple[ImageRecord, _TargetRow]]) -> None:
+    """The listing as columns padded to their widest cell (the last one is not padded)."""
+    table = [
+        ("NAMESPACE", "NAME", "DIGEST", "TYPE", "SIZE", "PLATFORMS", "CONTENT"),
+        *(_image_cells(record, row) for record, row in listing),
+    ]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
     for r in table:
         cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)]
-        ctx.stdout.write("  ".join([*cells, r[-1]]) + "\n")
+        out.write("  ".join([*cells, r[-1]]) + "\n")
+
+
+def cmd_images(args: argparse.Namespace, ctx: Context) -> int:
+    """List images with their content status."""
+    store = _Store(args, ctx)
+    if args.root is None:
+        ctx.stderr.write(f"imagepushd: {store.found.describe()}\n")
+    namespace = _namespace(args, ctx)
+    listing = _listing(store, store.snapshot(namespace))
+    if args.json:
+        _images_json(ctx.stdout, listing)
+    else:
+        _images_table(ctx.stdout, listing)
     return 0
 
 
@@ -466,96 +492,137 @@ def cmd_plan(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def _local_datetime(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _local_time(timestamp: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(timestamp))
+
+
+@dataclass(frozen=True)
+class _Status:
+    """What ``status`` shows, read from the state file in one go."""
+
+    summary: Summary
+    pushed: list[Pushed]
+    open_jobs: list[JobRecord]
+    cancelled: list[JobRecord]
+
+
+def _status_json(status: _Status) -> dict[str, Any]:
+    """``status --json``: the summary, then the recent pushes, open jobs and cancelled jobs."""
+    return {
+        **status.summary,
+        "recent": [
+            {
+                "target": p.target,
+                "digest": p.digest,
+                "namespace": p.namespace,
+                "name": p.name,
+                "pushed_at": p.pushed_at,
+                "bytes": p.bytes,
+            }
+            for p in status.pushed
+        ],
+        "pending": [
+            {
+                "id": j.id,
+                "status": j.status,
+                "namespace": j.namespace,
+                "name": j.name,
+                "digest": j.digest,
+                "target": j.target,
+                "attempts": j.attempts,
+                "next_attempt": j.next_attempt,
+                "last_error": j.last_error,
+            }
+            for j in status.open_jobs
+        ],
+        "cancelled": [
+            {
+                "id": j.id,
+                "namespace": j.namespace,
+                "name": j.name,
+                "digest": j.digest,
+                "target": j.target,
+                "cancelled_at": j.updated,
+                "reason": j.last_error,
+            }
+            for j in status.cancelled
+        ],
+    }
+
+
+def _hold(health: RegistryStatus) -> float | None:
+    """The end of the registry's ``Retry-After`` hold, if it is still in force."""
+    held = health["held_until"]
+    return held if held is not None and held > time.time() else None
+
+
+def _registry_line(health: RegistryStatus) -> str:
+    """A registry's health; its last error only while it matters (held back or down)."""
+    since = _local_datetime(health["since"])
+    line = f"registry {health['registry']}: " + (
+        f"up since {since}" if health["up"] else f"DOWN since {since}"
+    )
+    held = _hold(health)
+    if held is not None:
+        line += f", held until {_local_time(held)}"
+    if health["waiting"]:
+        line += f", {health['waiting']} job(s) waiting"
+    if health["last_error"] and (held is not None or not health["up"]):
+        line += f": {health['last_error']}"
+    return line
+
+
+def _open_job_line(job: JobRecord) -> str:
+    """A queued, running or failed job; a failed one with its next attempt and last error."""
+    line = f"{job.status:<8} {job.namespace}/{job.name} → {job.target} (attempts {job.attempts}"
+    if job.status == "failed":
+        return line + f", next {_local_time(job.next_attempt)}): {job.last_error}"
+    return line + ")"
+
+
+def _totals_line(path: Path, summary: Summary) -> str:
+    """The state file, its push count and the job count of each status that has any."""
+    counts = ", ".join(f"{n} {s}" for s, n in summary["jobs"].items() if n)
+    return f"state {path}: {summary['pushed_count']} pushed, {counts}"
+
+
+def _status_text(out: TextIO, path: Path, status: _Status) -> None:
+    """``status``: totals, each registry, open jobs, cancelled jobs, recent pushes; a line each."""
+    out.write(_totals_line(path, status.summary) + "\n")
+    for health in status.summary["registries"]:
+        out.write(_registry_line(health) + "\n")
+    for job in status.open_jobs:
+        out.write(_open_job_line(job) + "\n")
+    for job in status.cancelled:
+        out.write(
+            f"cancelled {_local_datetime(job.updated)} {job.namespace}/{job.name} → "
+            f"{job.target}: {job.last_error}\n"
+        )
+    for p in status.pushed:
+        out.write(f"pushed   {_local_datetime(p.pushed_at)} {p.target} {p.digest}\n")
+
+
 def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     """Pushed targets, pending and failing jobs, from the state file."""
     config = _config(args, ctx, missing_ok=True)
     if not config.state_path.exists():
         raise ImagepushdError(f"no state file at {config.state_path}: the daemon has not run yet")
     with State(config.state_path) as state:
-        summary = state.summary()
-        pushed = state.pushed.newest(limit=args.limit)
-        open_jobs = state.jobs.select(OPEN_STATUSES)
-        cancelled = state.jobs.cancelled(limit=args.limit)
+        status = _Status(
+            summary=state.summary(),
+            pushed=state.pushed.newest(limit=args.limit),
+            open_jobs=state.jobs.select(OPEN_STATUSES),
+            cancelled=state.jobs.cancelled(limit=args.limit),
+        )
     if args.json:
-        doc = {
-            **summary,
-            "recent": [
-                {
-                    "target": p.target,
-                    "digest": p.digest,
-                    "namespace": p.namespace,
-                    "name": p.name,
-                    "pushed_at": p.pushed_at,
-                    "bytes": p.bytes,
-                }
-                for p in pushed
-            ],
-            "pending": [
-                {
-                    "id": j.id,
-                    "status": j.status,
-                    "namespace": j.namespace,
-                    "name": j.name,
-                    "digest": j.digest,
-                    "target": j.target,
-                    "attempts": j.attempts,
-                    "next_attempt": j.next_attempt,
-                    "last_error": j.last_error,
-                }
-                for j in open_jobs
-            ],
-            "cancelled": [
-                {
-                    "id": j.id,
-                    "namespace": j.namespace,
-                    "name": j.name,
-                    "digest": j.digest,
-                    "target": j.target,
-                    "cancelled_at": j.updated,
-                    "reason": j.last_error,
-                }
-                for j in cancelled
-            ],
-        }
-        json.dump(doc, ctx.stdout, indent=2, default=str)
+        json.dump(_status_json(status), ctx.stdout, indent=2, default=str)
         ctx.stdout.write("\n")
-        return 0
-    counts = summary["jobs"]
-    ctx.stdout.write(
-        f"state {config.state_path}: {summary['pushed_count']} pushed, "
-        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-        + "\n"
-    )
-    for health in summary["registries"]:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(health["since"]))
-        line = f"registry {health['registry']}: " + (
-            f"up since {since}" if health["up"] else f"DOWN since {since}"
-        )
-        held = health["held_until"]
-        holding = held is not None and held > time.time()
-        if held is not None and holding:
-            line += f", held until {time.strftime('%H:%M:%S', time.localtime(held))}"
-        if health["waiting"]:
-            line += f", {health['waiting']} job(s) waiting"
-        if health["last_error"] and (holding or not health["up"]):
-            line += f": {health['last_error']}"
-        ctx.stdout.write(line + "\n")
-    for job in open_jobs:
-        line = f"{job.status:<8} {job.namespace}/{job.name} → {job.target} (attempts {job.attempts}"
-        if job.status == "failed":
-            when = time.strftime("%H:%M:%S", time.localtime(job.next_attempt))
-            line += f", next {when}): {job.last_error}"
-        else:
-            line += ")"
-        ctx.stdout.write(line + "\n")
-    for job in cancelled:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.updated))
-        ctx.stdout.write(
-            f"cancelled {when} {job.namespace}/{job.name} → {job.target}: {job.last_error}\n"
-        )
-    for p in pushed:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.pushed_at))
-        ctx.stdout.write(f"pushed   {when} {p.target} {p.digest}\n")
+    else:
+        _status_text(ctx.stdout, config.state_path, status)
     return 0
 
 

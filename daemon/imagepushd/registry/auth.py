@@ -197,27 +197,52 @@ class Authenticator:
         challenge = self._challenge
         assert challenge is not None
         if challenge.scheme == "bearer":
-            wanted = merge_scopes(request.scopes, challenge.scopes)
-            with self._lock:
-                self._tokens.pop(self._key(challenge, wanted), None)
-                self._tokens.pop(self._key(challenge, request.scopes), None)
-            request.scopes = wanted
-        creds = request.credentials
-        if not request.learned and (
-            creds is None or previous is None or previous.scheme != challenge.scheme
-        ):
-            request.learned = True
+            self._forget_token(request, challenge)
+        if self._answer_learned(request, previous, challenge):
             return
-        if challenge.scheme == "bearer" and not (creds is not None and creds.registry_token):
-            if not request.refetched:
-                request.refetched = True
-                return
-            if creds is not None and not creds.anonymous:
-                # The token server took these credentials: what they lack is permission.
-                raise self.denied(creds)
+        if challenge.scheme == "bearer" and self._fetch_again(request):
+            return
+        creds = request.credentials
         if creds is not None and not request.fresh and self._renew(request, creds):
             return
         raise self.denied(creds)
+
+    def _forget_token(self, request: RequestAuth, challenge: Challenge) -> None:
+        """Drop the refused token; the next one also covers the scopes the challenge asks for."""
+        wanted = merge_scopes(request.scopes, challenge.scopes)
+        with self._lock:
+            self._tokens.pop(self._key(challenge, wanted), None)
+            self._tokens.pop(self._key(challenge, request.scopes), None)
+        request.scopes = wanted
+
+    @staticmethod
+    def _answer_learned(
+        request: RequestAuth, previous: Challenge | None, challenge: Challenge
+    ) -> bool:
+        """Whether to send again to answer a challenge (or scheme) met only now; once a request."""
+        creds = request.credentials
+        if request.learned or not (
+            creds is None or previous is None or previous.scheme != challenge.scheme
+        ):
+            return False
+        request.learned = True
+        return True
+
+    def _fetch_again(self, request: RequestAuth) -> bool:
+        """Whether to send again with a fresh Bearer token; once a request.
+
+        Raises when the token server took the credentials of a refused fresh token.
+        """
+        creds = request.credentials
+        if creds is not None and creds.registry_token:
+            return False  # a token from the credentials themselves: no server to ask again
+        if not request.refetched:
+            request.refetched = True
+            return True
+        if creds is not None and not creds.anonymous:
+            # The token server took these credentials: what they lack is permission.
+            raise self.denied(creds)
+        return False
 
     def denied(self, credentials: Credentials | None) -> RegistryAuthError:
         """The error for a request still unauthorized after fresh tokens or credentials."""
@@ -284,42 +309,65 @@ class Authenticator:
         service = challenge.params.get("service", "")
         started = self._clock()
         try:
-            response = None
-            if creds.identity_token:
-                response = self._http.post(
-                    url,
-                    data={
-                        "grant_type": "refresh_token",
-                        "refresh_token": creds.identity_token,
-                        "service": service,
-                        "client_id": CLIENT_ID,
-                        "scope": " ".join(scopes),
-                    },
-                )
-            if response is None or response.status_code == 404:
-                headers = {}
-                if creds.username:
-                    if not self._basic_allowed(url):
-                        raise RegistryAuthError(
-                            f"{self._host}: refusing to send a password to token server "
-                            f"{url.host} over plain HTTP"
-                        )
-                    headers["Authorization"] = "Basic " + creds.basic()
-                params = httpx.QueryParams([("service", service)] if service else [])
-                for scope in scopes:
-                    params = params.add("scope", scope)
-                response = self._http.get(url, params=params, headers=headers)
+            response = self._request_token(url, service, scopes, creds)
         except httpx.HTTPError as exc:
             raise RegistryConnectionError(
                 f"{self._host}: token server {url.host}: {type(exc).__name__}: {exc}"
             ) from None
-        if response.status_code in (401, 403):
+        if self._refused(url, response):
             return None
+        value, lifetime = self._read_token(response)
+        log.debug("%s: token for %s valid %ss", self._host, " ".join(scopes), lifetime)
+        return _Token(value, started + float(lifetime))
+
+    def _request_token(
+        self, url: httpx.URL, service: str, scopes: tuple[str, ...], creds: Credentials
+    ) -> httpx.Response:
+        """The token server's answer: to an OAuth2 POST when holding an identity token, else GET."""
+        if creds.identity_token:
+            response = self._http.post(
+                url,
+                data={
+                    "grant_type": "refresh_token",
+                    "refresh_token": creds.identity_token,
+                    "service": service,
+                    "client_id": CLIENT_ID,
+                    "scope": " ".join(scopes),
+                },
+            )
+            # A token server without OAuth2 answers the POST 404: it still serves the GET.
+            if response.status_code != 404:
+                return response
+        headers = self._token_headers(url, creds)
+        params = httpx.QueryParams([("service", service)] if service else [])
+        for scope in scopes:
+            params = params.add("scope", scope)
+        return self._http.get(url, params=params, headers=headers)
+
+    def _token_headers(self, url: httpx.URL, creds: Credentials) -> dict[str, str]:
+        """Basic credentials for a token GET, if any; never a password over plain HTTP."""
+        if not creds.username:
+            return {}
+        if not self._basic_allowed(url):
+            raise RegistryAuthError(
+                f"{self._host}: refusing to send a password to token server "
+                f"{url.host} over plain HTTP"
+            )
+        return {"Authorization": "Basic " + creds.basic()}
+
+    def _refused(self, url: httpx.URL, response: httpx.Response) -> bool:
+        """Whether the token server refused the credentials; any other answer but 200 raises."""
+        if response.status_code in (401, 403):
+            return True
         if response.status_code != 200:
             raise RegistryAuthError(
                 f"{self._host}: token server {url.host} answered {response.status_code}",
                 status=response.status_code,
             )
+        return False
+
+    def _read_token(self, response: httpx.Response) -> tuple[str, int | float]:
+        """The token and its lifetime in seconds from the token server's JSON answer."""
         try:
             doc = response.json()
         except ValueError:
@@ -327,8 +375,12 @@ class Authenticator:
         value = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
         if not isinstance(value, str) or not value:
             raise RegistryAuthError(f"{self._host}: token server sent no token")
-        lifetime = doc.get("expires_in", MIN_TOKEN_LIFETIME)
-        if not isinstance(lifetime, int | float) or lifetime < MIN_TOKEN_LIFETIME:
-            lifetime = MIN_TOKEN_LIFETIME
-        log.debug("%s: token for %s valid %ss", self._host, " ".join(scopes), lifetime)
-        return _Token(value, started + float(lifetime))
+        return value, _lifetime(doc)
+
+
+def _lifetime(doc: dict[str, object]) -> int | float:
+    """``expires_in``, where an absent, malformed or shorter one counts as the minimum."""
+    lifetime = doc.get("expires_in", MIN_TOKEN_LIFETIME)
+    if not isinstance(lifetime, int | float) or lifetime < MIN_TOKEN_LIFETIME:
+        return MIN_TOKEN_LIFETIME
+    return lifetime

@@ -308,23 +308,9 @@ class RegistryClient:
         return response
 
     def _error(self, response: httpx.Response, what: str) -> RegistryError:
-        codes: list[str] = []
-        messages: list[str] = []
-        try:
-            doc = response.json()
-            items = doc.get("errors") if isinstance(doc, dict) else None
-            for item in items if isinstance(items, list) else []:
-                if isinstance(item, dict):
-                    codes.append(str(item.get("code", "")))
-                    messages.append(str(item.get("message", "")))
-        except ValueError:
-            pass
-        detail = "; ".join(
-            f"{c}: {m}" if m else c for c, m in zip(codes, messages, strict=True) if c or m
-        )
-        if not detail:
-            detail = response.reason_phrase + _text_detail(response)
-        message = f"{self.host}: {what}: HTTP {response.status_code} {detail}"
+        entries = _error_entries(response)
+        codes = [code for code, _ in entries]
+        message = f"{self.host}: {what}: HTTP {response.status_code} {_detail(response, entries)}"
         if response.status_code == 404 and "NAME_UNKNOWN" in codes:
             message += self._name_unknown_hint(response.request.url.path)
         cls = RegistryAuthError if response.status_code == 403 else RegistryError
@@ -577,6 +563,28 @@ class RegistryClient:
             with self._referrers_lock:
                 self._no_referrers_api.add(repository)
         return found
+
+
+def _error_entries(response: httpx.Response) -> list[tuple[str, str]]:
+    """``(code, message)`` of each entry of an error body; none when the body is no such JSON."""
+    try:
+        doc = response.json()
+    except ValueError:
+        return []
+    items = doc.get("errors") if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        return []
+    return [
+        (str(item.get("code", "")), str(item.get("message", "")))
+        for item in items
+        if isinstance(item, dict)
+    ]
+
+
+def _detail(response: httpx.Response, entries: list[tuple[str, str]]) -> str:
+    """The error entries as ``code: message``, else the reason phrase and any text body."""
+    detail = "; ".join(f"{c}: {m}" if m else c for c, m in entries if c or m)
+    return detail or response.reason_phrase + _text_detail(response)
 
 
 def _text_detail(response: httpx.Response) -> str:

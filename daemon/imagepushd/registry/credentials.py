@@ -158,6 +158,17 @@ def _auths_keys(host: str) -> list[str]:
     return list(DOCKER_HUB_KEYS) if host in ("docker.io", "registry-1.docker.io") else [host]
 
 
+def _auths_entry(doc: dict[str, Any], host: str) -> dict[str, Any] | None:
+    """``host``'s entry in ``auths``: under one of its own keys, else a key naming its host."""
+    auths = doc.get("auths")
+    if not isinstance(auths, dict):
+        return None
+    entry = next((auths[k] for k in _auths_keys(host) if k in auths), None)
+    if entry is None:
+        entry = next((v for k, v in auths.items() if _host_of(k) == host), None)
+    return entry if isinstance(entry, dict) else None
+
+
 def _key_matches(key: str, host: str) -> bool:
     """Whether an ``auths`` key (a host or a URL) names ``host`` (Docker Hub under any name)."""
     found = _host_of(key)
@@ -314,15 +325,8 @@ class CredentialStore:
             found = self._from_helper(store, _auths_keys(host)[0])
             if found is not None:
                 return found
-        auths = doc.get("auths")
-        if not isinstance(auths, dict):
-            return None
-        entry = next((auths[k] for k in _auths_keys(host) if k in auths), None)
-        if entry is None:
-            entry = next((v for k, v in auths.items() if _host_of(k) == host), None)
-        if not isinstance(entry, dict):
-            return None
-        return self._from_entry(entry, host, path)
+        entry = _auths_entry(doc, host)
+        return None if entry is None else self._from_entry(entry, host, path)
 
     @staticmethod
     def _from_entry(entry: dict[str, Any], host: str, path: Path) -> Credentials | None:

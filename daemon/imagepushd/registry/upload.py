@@ -39,6 +39,7 @@ import httpx
 
 from imagepushd.blobs import BlobSource
 from imagepushd.errors import BlobCorruptError, ContainerdError, PushInterrupted, RegistryError
+from imagepushd.oci import Descriptor
 from imagepushd.registry.auth import repository_scope
 from imagepushd.registry.bodylimit import BodyLimit
 from imagepushd.registry.client import RegistryClient
@@ -306,6 +307,18 @@ class SessionStore(Protocol):
         """Forget the session (finished or unusable)."""
 
 
+def _open_blob(source: BlobSource) -> int:
+    """A read-only descriptor of the blob's file; a missing file names the blob."""
+    try:
+        return os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ContainerdError(
+            f"blob {source.descriptor.digest}: {source.path} is missing"
+        ) from None
+    except OSError as exc:
+        raise ContainerdError(f"{source.path}: {exc.strerror}") from exc
+
+
 class BlobUploader:
     """Uploads blobs to one registry with bounded memory; safe to share between threads.
 
@@ -365,50 +378,56 @@ class BlobUploader:
         requests, see ``body_limit``). A registry answering 503 to every PUT gets one POST
         and R PUTs; one refusing every session gets 3 POSTs, 3 PUTs and 4 HEADs.
         """
-        client = self.client
         desc = source.descriptor
-        if client.blob_exists(repository, desc):
+        if self.client.blob_exists(repository, desc):
             return UploadResult(desc.digest, Outcome.EXISTS, 0)
-        started: httpx.Response | None = None
-        for origin in [r for r in mount_from if r != repository][:MAX_MOUNT_SOURCES]:
-            try:
-                response = client.upload_start(repository, mount=desc.digest, source=origin)
-            except RegistryError as exc:
-                if exc.is_unavailable():
-                    raise  # the registry, not the mount: another source would fail the same
-                log.info(
-                    "%s: mount of %s from %s failed (%s)", client.host, desc.digest, origin, exc
-                )
-                continue
-            if response.status_code == 201:
-                return UploadResult(desc.digest, Outcome.MOUNTED, 0)
-            started = response
-            break
-        resume = None
-        if started is None and self.sessions is not None and not self._whole(desc.size):
-            saved = self.sessions.load(repository, desc.digest)
-            if saved is not None:
-                resume = client.url("/").join(saved[0])
-                log.info(
-                    "%s: resuming upload of %s (saved at %d bytes)",
-                    client.host,
-                    desc.digest,
-                    saved[1],
-                )
-        try:
-            fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ContainerdError(f"blob {desc.digest}: {source.path} is missing") from None
-        except OSError as exc:
-            raise ContainerdError(f"{source.path}: {exc.strerror}") from exc
+        started = self._mount(repository, desc.digest, mount_from)
+        if started is not None and started.status_code == 201:
+            return UploadResult(desc.digest, Outcome.MOUNTED, 0)
+        resume = None if started is not None else self._saved_session(repository, desc)
+        fd = _open_blob(source)
         try:
             transfer = _Transfer(source, fd, progress)
             result = self._upload(repository, transfer, started, resume)
         finally:
             os.close(fd)
-        if self.sessions is not None and not self._whole(desc.size):
-            self.sessions.drop(repository, desc.digest)
+        sessions = self._sessions_for(desc.size)
+        if sessions is not None:
+            sessions.drop(repository, desc.digest)
         return result
+
+    def _mount(
+        self, repository: str, digest: str, mount_from: Sequence[str]
+    ) -> httpx.Response | None:
+        """The answer to the first mount that did not fail (201 mounted, 202 a new session)."""
+        for origin in [r for r in mount_from if r != repository][:MAX_MOUNT_SOURCES]:
+            try:
+                return self.client.upload_start(repository, mount=digest, source=origin)
+            except RegistryError as exc:
+                if exc.is_unavailable():
+                    raise  # the registry, not the mount: another source would fail the same
+                log.info(
+                    "%s: mount of %s from %s failed (%s)", self.client.host, digest, origin, exc
+                )
+        return None
+
+    def _saved_session(self, repository: str, desc: Descriptor) -> httpx.URL | None:
+        """The Location of a chunked session saved for this blob by an earlier run, if any."""
+        sessions = self._sessions_for(desc.size)
+        saved = None if sessions is None else sessions.load(repository, desc.digest)
+        if saved is None:
+            return None
+        log.info(
+            "%s: resuming upload of %s (saved at %d bytes)",
+            self.client.host,
+            desc.digest,
+            saved[1],
+        )
+        return self.client.url("/").join(saved[0])
+
+    def _sessions_for(self, size: int) -> SessionStore | None:
+        """Where a blob of ``size`` bytes keeps its session: nowhere if it goes in one PUT."""
+        return None if self.sessions is None or self._whole(size) else self.sessions
 
     def _whole(self, size: int) -> bool:
         """Whether a blob of ``size`` bytes goes in one PUT."""
@@ -428,52 +447,27 @@ class BlobUploader:
         whole = not self._limits.chunked
         last: RegistryError | None = None
         for _ in range(SESSION_ATTEMPTS):
-            if resume is not None:
-                response, location, resuming = None, resume, True
-                resume = None
-            else:
-                response = started or client.upload_start(repository)
-                location, resuming = client.session_url(response), False
-            started = None
+            response, location = self._session(repository, started, resume)
+            resuming = resume is not None
+            started = resume = None
             try:
                 if self._whole(transfer.size) or whole:
-                    try:
-                        self._monolithic(repository, transfer, location)
-                    except RegistryError as exc:
-                        if exc.status != 413:
-                            raise
-                        if whole:
-                            raise RegistryError(
-                                f"{exc}: this registry takes no chunked uploads, so a blob of "
-                                f"{human_size(transfer.size)} needs a body limit at least that "
-                                "large",
-                                status=413,
-                            ) from None
-                        self.body_limit.refused(transfer.size, exc)
+                    too_large = self._put_whole(repository, transfer, location, chunks=not whole)
+                    if too_large is not None:
                         # Refused before the body was read: the session is still empty.
-                        started, last = response, exc
+                        started, last = response, too_large
                         continue
                 else:
-                    try:
-                        self._chunked(repository, transfer, location, response, resuming)
-                    except _FallBackToWhole as fallback:
-                        log.info(
-                            "%s: chunked upload refused (%s); sending the blob in one PUT",
-                            client.host,
-                            fallback.error,
-                        )
-                        whole = True
-                        last = fallback.error
+                    refused = self._send_chunks(repository, transfer, location, response, resuming)
+                    if refused is not None:
+                        whole, last = True, refused
                         continue
                 return UploadResult(desc.digest, Outcome.UPLOADED, transfer.sent)
             except _RestartSession as restart:
                 last = restart.error
-                if self.sessions is not None:
-                    self.sessions.drop(repository, desc.digest)
-                log.warning("%s: upload of %s restarts: %s", client.host, desc.digest, last)
-                if client.blob_exists(repository, desc):
-                    outcome = Outcome.UPLOADED if transfer.sent else Outcome.EXISTS
-                    return UploadResult(desc.digest, outcome, transfer.sent)
+                landed = self._restarted(repository, transfer, last)
+                if landed is not None:
+                    return landed
             except BlobCorruptError:
                 client.upload_cancel(repository, location)
                 raise
@@ -484,6 +478,70 @@ class BlobUploader:
             status=last.status,
             codes=last.codes,
         )
+
+    def _session(
+        self, repository: str, started: httpx.Response | None, resume: httpx.URL | None
+    ) -> tuple[httpx.Response | None, httpx.URL]:
+        """The POST answer (None for a saved session) and Location of the session to send into."""
+        if resume is not None:
+            return None, resume
+        response = started or self.client.upload_start(repository)
+        return response, self.client.session_url(response)
+
+    def _put_whole(
+        self, repository: str, transfer: _Transfer, location: httpx.URL, *, chunks: bool
+    ) -> RegistryError | None:
+        """Send the blob in one PUT; the 413 that taught a lower body limit, if one did.
+
+        Raises on any other error, and on a 413 when the registry takes no chunks either.
+        """
+        try:
+            self._monolithic(repository, transfer, location)
+        except RegistryError as exc:
+            if exc.status != 413:
+                raise
+            if not chunks:
+                raise RegistryError(
+                    f"{exc}: this registry takes no chunked uploads, so a blob of "
+                    f"{human_size(transfer.size)} needs a body limit at least that large",
+                    status=413,
+                ) from None
+            self.body_limit.refused(transfer.size, exc)
+            return exc
+        return None
+
+    def _send_chunks(
+        self,
+        repository: str,
+        transfer: _Transfer,
+        location: httpx.URL,
+        start: httpx.Response | None,
+        resuming: bool,
+    ) -> RegistryError | None:
+        """Send the blob in chunks; the refusal of the first one, if it says to send it whole."""
+        try:
+            self._chunked(repository, transfer, location, start, resuming)
+        except _FallBackToWhole as fallback:
+            log.info(
+                "%s: chunked upload refused (%s); sending the blob in one PUT",
+                self.client.host,
+                fallback.error,
+            )
+            return fallback.error
+        return None
+
+    def _restarted(
+        self, repository: str, transfer: _Transfer, error: RegistryError
+    ) -> UploadResult | None:
+        """After the registry refused the session: the result if the blob landed anyway."""
+        desc = transfer.descriptor
+        if self.sessions is not None:
+            self.sessions.drop(repository, desc.digest)
+        log.warning("%s: upload of %s restarts: %s", self.client.host, desc.digest, error)
+        if not self.client.blob_exists(repository, desc):
+            return None
+        outcome = Outcome.UPLOADED if transfer.sent else Outcome.EXISTS
+        return UploadResult(desc.digest, outcome, transfer.sent)
 
     def _close(self, repository: str, transfer: _Transfer, location: httpx.URL) -> None:
         url = location.copy_merge_params({"digest": transfer.descriptor.digest})
@@ -583,25 +641,10 @@ class BlobUploader:
                     f"{client.host}: upload {transfer.descriptor.digest}", session.next_chunk
                 )
             except RegistryError as exc:
-                if exc.status == 413:
-                    limit = self.body_limit.refused(session.sent_size, exc)
-                    if session.sizer.limit_to(limit):
-                        continue
-                    raise RegistryError(
-                        f"{exc}: chunks of {human_size(session.sizer.chunk)} are the smallest "
-                        f"this registry takes, and bodies over {human_size(limit)} are refused",
-                        status=413,
-                    ) from None
                 if exc.status == 416:
                     range_errors += 1
-                    if range_errors <= 2:
-                        continue
-                    raise _RestartSession(exc) from None
-                if exc.status == 404:
-                    raise _RestartSession(exc) from None
-                if first and not exc.is_temporary() and exc.status not in (401, 403):
-                    raise _FallBackToWhole(exc) from None
-                raise
+                self._chunk_failed(exc, session, first=first, range_errors=range_errors)
+                continue
             first = False
             transfer.report(session.acked)
             if self.sessions is not None:
@@ -610,6 +653,30 @@ class BlobUploader:
                 )
         transfer.verify(session.snapshot)
         self._close(repository, transfer, session.location)
+
+    def _chunk_failed(
+        self, exc: RegistryError, session: _ChunkSession, *, first: bool, range_errors: int
+    ) -> None:
+        """Return when the chunk is worth sending again; otherwise raise what ends the session.
+
+        Called only after a failure: a chunk that goes through pays nothing for it.
+        """
+        if exc.status == 413:
+            limit = self.body_limit.refused(session.sent_size, exc)
+            if session.sizer.limit_to(limit):
+                return
+            raise RegistryError(
+                f"{exc}: chunks of {human_size(session.sizer.chunk)} are the smallest "
+                f"this registry takes, and bodies over {human_size(limit)} are refused",
+                status=413,
+            ) from None
+        if exc.status == 416 and range_errors <= 2:
+            return
+        if exc.status in (404, 416):
+            raise _RestartSession(exc) from None
+        if first and not exc.is_temporary() and exc.status not in (401, 403):
+            raise _FallBackToWhole(exc) from None
+        raise exc
 
     def status(self, repository: str, location: httpx.URL, own: int) -> tuple[httpx.URL, int]:
         """Where the registry says the session stands (GET status), or our own count."""
