@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "daemon"))
 
 from bench._proc import proc_cpu, require_root, require_tools, verdict  # noqa: E402
-from imagepushd.containerd.bbolt import BoltFile  # noqa: E402
+from imagepushd.watch.bbolt import BoltFile  # noqa: E402
 from tests.support.containerd import Containerd  # noqa: E402
 from tests.support.daemon import Daemon, render_config  # noqa: E402
 from tests.support.images import ImageBuilder  # noqa: E402

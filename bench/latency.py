@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "daemon"))
 
 from bench._proc import CLK_TCK, proc_ticks, require_root, require_tools, verdict  # noqa: E402
-from imagepushd.containerd.bbolt import BoltFile  # noqa: E402
+from imagepushd.watch.bbolt import BoltFile  # noqa: E402
 from tests.support.containerd import Containerd  # noqa: E402
 from tests.support.daemon import Daemon, render_config  # noqa: E402
 from tests.support.images import ImageBuilder, sha256_digest  # noqa: E402

@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 from bench._proc import require_root, require_tools, verdict  # noqa: E402
 from imagepushd.blobs import BlobSource  # noqa: E402
 from imagepushd.oci import Descriptor  # noqa: E402
-from imagepushd.registry.upload import BlobUploader  # noqa: E402
+from imagepushd.push.registry.upload import BlobUploader  # noqa: E402
 from tests.support.containerd import Containerd  # noqa: E402
 from tests.support.fakeregistry import FakeRegistry, Network, make_client  # noqa: E402
 from tests.support.faultproxy import FaultProxy, ProxyRecord  # noqa: E402

@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO / "daemon"))
 
 from bench._proc import require_root  # noqa: E402
 from imagepushd import cli  # noqa: E402
-from imagepushd.containerd.bbolt import BoltFile  # noqa: E402
-from imagepushd.containerd.metadata import ImageRecord, MetadataStore  # noqa: E402
+from imagepushd.watch.bbolt import BoltFile  # noqa: E402
+from imagepushd.watch.metadata import ImageRecord, MetadataStore  # noqa: E402
 from tests.support.cli import run_cli  # noqa: E402
 from tests.support.containerd import Containerd  # noqa: E402
 from tests.support.images import Blob, ImageBuilder  # noqa: E402
@@ -115,7 +115,7 @@ def summary(samples: list[float]) -> tuple[float, float, float]:
 
 def breakdown(root: Path, runs: int) -> dict[str, list[float]]:
     """Time the stages of ``images -A --json`` separately: snapshot, rows, JSON encoding."""
-    from imagepushd.containerd.content import ContentStore
+    from imagepushd.watch.content import ContentStore
 
     store = MetadataStore.at_root(root)
     content = ContentStore(root)

@@ -15,14 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from imagepushd.archive import (
-    DOCKER_LAYER,
-    DOCKER_LAYER_GZIP,
-    ArchiveStore,
-)
 from imagepushd.blobs import BlobSource
 from imagepushd.cli import Context, run
-from imagepushd.containerd.content import ContentStore, IndexNode, ManifestNode
 from imagepushd.errors import (
     ArchiveError,
     BlobCorruptError,
@@ -31,6 +25,12 @@ from imagepushd.errors import (
     UsageError,
 )
 from imagepushd.oci import DOCKER_CONFIG, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
+from imagepushd.push.archive import (
+    DOCKER_LAYER,
+    DOCKER_LAYER_GZIP,
+    ArchiveStore,
+)
+from imagepushd.watch.content import ContentStore, IndexNode, ManifestNode
 from tests.support.images import Blob, ImageBuilder, canonical_json
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

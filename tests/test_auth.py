@@ -16,7 +16,7 @@ import pytest
 
 from imagepushd.errors import RegistryAuthError, RegistryConnectionError, RegistryError
 from imagepushd.oci import Descriptor
-from imagepushd.registry.auth import (
+from imagepushd.push.registry.auth import (
     Authenticator,
     Challenge,
     RequestAuth,
@@ -24,8 +24,8 @@ from imagepushd.registry.auth import (
     parse_challenges,
     repository_scope,
 )
-from imagepushd.registry.client import RegistryClient
-from imagepushd.registry.credentials import Credentials, CredentialSource, CredentialStore
+from imagepushd.push.registry.client import RegistryClient
+from imagepushd.push.registry.credentials import Credentials, CredentialSource, CredentialStore
 from tests.support.fakeregistry import (
     FakeRegistry,
     FakeTokenServer,

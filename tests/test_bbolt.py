@@ -19,15 +19,15 @@ from types import FrameType
 
 import pytest
 
-from imagepushd.containerd import bbolt
-from imagepushd.containerd.bbolt import BoltFile, Bucket, Meta, Tx, fnv1a64
-from imagepushd.containerd.metadata import MetadataStore
 from imagepushd.errors import (
     BoltFormatError,
     ContainerdError,
     SnapshotBusyError,
     UnsupportedSchemaError,
 )
+from imagepushd.watch import bbolt
+from imagepushd.watch.bbolt import BoltFile, Bucket, Meta, Tx, fnv1a64
+from imagepushd.watch.metadata import MetadataStore
 from tests.metadb import (
     BIG_LABELS,
     FLAG_BRANCH,

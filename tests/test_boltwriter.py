@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepushd.containerd.bbolt import BoltFile, Bucket, Tx
+from imagepushd.watch.bbolt import BoltFile, Bucket, Tx
 from tests.support.boltwriter import FLAG_BRANCH, NO_FREELIST, BoltWriter, Tree, write_bolt
 
 

@@ -213,9 +213,9 @@ def test_images_json_rows_are_json_dumps_of_the_rows():
     from datetime import UTC, datetime
 
     from imagepushd.cli import _image_json, _image_row, _TargetRow
-    from imagepushd.containerd.content import ImageGraph, ManifestNode
-    from imagepushd.containerd.metadata import ImageRecord
     from imagepushd.oci import Descriptor, Platform
+    from imagepushd.watch.content import ImageGraph, ManifestNode
+    from imagepushd.watch.metadata import ImageRecord
 
     layer = Descriptor("application/vnd.oci.image.layer.v1.tar", "sha256:" + "b" * 64, 5)
     target = Descriptor("application/vnd.oci.image.manifest.v1+json", "sha256:" + "a" * 64, 9)

@@ -17,9 +17,9 @@ from imagepushd.errors import (
     RegistryError,
 )
 from imagepushd.oci import OCI_INDEX, OCI_MANIFEST, Descriptor
-from imagepushd.registry.client import PROBE_TIMEOUT, RegistryClient, is_loopback
-from imagepushd.registry.credentials import Credentials
-from imagepushd.registry.retry import RetryPolicy
+from imagepushd.push.registry.client import PROBE_TIMEOUT, RegistryClient, is_loopback
+from imagepushd.push.registry.credentials import Credentials
+from imagepushd.push.registry.retry import RetryPolicy
 from tests.support.fakeregistry import (
     FakeRegistry,
     FakeTokenServer,

@@ -14,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from imagepushd.clients import DaemonConnector, RegistryClients
 from imagepushd.config import LiveConfig
 from imagepushd.errors import PushInterrupted
 from imagepushd.metrics import Metrics
-from imagepushd.registry.health import RegistryHealth
-from imagepushd.state import State
+from imagepushd.push.clients import DaemonConnector, RegistryClients
+from imagepushd.push.registry.health import RegistryHealth
+from imagepushd.remember import State
 from tests.support.daemon import render_config
 
 HOST = "registry.test"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from imagepushd.config import config_path, load_config, parse_config
+from imagepushd.decide.platforms import PlatformPolicy
 from imagepushd.errors import ConfigError, UsageError
-from imagepushd.platforms import PlatformPolicy
 
 FULL = """
 [containerd]

@@ -7,13 +7,6 @@ from pathlib import Path
 import pytest
 
 from imagepushd.blobs import BlobSource
-from imagepushd.containerd.content import (
-    BlobNode,
-    ContentStore,
-    IndexNode,
-    ManifestNode,
-    walk,
-)
 from imagepushd.errors import (
     BlobCorruptError,
     ContainerdError,
@@ -21,6 +14,13 @@ from imagepushd.errors import (
     MissingContentError,
 )
 from imagepushd.oci import OCI_INDEX, Descriptor, Platform
+from imagepushd.watch.content import (
+    BlobNode,
+    ContentStore,
+    IndexNode,
+    ManifestNode,
+    walk,
+)
 from tests.support.images import Blob, ImageBuilder
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from imagepushd.errors import RegistryAuthError
-from imagepushd.registry.credentials import (
+from imagepushd.push.registry.credentials import (
     Credentials,
     CredentialSource,
     CredentialStore,

@@ -10,11 +10,11 @@ from collections.abc import Collection
 from pathlib import Path
 
 from imagepushd.config import load_config
-from imagepushd.containerd.content import ContentStore, ImageGraph
-from imagepushd.containerd.metadata import MetadataStore
 from imagepushd.decisions import decide_snapshot, preview
 from imagepushd.oci import Descriptor
-from imagepushd.state import State
+from imagepushd.remember import State
+from imagepushd.watch.content import ContentStore, ImageGraph
+from imagepushd.watch.metadata import MetadataStore
 from tests.support.images import ImageBuilder
 from tests.test_service import HOST, NAME, Rig, rule
 

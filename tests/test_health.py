@@ -17,9 +17,9 @@ import pytest
 
 from imagepushd.errors import RegistryConnectionError, RegistryError
 from imagepushd.oci import Descriptor
-from imagepushd.registry.client import HostSettings, RegistryClient
-from imagepushd.registry.health import PROBE_MAX, RegistryHealth
-from imagepushd.registry.retry import Retrier
+from imagepushd.push.registry.client import HostSettings, RegistryClient
+from imagepushd.push.registry.health import PROBE_MAX, RegistryHealth
+from imagepushd.push.registry.retry import Retrier
 from tests.support.fakeregistry import FakeRegistry, Network, error
 
 HOST = "registry.test"
@@ -132,7 +132,7 @@ def health_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
     return [
         (r.levelno, r.getMessage())
         for r in caplog.records
-        if r.name == "imagepushd.registry.health"
+        if r.name == "imagepushd.push.registry.health"
     ]
 
 
@@ -321,7 +321,7 @@ def test_retry_after_holds_every_request_to_the_registry(
     warnings = [m for level, m in health_lines(caplog) if level == logging.WARNING]
     assert len(warnings) == 2  # one per hold
     assert warnings[0].startswith(f"registry {HOST} asks to wait 30s: every job of it waits")
-    retries = [r for r in caplog.records if r.name == "imagepushd.registry.retry"]
+    retries = [r for r in caplog.records if r.name == "imagepushd.push.registry.retry"]
     assert [r.levelno for r in retries] == [logging.DEBUG]  # the hold line says it already
     assert rig.health.next_release() is None
 
@@ -344,5 +344,5 @@ def test_retries_of_other_temporary_errors_still_warn(
 
     assert rig.client.blob_exists(REPO, BLOB) is False
 
-    retries = [r for r in caplog.records if r.name == "imagepushd.registry.retry"]
+    retries = [r for r in caplog.records if r.name == "imagepushd.push.registry.retry"]
     assert [r.levelno for r in retries] == [logging.WARNING]

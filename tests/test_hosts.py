@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imagepushd.registry.hosts import is_ecr, is_google_artifact_registry
+from imagepushd.push.registry.hosts import is_ecr, is_google_artifact_registry
 
 
 @pytest.mark.parametrize(

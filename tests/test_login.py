@@ -22,13 +22,13 @@ import pytest
 
 from imagepushd.cli import Context, run
 from imagepushd.errors import OutputError, RegistryAuthError, UsageError
-from imagepushd.registry.credentials import (
+from imagepushd.push.registry.credentials import (
     Credentials,
     CredentialStore,
     helper_runner,
     write_private_json,
 )
-from imagepushd.registry.login import RegistryAddress, login, logout, parse_registry
+from imagepushd.push.registry.login import RegistryAddress, login, logout, parse_registry
 
 SECRET = "pa:ss-w0rd-never-shown"
 HOST = "registry.test:5000"

@@ -15,9 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imagepushd.containerd import metadata
-from imagepushd.containerd.bbolt import BoltFile, Bucket, Leaf, Tx
-from imagepushd.containerd.metadata import (
+from imagepushd.errors import BoltFormatError, MetadataFormatError, UnsupportedSchemaError
+from imagepushd.oci import Descriptor
+from imagepushd.watch import metadata
+from imagepushd.watch.bbolt import BoltFile, Bucket, Leaf, Tx
+from imagepushd.watch.metadata import (
     BlobRecord,
     ImageRecord,
     MetadataSnapshot,
@@ -27,8 +29,6 @@ from imagepushd.containerd.metadata import (
     decode_time,
     decode_varint,
 )
-from imagepushd.errors import BoltFormatError, MetadataFormatError, UnsupportedSchemaError
-from imagepushd.oci import Descriptor
 from tests.metadb import (
     BIG_LABELS,
     INDEX,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imagepushd.pacing import BusyPatience, VerifyBudget
+from imagepushd.watch.pacing import BusyPatience, VerifyBudget
 
 
 def test_busy_snapshots_back_off_and_are_said_once_when_they_last():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from imagepushd.planner import Decision, ImageView, Job, Note, OpenJob, SeenImage, decide
-from imagepushd.rules import Glob, Rule
+from imagepushd.decide.planner import Decision, ImageView, Job, Note, OpenJob, SeenImage, decide
+from imagepushd.decide.rules import Glob, Rule
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64

@@ -9,11 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from imagepushd import platforms as platforms_mod
-from imagepushd.containerd.content import ContentStore, ImageGraph
-from imagepushd.errors import ImagepushdError, ManifestError, MissingContentError, UsageError
-from imagepushd.oci import OCI_INDEX, OCI_MANIFEST, Descriptor, Platform
-from imagepushd.platforms import (
+from imagepushd.decide import platforms as platforms_mod
+from imagepushd.decide.platforms import (
     PlatformPolicy,
     Selection,
     _descriptor_for,
@@ -22,6 +19,9 @@ from imagepushd.platforms import (
     host_platform,
     select_manifests,
 )
+from imagepushd.errors import ImagepushdError, ManifestError, MissingContentError, UsageError
+from imagepushd.oci import OCI_INDEX, OCI_MANIFEST, Descriptor, Platform
+from imagepushd.watch.content import ContentStore, ImageGraph
 from tests.support.images import Blob, ImageBuilder
 
 AMD64 = Platform("linux", "amd64")

@@ -17,20 +17,20 @@ from typing import Any
 import httpx
 import pytest
 
-from imagepushd.containerd.content import ContentStore
-from imagepushd.containerd.metadata import BlobRecord, ImageRecord, MetadataSnapshot
-from imagepushd.containerd.referrers import ReferrerFinder
+from imagepushd.decide.planner import Job, repush_jobs
+from imagepushd.decide.platforms import host_platform
+from imagepushd.decide.rules import Glob, Rule
 from imagepushd.errors import ManifestError, MissingContentError
 from imagepushd.oci import OCI_INDEX, OCI_MANIFEST, Descriptor
-from imagepushd.planner import Job, repush_jobs
-from imagepushd.platforms import host_platform
-from imagepushd.publish import ReferrersResult, fallback_tag, merge_index, push_referrers
-from imagepushd.push import Pusher
+from imagepushd.push.publish import ReferrersResult, fallback_tag, merge_index, push_referrers
+from imagepushd.push.pusher import Pusher
+from imagepushd.push.registry.client import RegistryClient
+from imagepushd.push.registry.upload import BlobUploader
 from imagepushd.reference import parse_reference
-from imagepushd.registry.client import RegistryClient
-from imagepushd.registry.upload import BlobUploader
-from imagepushd.rules import Glob, Rule
-from imagepushd.state import Pushed
+from imagepushd.remember import Pushed
+from imagepushd.watch.content import ContentStore
+from imagepushd.watch.metadata import BlobRecord, ImageRecord, MetadataSnapshot
+from imagepushd.watch.referrers import ReferrerFinder
 from tests.support.fakeregistry import FakeRegistry, Network, error, make_client
 from tests.support.images import Blob, ImageBuilder, sha256_digest
 

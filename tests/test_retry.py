@@ -17,8 +17,8 @@ from imagepushd.errors import (
     RegistryConnectionError,
     RegistryError,
 )
-from imagepushd.registry.client import RegistryClient
-from imagepushd.registry.retry import Retrier, RetryPolicy, parse_retry_after
+from imagepushd.push.registry.client import RegistryClient
+from imagepushd.push.registry.retry import Retrier, RetryPolicy, parse_retry_after
 from tests.support.fakeregistry import Network, make_client
 
 HOST = "registry.test"
@@ -279,7 +279,7 @@ def test_each_attempt_is_logged_with_its_reason(
     with caplog.at_level(logging.WARNING, logger="imagepushd"):
         client.send("GET", client.url("/v2/x/tags/list"), scopes=(), ok={200}, retry=True)
 
-    records = [r for r in caplog.records if r.name == "imagepushd.registry.retry"]
+    records = [r for r in caplog.records if r.name == "imagepushd.push.registry.retry"]
     assert len(records) == 3
     for number, (record, status) in enumerate(zip(records, (503, 429, 502), strict=True), 1):
         message = record.getMessage()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from imagepushd.containerd.roots import candidates, discover_root, expected_root
 from imagepushd.errors import RootNotFoundError
+from imagepushd.watch.roots import candidates, discover_root, expected_root
 
 
 def make_root(path: Path) -> Path:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imagepushd.errors import InvalidReferenceError
-from imagepushd.reference import parse_reference
-from imagepushd.rules import (
+from imagepushd.decide.rules import (
     Glob,
     Rule,
     check_template,
@@ -15,6 +13,8 @@ from imagepushd.rules import (
     render_target,
     source_reference,
 )
+from imagepushd.errors import InvalidReferenceError
+from imagepushd.reference import parse_reference
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from imagepushd.registry.throttle import RequestThrottle
+from imagepushd.push.registry.throttle import RequestThrottle
 
 
 class FakeTime:

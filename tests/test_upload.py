@@ -27,10 +27,10 @@ from imagepushd.errors import (
     StateError,
 )
 from imagepushd.oci import Descriptor
-from imagepushd.registry.bodylimit import BodyLimit
-from imagepushd.registry.client import RegistryClient
-from imagepushd.registry.credentials import Credentials
-from imagepushd.registry.upload import BlobUploader, MiB, Outcome
+from imagepushd.push.registry.bodylimit import BodyLimit
+from imagepushd.push.registry.client import RegistryClient
+from imagepushd.push.registry.credentials import Credentials
+from imagepushd.push.registry.upload import BlobUploader, MiB, Outcome
 from tests.support.fakeregistry import (
     OCTET_STREAM,
     FakeRegistry,

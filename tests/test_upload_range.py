@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from imagepushd.registry.upload import (
+from imagepushd.push.registry.upload import (
     ChunkLimits,
     ChunkSizer,
     MiB,

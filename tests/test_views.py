@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imagepushd.containerd.content import ContentStore
-from imagepushd.containerd.metadata import MetadataStore
+from imagepushd.decide.platforms import PlatformPolicy
+from imagepushd.decide.views import image_view
 from imagepushd.oci import Platform
-from imagepushd.platforms import PlatformPolicy
-from imagepushd.views import image_view
+from imagepushd.watch.content import ContentStore
+from imagepushd.watch.metadata import MetadataStore
 from tests.support.images import Blob, ImageBuilder
 from tests.test_service import NAME, Rig
 

@@ -15,7 +15,7 @@ import pytest
 from watchdog.events import DirCreatedEvent, FileModifiedEvent, FileSystemEventHandler
 from watchdog.observers.polling import PollingObserver
 
-from imagepushd.watcher import MetaWatcher
+from imagepushd.watch.watcher import MetaWatcher
 
 #: Long enough that only events (never the poll) can explain a change in event tests.
 NO_POLL = 3600.0
@@ -399,7 +399,7 @@ def test_bad_timings_are_rejected(meta: Path) -> None:
 _SIGNAL_STORM = """
 import signal, sys, threading, time
 from pathlib import Path
-from imagepushd.watcher import MetaWatcher
+from imagepushd.watch.watcher import MetaWatcher
 
 meta = Path(sys.argv[1])
 watcher = MetaWatcher(meta, txid=lambda: 1, debounce=0.0, max_delay=0.0, poll_interval=0.001)

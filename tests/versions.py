@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pytest
 
-from imagepushd.containerd.bbolt import BoltFile, Bucket, Tx
+from imagepushd.watch.bbolt import BoltFile, Bucket, Tx
 from tests.support.boltwriter import write_bolt
 from tests.support.containerd import Containerd
 from tests.support.images import ImageBuilder

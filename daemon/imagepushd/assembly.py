@@ -20,21 +20,21 @@ from types import FrameType
 
 import httpx
 
-from imagepushd.clients import DaemonConnector, RegistryClients
 from imagepushd.config import LiveConfig
-from imagepushd.containerd.content import ContentStore
-from imagepushd.containerd.metadata import META_DB, MetadataStore, TxidProbe
-from imagepushd.containerd.referrers import ReferrerFinder
-from imagepushd.containerd.roots import Found, discover_root, expected_root
+from imagepushd.decide.platforms import host_platform
 from imagepushd.errors import RootNotFoundError
 from imagepushd.metrics import Metrics, MetricsServer
 from imagepushd.notify import Notifier, watchdog_interval
-from imagepushd.platforms import host_platform
-from imagepushd.publish import JobRunner, Publisher
-from imagepushd.registry.health import RegistryHealth
+from imagepushd.push.clients import DaemonConnector, RegistryClients
+from imagepushd.push.publish import JobRunner, Publisher
+from imagepushd.push.registry.health import RegistryHealth
+from imagepushd.remember import State
 from imagepushd.service import Parts, Service
-from imagepushd.state import State
-from imagepushd.watcher import MetaWatcher
+from imagepushd.watch.content import ContentStore
+from imagepushd.watch.metadata import META_DB, MetadataStore, TxidProbe
+from imagepushd.watch.referrers import ReferrerFinder
+from imagepushd.watch.roots import Found, discover_root, expected_root
+from imagepushd.watch.watcher import MetaWatcher
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A :class:`BlobStore` answers three questions about a blob named by its descriptor: is it there,
 what are its (small, verified) bytes, and which byte range of which file holds it. The graph
 walk and the pusher need nothing else, so both work on any store, and every upload goes
-through the one uploader (``registry/upload.py``) as a :class:`BlobSource`: a file, a
+through the one uploader (``push/registry/upload.py``) as a :class:`BlobSource`: a file, a
 descriptor and an offset, streamed with ``pread`` and hashed as it is sent.
 """
 

@@ -20,14 +20,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from imagepushd import __version__
-from imagepushd.archive import ArchiveStore
 from imagepushd.assembly import Daemon
-from imagepushd.clients import Connection, RegistryClients
 from imagepushd.config import Config, config_path, load_config
-from imagepushd.containerd.content import ContentStore, ImageGraph
-from imagepushd.containerd.metadata import ImageRecord, MetadataSnapshot, MetadataStore
-from imagepushd.containerd.referrers import Referrer, ReferrerFinder
-from imagepushd.containerd.roots import Found, discover_root
+from imagepushd.decide.platforms import PlatformPolicy, host_platform
+from imagepushd.decide.rules import push_target
 from imagepushd.decisions import preview
 from imagepushd.errors import (
     ConfigError,
@@ -42,16 +38,20 @@ from imagepushd.layout import ExportImage, export_layout
 from imagepushd.logs import configure_logging
 from imagepushd.notify import Notifier
 from imagepushd.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Descriptor
-from imagepushd.platforms import PlatformPolicy, host_platform
-from imagepushd.progress import ProgressRenderer
-from imagepushd.publish import Image, Publisher, Referrers
+from imagepushd.push.archive import ArchiveStore
+from imagepushd.push.clients import Connection, RegistryClients
+from imagepushd.push.progress import ProgressRenderer
+from imagepushd.push.publish import Image, Publisher, Referrers
+from imagepushd.push.registry import login as registry_login
+from imagepushd.push.registry.client import HostSettings
+from imagepushd.push.registry.credentials import Credentials, CredentialSource, CredentialStore
 from imagepushd.reference import parse_reference
-from imagepushd.registry import login as registry_login
-from imagepushd.registry.client import HostSettings
-from imagepushd.registry.credentials import Credentials, CredentialSource, CredentialStore
-from imagepushd.rules import push_target
-from imagepushd.state import OPEN_STATUSES, JobRecord, Pushed, RegistryStatus, State, Summary
+from imagepushd.remember import OPEN_STATUSES, JobRecord, Pushed, RegistryStatus, State, Summary
 from imagepushd.units import human_size, parse_size
+from imagepushd.watch.content import ContentStore, ImageGraph
+from imagepushd.watch.metadata import ImageRecord, MetadataSnapshot, MetadataStore
+from imagepushd.watch.referrers import Referrer, ReferrerFinder
+from imagepushd.watch.roots import Found, discover_root
 
 log = logging.getLogger("imagepushd")
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from imagepushd.decide.platforms import PlatformPolicy
+from imagepushd.decide.rules import Glob, Rule, check_template
 from imagepushd.errors import ConfigError, ImagepushdError, UsageError
 from imagepushd.listen import Listen, parse_listen
-from imagepushd.platforms import PlatformPolicy
-from imagepushd.rules import Glob, Rule, check_template
 from imagepushd.units import parse_duration, parse_size
 
 DEFAULT_PATH = Path("/etc/imagepushd/config.toml")

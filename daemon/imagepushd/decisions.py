@@ -1,6 +1,6 @@
-"""The planner fed: containerd's images (:mod:`imagepushd.views`) and what the state remembers.
+"""The planner fed: containerd's images (:mod:`imagepushd.decide.views`) and the state.
 
-:mod:`imagepushd.planner` is pure; this module gives it its inputs. The daemon decides with
+:mod:`imagepushd.decide.planner` is pure; this module gives it its inputs. The daemon decides with
 :func:`decide_snapshot` after each scan; ``imagepushd plan`` shows :func:`preview`, the same
 decision without writing anything.
 """
@@ -12,13 +12,13 @@ from collections.abc import Mapping, Set
 from pathlib import Path
 
 from imagepushd.config import Config
-from imagepushd.containerd.content import ContentStore
-from imagepushd.containerd.metadata import MetadataSnapshot, MetadataStore
-from imagepushd.containerd.roots import discover_root
-from imagepushd.planner import Decision, Job, OpenJob, SeenImage, decide
-from imagepushd.platforms import host_platform
-from imagepushd.state import OPEN_STATUSES, State
-from imagepushd.views import image_view
+from imagepushd.decide.planner import Decision, Job, OpenJob, SeenImage, decide
+from imagepushd.decide.platforms import host_platform
+from imagepushd.decide.views import image_view
+from imagepushd.remember import OPEN_STATUSES, State
+from imagepushd.watch.content import ContentStore
+from imagepushd.watch.metadata import MetadataSnapshot, MetadataStore
+from imagepushd.watch.roots import discover_root
 
 
 def _remembered(

@@ -182,7 +182,7 @@ class RegistryError(ImagepushdError):
         """Whether the registry as a whole may be out of service, not just this request.
 
         Such a failure concerns every job of the registry, so the daemon's registry health
-        (``registry/health.py``) waits for the registry once instead of each job on its own.
+        (``push/registry/health.py``) waits for the registry once instead of each job on its own.
         """
         return self.status in self.UNAVAILABLE_STATUS or "UNAVAILABLE" in self.codes
 

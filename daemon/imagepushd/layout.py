@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagepushd.containerd.content import ContentStore, ImageGraph, ManifestNode
+from imagepushd.decide.platforms import host_manifest
 from imagepushd.errors import (
     ImagepushdError,
     InvalidReferenceError,
@@ -32,8 +32,8 @@ from imagepushd.errors import (
     OutputError,
 )
 from imagepushd.oci import OCI_INDEX, Descriptor, Platform
-from imagepushd.platforms import host_manifest
 from imagepushd.reference import parse_reference
+from imagepushd.watch.content import ContentStore, ImageGraph, ManifestNode
 
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_CONTAINERD_NAME = "io.containerd.image.name"

@@ -1,7 +1,7 @@
 """The daemon's loop: watch meta.db, decide, apply the decision, dispatch jobs, reap them.
 
 Control flow is explicit and single-threaded in the loop; only pushes run on worker threads
-(:class:`~imagepushd.publish.JobRunner`). Everything it works with comes in built and opened
+(:class:`~imagepushd.push.publish.JobRunner`). Everything it works with comes in built and opened
 (:mod:`imagepushd.assembly` does that from the configuration); signal handlers only record
 and wake it. READY=1 is sent after the first full scan, WATCHDOG=1 from the loop itself (so a
 stuck loop gets the service restarted), and STATUS= is kept current.
@@ -17,21 +17,21 @@ from collections.abc import Callable, Mapping, Set
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from imagepushd.clients import RegistryClients
 from imagepushd.config import Config, LiveConfig
-from imagepushd.containerd.content import ContentStore
-from imagepushd.containerd.metadata import MetadataSnapshot, MetadataStore
-from imagepushd.containerd.referrers import ReferrerFinder
+from imagepushd.decide.planner import Decision, Why, repush_jobs
 from imagepushd.decisions import decide_snapshot
 from imagepushd.errors import ContainerdError, ImagepushdError, SnapshotBusyError
 from imagepushd.metrics import Metrics
 from imagepushd.notify import Notifier
-from imagepushd.pacing import BusyPatience, VerifyBudget
-from imagepushd.planner import Decision, Why, repush_jobs
-from imagepushd.publish import Cancelled, Interrupted, JobRunner, Outcome, Pushed
-from imagepushd.registry.health import RegistryHealth
-from imagepushd.state import OPEN_STATUSES, RUNNING, State
-from imagepushd.watcher import MetaWatcher
+from imagepushd.push.clients import RegistryClients
+from imagepushd.push.publish import Cancelled, Interrupted, JobRunner, Outcome, Pushed
+from imagepushd.push.registry.health import RegistryHealth
+from imagepushd.remember import OPEN_STATUSES, RUNNING, State
+from imagepushd.watch.content import ContentStore
+from imagepushd.watch.metadata import MetadataSnapshot, MetadataStore
+from imagepushd.watch.pacing import BusyPatience, VerifyBudget
+from imagepushd.watch.referrers import ReferrerFinder
+from imagepushd.watch.watcher import MetaWatcher
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 
 from imagepushd.blobs import BlobSource
-from imagepushd.containerd.content import ContentStore
+from imagepushd.decide.platforms import PlatformPolicy, host_platform
 from imagepushd.oci import Descriptor
-from imagepushd.platforms import PlatformPolicy, host_platform
-from imagepushd.push import Pusher
+from imagepushd.push.pusher import Pusher
+from imagepushd.push.registry.client import HostSettings, RegistryClient
+from imagepushd.push.registry.upload import BlobUploader
 from imagepushd.reference import parse_reference
-from imagepushd.registry.client import HostSettings, RegistryClient
-from imagepushd.registry.upload import BlobUploader
+from imagepushd.watch.content import ContentStore
 from tests.e2e.test_daemon import configure as configure_daemon
 from tests.support.cli import Outcome, run_cli
 from tests.support.containerd import Containerd, load

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from imagepushd.containerd.bbolt import BoltFile
+from imagepushd.watch.bbolt import BoltFile
 from tests.e2e.test_daemon import configure, small, wait_served
 from tests.e2e.test_metrics import Samples, scrape, with_metrics
 from tests.support.containerd import Containerd, load

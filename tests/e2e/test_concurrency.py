@@ -25,10 +25,10 @@ from typing import TypeVar
 
 import pytest
 
-from imagepushd.containerd.bbolt import BoltFile, Meta, Tx, fnv1a64
-from imagepushd.containerd.metadata import MetadataSnapshot, MetadataStore
 from imagepushd.errors import ImagepushdError, SnapshotBusyError
 from imagepushd.oci import Descriptor
+from imagepushd.watch.bbolt import BoltFile, Meta, Tx, fnv1a64
+from imagepushd.watch.metadata import MetadataSnapshot, MetadataStore
 from tests.support.containerd import Containerd
 from tests.support.images import Blob, ImageBuilder
 

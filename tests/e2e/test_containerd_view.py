@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from imagepushd.cli import Context, run
-from imagepushd.containerd.content import ContentStore
-from imagepushd.containerd.metadata import MetadataStore
+from imagepushd.watch.content import ContentStore
+from imagepushd.watch.metadata import MetadataStore
 from tests.support.containerd import Containerd
 from tests.support.images import ImageBuilder
 

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
-from imagepushd.containerd.bbolt import BoltFile
-from imagepushd.containerd.metadata import MetadataSnapshot, MetadataStore
 from imagepushd.errors import BoltFormatError, UnsupportedSchemaError
+from imagepushd.watch.bbolt import BoltFile
+from imagepushd.watch.metadata import MetadataSnapshot, MetadataStore
 from tests.metadb import (
     PAGE_SIZE,
     TAG_COUNT,

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from imagepushd.containerd.bbolt import BoltFile
-from imagepushd.containerd.metadata import MetadataStore
+from imagepushd.watch.bbolt import BoltFile
+from imagepushd.watch.metadata import MetadataStore
 from tests.support.boltwriter import NO_FREELIST, write_bolt
 from tests.support.cli import run_cli
 from tests.support.daemon import Daemon, render_config

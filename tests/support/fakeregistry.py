@@ -32,9 +32,9 @@ from typing import Any
 
 import httpx
 
-from imagepushd.registry.client import HostSettings, RegistryClient
-from imagepushd.registry.credentials import Credentials
-from imagepushd.registry.retry import Retrier, RetryPolicy
+from imagepushd.push.registry.client import HostSettings, RegistryClient
+from imagepushd.push.registry.credentials import Credentials
+from imagepushd.push.registry.retry import Retrier, RetryPolicy
 from tests.support.images import sha256_digest
 
 OCTET_STREAM = "application/octet-stream"

@@ -1,0 +1,1 @@
+"""Decide: which images go where, and when (rules, platforms, the planner)."""

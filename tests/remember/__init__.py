@@ -1,0 +1,1 @@
+"""Tests of the state file, one module per module of ``imagepushd.remember``."""

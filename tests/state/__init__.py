@@ -1,1 +1,0 @@
-"""Tests of the state file, one module per module of ``imagepushd.state``."""
