@@ -41,7 +41,7 @@ from imagepushd.oci import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from imagepushd.push.archive import ArchiveStore
 from imagepushd.push.clients import Connection, RegistryClients
 from imagepushd.push.progress import ProgressRenderer
-from imagepushd.push.publish import Image, Publisher, Referrers
+from imagepushd.push.publish import Image, Published, Publisher, Referrers
 from imagepushd.push.registry import login as registry_login
 from imagepushd.push.registry.client import HostSettings
 from imagepushd.push.registry.credentials import Credentials, CredentialSource, CredentialStore
@@ -371,35 +371,51 @@ def _publish(
     args: argparse.Namespace, ctx: Context, image: Image, referrers: Referrers | None = None
 ) -> int:
     """Push ``image`` (then ``referrers``) with the command's options and print the result."""
-    target = image.target
+    published = _published(args, ctx, image, referrers)
+    result = published.result
+    if published.subject_moved:
+        assert referrers is not None
+        raise ImagepushdError(
+            f"--referrers: {image.target} now holds {result.digest} (platform policy "
+            f"{image.policy}), not {referrers.subject}, which the referrers refer to"
+        )
+    if args.json:
+        _print_published_json(ctx, published)
+    else:
+        _print_published(ctx, published)
+    return 0
+
+
+def _published(
+    args: argparse.Namespace, ctx: Context, image: Image, referrers: Referrers | None
+) -> Published:
+    """Publish with a client pool and a progress display that live for this one push."""
     connection = Connection(
         settings=HostSettings(plain_http=args.plain_http, ca_file=args.ca_file),
-        credentials=_credentials(args, ctx, target.registry),
+        credentials=_credentials(args, ctx, image.target.registry),
         chunk_size=args.chunk_size,
     )
     renderer = None if args.json else ProgressRenderer(ctx.stderr, ctx.stderr.isatty())
     clients = RegistryClients(lambda host: connection)
     publisher = Publisher(clients, host=host_platform(), on_event=renderer)
     try:
-        published = publisher.publish(image, concurrency=args.concurrency, referrers=referrers)
+        return publisher.publish(image, concurrency=args.concurrency, referrers=referrers)
     finally:
         if renderer is not None:
             renderer.close()
         clients.close()
+
+
+def _print_published_json(ctx: Context, published: Published) -> None:
+    doc = published.result.to_json()
+    if published.referrers is not None:
+        doc["referrers"] = published.referrers.to_json()
+    json.dump(doc, ctx.stdout, indent=2)
+    ctx.stdout.write("\n")
+
+
+def _print_published(ctx: Context, published: Published) -> None:
     result, extra = published.result, published.referrers
-    if published.subject_moved:
-        assert referrers is not None
-        raise ImagepushdError(
-            f"--referrers: {target} now holds {result.digest} (platform policy {image.policy}), "
-            f"not {referrers.subject}, which the referrers refer to"
-        )
-    if args.json:
-        doc = result.to_json()
-        if extra is not None:
-            doc["referrers"] = extra.to_json()
-        json.dump(doc, ctx.stdout, indent=2)
-        ctx.stdout.write("\n")
-        return 0
     state = "up to date" if result.up_to_date else "pushed"
     ctx.stdout.write(
         f"{state} {result.target} {result.digest}: {result.pushed_blobs} blobs uploaded, "
@@ -411,7 +427,6 @@ def _publish(
         ctx.stdout.write(f"{state} referrer {pushed.target} {pushed.result.digest}\n")
     if extra is not None and extra.index is not None:
         ctx.stdout.write(f"updated referrers index {extra.index}\n")
-    return 0
 
 
 def _size(text: str) -> int:

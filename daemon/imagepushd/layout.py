@@ -135,27 +135,50 @@ def export_layout(
     """
     blobs = _blobs(images)
     as_tar = out.name.endswith(".tar")
-    if out.exists() and (as_tar or not out.is_dir() or any(out.iterdir())):
-        raise OutputError(f"{out}: already exists" + ("" if as_tar else " and is not empty"))
+    _refuse_existing(out, as_tar)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
-        if as_tar:
-            _write_tar(store, images, blobs, partial, host)
-            os.replace(partial, out)
-        else:
-            _write_dir(store, images, blobs, partial, host)
-            if out.exists():
-                out.rmdir()
-            os.replace(partial, out)
+        _write(store, images, blobs, host, partial=partial, out=out, as_tar=as_tar)
     except BaseException as exc:
-        if partial.is_dir():
-            shutil.rmtree(partial, ignore_errors=True)
-        else:
-            partial.unlink(missing_ok=True)
+        _discard(partial)
         if isinstance(exc, OSError) and not isinstance(exc, ImagepushdError):
             raise OutputError(f"writing {out}: {exc.strerror or exc}") from exc
         raise
     return ExportResult(out, len(images), len(blobs), sum(b.size for b in blobs))
+
+
+def _refuse_existing(out: Path, as_tar: bool) -> None:
+    """Refuse to write over anything but an empty directory (a tar: over anything)."""
+    if out.exists() and (as_tar or not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"{out}: already exists" + ("" if as_tar else " and is not empty"))
+
+
+def _write(
+    store: ContentStore,
+    images: Sequence[ExportImage],
+    blobs: Sequence[Descriptor],
+    host: Platform,
+    *,
+    partial: Path,
+    out: Path,
+    as_tar: bool,
+) -> None:
+    """Write the layout at ``partial``, then rename it to ``out``."""
+    if as_tar:
+        _write_tar(store, images, blobs, partial, host)
+    else:
+        _write_dir(store, images, blobs, partial, host)
+        if out.exists():
+            out.rmdir()
+    os.replace(partial, out)
+
+
+def _discard(partial: Path) -> None:
+    """Remove what was written of ``partial``, a directory or a tar."""
+    if partial.is_dir():
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.unlink(missing_ok=True)
 
 
 def _write_dir(

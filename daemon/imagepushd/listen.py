@@ -46,34 +46,47 @@ def parse_listen(text: str) -> Listen:
     Hosts are IP literals, not names: what a name resolves to would decide what is exposed.
     """
     if text.startswith(UNIX_PREFIX):
-        path = text[len(UNIX_PREFIX) :]
-        if not path.startswith("/"):
-            raise ValueError(f"unix socket path must be absolute, not {path!r}")
-        if "\0" in path:
-            raise ValueError("unix socket path must not contain NUL")
-        size = len(os.fsencode(path))
-        if size > MAX_SOCKET_PATH:
-            raise ValueError(f"unix socket path is {size} bytes; at most {MAX_SOCKET_PATH} fit")
-        return Listen(path=Path(path))
-    if text.startswith("["):
-        host, bracket, port = text[1:].partition("]:")
-        if not bracket:
-            raise ValueError(f"must be {_LISTEN_FORMS}, not {text!r}")
-        address: ipaddress.IPv4Address | ipaddress.IPv6Address
-        try:
-            address = ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv6 address") from None
-    else:
-        host, colon, port = text.rpartition(":")
-        if not colon or not host:
-            raise ValueError(f"must be {_LISTEN_FORMS}, not {text!r}")
-        if ":" in host:
-            raise ValueError(f"an IPv6 address goes in brackets ([::1]:9464), not {text!r}")
-        try:
-            address = ipaddress.IPv4Address(host)
-        except ValueError:
-            raise ValueError(f"host must be an IP address, not {host!r}") from None
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"port must be a number from 1 to 65535, not {port!r}")
-    return Listen(host=str(address), port=int(port))
+        return Listen(path=_socket_path(text[len(UNIX_PREFIX) :]))
+    address, port = _ipv6_host_port(text) if text.startswith("[") else _ipv4_host_port(text)
+    return Listen(host=str(address), port=_port(port))
+
+
+def _socket_path(path: str) -> Path:
+    if not path.startswith("/"):
+        raise ValueError(f"unix socket path must be absolute, not {path!r}")
+    if "\0" in path:
+        raise ValueError("unix socket path must not contain NUL")
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise ValueError(f"unix socket path is {size} bytes; at most {MAX_SOCKET_PATH} fit")
+    return Path(path)
+
+
+def _ipv6_host_port(text: str) -> tuple[ipaddress.IPv6Address, str]:
+    """``[ADDRESS]:PORT``'s address and port text."""
+    host, bracket, port = text[1:].partition("]:")
+    if not bracket:
+        raise ValueError(f"must be {_LISTEN_FORMS}, not {text!r}")
+    try:
+        return ipaddress.IPv6Address(host), port
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IPv6 address") from None
+
+
+def _ipv4_host_port(text: str) -> tuple[ipaddress.IPv4Address, str]:
+    """``ADDRESS:PORT``'s address and port text."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"must be {_LISTEN_FORMS}, not {text!r}")
+    if ":" in host:
+        raise ValueError(f"an IPv6 address goes in brackets ([::1]:9464), not {text!r}")
+    try:
+        return ipaddress.IPv4Address(host), port
+    except ValueError:
+        raise ValueError(f"host must be an IP address, not {host!r}") from None
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"port must be a number from 1 to 65535, not {text!r}")
+    return int(text)

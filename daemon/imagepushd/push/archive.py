@@ -38,10 +38,10 @@ import logging
 import os
 import posixpath
 import tarfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from imagepushd.blobs import BlobSource, verify_bytes
 from imagepushd.errors import (
@@ -151,40 +151,54 @@ def _index(path: Path) -> dict[str, _Entry]:
         with path.open("rb") as file:
             head = file.read(8)
             size = os.fstat(file.fileno()).st_size
-            for magic, kind, command in _COMPRESSION_MAGIC:
-                if head.startswith(magic):
-                    raise ArchiveError(
-                        f"{path} is {kind}-compressed: decompress it first ({command} {path}) "
-                        "and push the .tar; blobs are uploaded straight from the uncompressed "
-                        "archive, never extracted"
-                    )
+            _refuse_compressed(path, head)
             file.seek(0)
-            entries: dict[str, _Entry] = {}
             with tarfile.open(fileobj=file, mode="r:") as tar:
-                for info in tar:
-                    name = _clean(info.name)
-                    if not name or info.isdir():
-                        continue
-                    if info.issparse():
-                        entries[name] = _Entry("sparse", size=info.size)
-                    elif info.isreg():
-                        if info.offset_data + info.size > size:
-                            raise ArchiveError(
-                                f"{path} is truncated: member {name} needs bytes up to "
-                                f"{info.offset_data + info.size}, the file has {size}"
-                            )
-                        entries[name] = _Entry("file", info.offset_data, info.size)
-                    elif info.issym():
-                        entries[name] = _Entry("symlink", link=info.linkname)
-                    elif info.islnk():
-                        entries[name] = _Entry("hardlink", link=info.linkname)
-                    else:
-                        entries[name] = _Entry("other")
+                entries = _entries(path, tar, size)
     except tarfile.TarError as exc:
         raise ArchiveError(f"{path}: not a tar archive ({exc})") from None
     except OSError as exc:
         raise ArchiveError(f"{path}: {exc.strerror or exc}") from exc
     return entries
+
+
+def _refuse_compressed(path: Path, head: bytes) -> None:
+    for magic, kind, command in _COMPRESSION_MAGIC:
+        if head.startswith(magic):
+            raise ArchiveError(
+                f"{path} is {kind}-compressed: decompress it first ({command} {path}) "
+                "and push the .tar; blobs are uploaded straight from the uncompressed "
+                "archive, never extracted"
+            )
+
+
+def _entries(path: Path, tar: tarfile.TarFile, size: int) -> dict[str, _Entry]:
+    """The members of ``tar`` (``path``, ``size`` bytes) but directories, by cleaned name."""
+    entries: dict[str, _Entry] = {}
+    for info in tar:
+        name = _clean(info.name)
+        if not name or info.isdir():
+            continue
+        entries[name] = _entry(path, name, info, size)
+    return entries
+
+
+def _entry(path: Path, name: str, info: tarfile.TarInfo, size: int) -> _Entry:
+    """One tar header as indexed; a regular member must lie inside the file's ``size``."""
+    if info.issparse():
+        return _Entry("sparse", size=info.size)
+    if info.isreg():
+        if info.offset_data + info.size > size:
+            raise ArchiveError(
+                f"{path} is truncated: member {name} needs bytes up to "
+                f"{info.offset_data + info.size}, the file has {size}"
+            )
+        return _Entry("file", info.offset_data, info.size)
+    if info.issym():
+        return _Entry("symlink", link=info.linkname)
+    if info.islnk():
+        return _Entry("hardlink", link=info.linkname)
+    return _Entry("other")
 
 
 def _pread_all(path: Path, offset: int, size: int) -> bytes:
@@ -231,12 +245,29 @@ def _docker_manifest(config: Descriptor, layers: Sequence[Descriptor]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
+def _strings(value: object) -> TypeGuard[list[str]]:
+    """Whether ``value`` is a JSON list of strings."""
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
+
+
+def _distinct(images: Iterable[ArchiveImage]) -> dict[object, ArchiveImage]:
+    """``images`` by :attr:`ArchiveImage.key`: one entry per image, whatever its names."""
+    return {image.key: image for image in images}
+
+
 def _same_reference(a: str, b: str) -> bool:
     """Whether two names mean the same image once normalised (``alpine`` = ``docker.io/…``)."""
     try:
         return parse_reference(a) == parse_reference(b)
     except InvalidReferenceError:
         return False
+
+
+def _matches_loosely(image: ArchiveImage, name: str) -> bool:
+    """Whether ``name`` names ``image`` once normalised, or is its OCI target's digest."""
+    return any(_same_reference(name, n) for n in image.names) or (
+        image.target is not None and image.target.digest == name
+    )
 
 
 class ArchiveStore:
@@ -295,25 +326,29 @@ class ArchiveStore:
                 raise MissingContentError(f"{self.path}: member {current}{via} not found", [])
             if entry.kind == "file":
                 return Member(current, entry.offset, entry.size)
-            if entry.kind == "sparse":
-                raise ArchiveError(
-                    f"{self.path}: member {current} is a sparse file, whose bytes are not "
-                    "stored contiguously; re-create the archive without --sparse"
-                )
-            if entry.kind == "other":
-                raise ArchiveError(f"{self.path}: member {current} is not a regular file")
-            if entry.link.startswith("/"):
-                raise ArchiveError(
-                    f"{self.path}: member {current} links to {entry.link}, outside the archive"
-                )
-            base = posixpath.dirname(current) if entry.kind == "symlink" else ""
-            target = posixpath.normpath(posixpath.join(base, entry.link))
-            if target == ".." or target.startswith("../"):
-                raise ArchiveError(
-                    f"{self.path}: member {current} links to {entry.link}, outside the archive"
-                )
-            current = target
+            current = self._link_target(current, entry)
         raise ArchiveError(f"{self.path}: member {wanted}: more than {MAX_LINK_HOPS} links deep")
+
+    def _link_target(self, current: str, entry: _Entry) -> str:
+        """The member the link ``current`` names; an error for what cannot lead to data."""
+        if entry.kind == "sparse":
+            raise ArchiveError(
+                f"{self.path}: member {current} is a sparse file, whose bytes are not "
+                "stored contiguously; re-create the archive without --sparse"
+            )
+        if entry.kind == "other":
+            raise ArchiveError(f"{self.path}: member {current} is not a regular file")
+        if entry.link.startswith("/"):
+            raise ArchiveError(
+                f"{self.path}: member {current} links to {entry.link}, outside the archive"
+            )
+        base = posixpath.dirname(current) if entry.kind == "symlink" else ""
+        target = posixpath.normpath(posixpath.join(base, entry.link))
+        if target == ".." or target.startswith("../"):
+            raise ArchiveError(
+                f"{self.path}: member {current} links to {entry.link}, outside the archive"
+            )
+        return target
 
     def _find(self, descriptor: Descriptor) -> Member | None:
         """The member holding ``descriptor``'s blob, or None if the archive has none."""
@@ -389,21 +424,8 @@ class ArchiveStore:
         image's target also selects it.
         """
         if name is None:
-            distinct = {image.key: image for image in self.images}
-            if len(distinct) == 1:
-                return next(iter(distinct.values()))
-            raise UsageError(
-                f"{self.path} holds {len(distinct)} images; name one before the target: "
-                + self._listing()
-            )
-        exact = [i for i in self.images if name in i.names]
-        found = exact or [
-            i
-            for i in self.images
-            if any(_same_reference(name, n) for n in i.names)
-            or (i.target is not None and i.target.digest == name)
-        ]
-        distinct = {image.key: image for image in found}
+            return self._only()
+        distinct = self._named(name)
         if len(distinct) == 1:
             return next(iter(distinct.values()))
         if not distinct:
@@ -412,6 +434,21 @@ class ArchiveStore:
             f"{self.path}: {name!r} names {len(distinct)} different images: "
             + "; ".join(i.describe() for i in distinct.values())
         )
+
+    def _only(self) -> ArchiveImage:
+        """The archive's one image (under however many names), if it holds only one."""
+        distinct = _distinct(self.images)
+        if len(distinct) == 1:
+            return next(iter(distinct.values()))
+        raise UsageError(
+            f"{self.path} holds {len(distinct)} images; name one before the target: "
+            + self._listing()
+        )
+
+    def _named(self, name: str) -> dict[object, ArchiveImage]:
+        """The images ``name`` names exactly; if none, those it names once normalised."""
+        exact = [i for i in self.images if name in i.names]
+        return _distinct(exact or [i for i in self.images if _matches_loosely(i, name)])
 
     def _listing(self) -> str:
         return "; ".join(dict.fromkeys(i.describe() for i in self.images))
@@ -513,41 +550,27 @@ class ArchiveStore:
 
     def _oci_images(self) -> tuple[ArchiveImage, ...]:
         where = f"{self.path}: index.json"
-        layout = self._entries.get("oci-layout")
-        if layout is not None and layout.kind == "file":
-            doc = _load_json(
-                self._read_member(self.member("oci-layout"), 4096, "oci-layout"),
-                f"{self.path}: oci-layout",
-            )
-            version = doc.get("imageLayoutVersion") if isinstance(doc, dict) else None
-            if not isinstance(version, str) or not version.startswith("1."):
-                raise ArchiveError(f"{self.path}: unsupported OCI image layout version {version!r}")
+        self._check_layout_version()
         index = _load_json(
             self._read_member(self.member("index.json"), MAX_LISTING_SIZE, "index"), where
         )
         manifests = index.get("manifests") if isinstance(index, dict) else None
         if not isinstance(manifests, list):
             raise ArchiveError(f"{where}: no manifests list")
-        images: list[ArchiveImage] = []
-        for i, obj in enumerate(manifests):
-            try:
-                descriptor = Descriptor.from_json(obj, f"{where} manifests[{i}]")
-            except ManifestError as exc:
-                raise ArchiveError(str(exc)) from None
-            if descriptor.size > MAX_MANIFEST_SIZE:
-                raise ArchiveError(
-                    f"{where} manifests[{i}]: {descriptor.digest} is {descriptor.size} bytes, "
-                    "too large for a manifest"
-                )
-            notes = descriptor.annotations
-            names = (notes.get(ANNOTATION_CONTAINERD_NAME), notes.get(ANNOTATION_REF_NAME))
-            images.append(
-                ArchiveImage(
-                    tuple(dict.fromkeys(n for n in names if n)),
-                    Descriptor(descriptor.media_type, descriptor.digest, descriptor.size),
-                )
-            )
-        return tuple(images)
+        return tuple(_oci_image(obj, f"{where} manifests[{i}]") for i, obj in enumerate(manifests))
+
+    def _check_layout_version(self) -> None:
+        """Refuse an ``oci-layout`` file of another major version (the file is optional)."""
+        layout = self._entries.get("oci-layout")
+        if layout is None or layout.kind != "file":
+            return
+        doc = _load_json(
+            self._read_member(self.member("oci-layout"), 4096, "oci-layout"),
+            f"{self.path}: oci-layout",
+        )
+        version = doc.get("imageLayoutVersion") if isinstance(doc, dict) else None
+        if not isinstance(version, str) or not version.startswith("1."):
+            raise ArchiveError(f"{self.path}: unsupported OCI image layout version {version!r}")
 
     def _docker_images(self) -> tuple[ArchiveImage, ...]:
         where = f"{self.path}: manifest.json"
@@ -557,18 +580,38 @@ class ArchiveStore:
         )
         if not isinstance(doc, list):
             raise ArchiveError(f"{where}: not a list of images")
-        images: list[ArchiveImage] = []
-        for i, entry in enumerate(doc):
-            if not isinstance(entry, dict):
-                raise ArchiveError(f"{where}[{i}]: not an object")
-            config, tags, layers = entry.get("Config"), entry.get("RepoTags"), entry.get("Layers")
-            if not isinstance(config, str) or not config:
-                raise ArchiveError(f"{where}[{i}]: no Config")
-            if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
-                raise ArchiveError(f"{where}[{i}]: Layers is not a list of member names")
-            if tags is None:
-                tags = []
-            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-                raise ArchiveError(f"{where}[{i}]: RepoTags is not a list of names")
-            images.append(ArchiveImage(tuple(dict.fromkeys(tags)), None, config, tuple(layers)))
-        return tuple(images)
+        return tuple(_docker_image(entry, f"{where}[{i}]") for i, entry in enumerate(doc))
+
+
+def _oci_image(obj: object, where: str) -> ArchiveImage:
+    """The image an entry of index.json's ``manifests`` names, under its annotated names."""
+    try:
+        descriptor = Descriptor.from_json(obj, where)
+    except ManifestError as exc:
+        raise ArchiveError(str(exc)) from None
+    if descriptor.size > MAX_MANIFEST_SIZE:
+        raise ArchiveError(
+            f"{where}: {descriptor.digest} is {descriptor.size} bytes, too large for a manifest"
+        )
+    notes = descriptor.annotations
+    names = (notes.get(ANNOTATION_CONTAINERD_NAME), notes.get(ANNOTATION_REF_NAME))
+    return ArchiveImage(
+        tuple(dict.fromkeys(n for n in names if n)),
+        Descriptor(descriptor.media_type, descriptor.digest, descriptor.size),
+    )
+
+
+def _docker_image(entry: object, where: str) -> ArchiveImage:
+    """The image an entry of manifest.json lists (``RepoTags`` may be null: untagged)."""
+    if not isinstance(entry, dict):
+        raise ArchiveError(f"{where}: not an object")
+    config, tags, layers = entry.get("Config"), entry.get("RepoTags"), entry.get("Layers")
+    if not isinstance(config, str) or not config:
+        raise ArchiveError(f"{where}: no Config")
+    if not _strings(layers):
+        raise ArchiveError(f"{where}: Layers is not a list of member names")
+    if tags is None:
+        tags = []
+    if not _strings(tags):
+        raise ArchiveError(f"{where}: RepoTags is not a list of names")
+    return ArchiveImage(tuple(dict.fromkeys(tags)), None, config, tuple(layers))

@@ -103,25 +103,30 @@ def merge_index(existing: tuple[str, bytes] | None, entries: Sequence[Mapping[st
     ``existing`` is what the tag holds (media type and bytes), None when nothing. Something
     other than an image index there is a :class:`ManifestError`: it is not overwritten.
     """
-    if existing is None:
-        doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-    else:
-        media_type, data = existing
-        loaded = load_object(data, "referrers tag-schema index")
-        own = loaded.get("mediaType")
-        if (own or media_type) != OCI_INDEX or not isinstance(loaded.get("manifests"), list):
-            raise ManifestError(
-                f"the referrers tag holds {own or media_type or 'a manifest'}, not an OCI image "
-                "index; not overwriting it"
-            )
-        doc = dict(loaded)
-        doc["manifests"] = list(loaded["manifests"])
+    doc = _index_to_extend(existing)
     have = {m.get("digest") for m in doc["manifests"] if isinstance(m, Mapping)}
     for entry in entries:
         if entry["digest"] not in have:
             doc["manifests"].append(dict(entry))
             have.add(entry["digest"])
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _index_to_extend(existing: tuple[str, bytes] | None) -> dict[str, Any]:
+    """A copy of the index the tag holds, an empty index when it holds nothing."""
+    if existing is None:
+        return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    media_type, data = existing
+    loaded = load_object(data, "referrers tag-schema index")
+    own = loaded.get("mediaType")
+    if (own or media_type) != OCI_INDEX or not isinstance(loaded.get("manifests"), list):
+        raise ManifestError(
+            f"the referrers tag holds {own or media_type or 'a manifest'}, not an OCI image "
+            "index; not overwriting it"
+        )
+    doc = dict(loaded)
+    doc["manifests"] = list(loaded["manifests"])
+    return doc
 
 
 def push_referrers(
@@ -140,7 +145,38 @@ def push_referrers(
     Every referrer is tried; the first failure is raised after the rest (a stopping daemon's
     :class:`PushInterrupted` at once). ``on_pushed`` hears of each one as it is done.
     """
-    out = ReferrersResult()
+    pushed, failure = _push_each(
+        referrers,
+        content=content,
+        known=known,
+        pusher=pusher,
+        target=target,
+        subject=subject,
+        on_pushed=on_pushed,
+    )
+    out = ReferrersResult(pushed)
+    listed = [p.referrer for p in out.pushed if p.referrer.listed]
+    if listed:
+        out.api = client.referrers_get(target.repository, subject) is not None
+        if not out.api:
+            out.index = _update_tag_schema_index(client, target, subject, listed)
+    if failure is not None:
+        raise failure
+    return out
+
+
+def _push_each(
+    referrers: Sequence[Referrer],
+    *,
+    content: ContentStore,
+    known: Collection[str],
+    pusher: Pusher,
+    target: Reference,
+    subject: str,
+    on_pushed: Callable[[ReferrerPushed], None],
+) -> tuple[list[ReferrerPushed], ImagepushdError | None]:
+    """Push every referrer: those done, and the first failure, to raise once all were tried."""
+    done: list[ReferrerPushed] = []
     failure: ImagepushdError | None = None
     for referrer in referrers:
         where = referrer.target(target)
@@ -163,36 +199,38 @@ def push_referrers(
             where,
             "(already there)" if result.up_to_date else "pushed",
         )
-        out.pushed.append(pushed)
+        done.append(pushed)
         on_pushed(pushed)
-    listed = [p.referrer for p in out.pushed if p.referrer.listed]
-    if listed:
-        repository = target.repository
-        out.api = client.referrers_get(repository, subject) is not None
-        if not out.api:
-            tag = fallback_tag(subject)
-            existing = client.manifest_get(repository, tag, [OCI_INDEX])
-            if existing is not None and _digest(existing[1]) == subject:
-                # GitLab reads the tag sha256-<hex> as the digest sha256:<hex> and serves the
-                # subject itself (oras-project/oras-go#1396): no tag-schema index can live
-                # there, and merging the subject's own children into one would list them as
-                # its referrers.
-                log.warning(
-                    "%s: %s:%s is the image itself (the registry reads the tag as a digest); "
-                    "no referrers index is kept there",
-                    target.registry,
-                    repository,
-                    tag,
-                )
-            else:
-                data = merge_index(existing, [r.index_entry() for r in listed])
-                if existing is None or data != existing[1]:
-                    client.manifest_put(repository, tag, OCI_INDEX, data)
-                    out.index = Reference(target.registry, repository, tag)
-                    log.info("referrers index %s lists %d new referrer(s)", out.index, len(listed))
-    if failure is not None:
-        raise failure
-    return out
+    return done, failure
+
+
+def _update_tag_schema_index(
+    client: RegistryClient, target: Reference, subject: str, listed: Sequence[Referrer]
+) -> Reference | None:
+    """Add ``listed`` to ``subject``'s tag-schema index; the index, None if left as it was."""
+    repository = target.repository
+    tag = fallback_tag(subject)
+    existing = client.manifest_get(repository, tag, [OCI_INDEX])
+    if existing is not None and _digest(existing[1]) == subject:
+        # GitLab reads the tag sha256-<hex> as the digest sha256:<hex> and serves the
+        # subject itself (oras-project/oras-go#1396): no tag-schema index can live
+        # there, and merging the subject's own children into one would list them as
+        # its referrers.
+        log.warning(
+            "%s: %s:%s is the image itself (the registry reads the tag as a digest); "
+            "no referrers index is kept there",
+            target.registry,
+            repository,
+            tag,
+        )
+        return None
+    data = merge_index(existing, [r.index_entry() for r in listed])
+    if existing is not None and data == existing[1]:
+        return None
+    client.manifest_put(repository, tag, OCI_INDEX, data)
+    index = Reference(target.registry, repository, tag)
+    log.info("referrers index %s lists %d new referrer(s)", index, len(listed))
+    return index
 
 
 def _no_sources(descriptor: Descriptor) -> Sequence[str]:
