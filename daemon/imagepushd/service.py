@@ -160,29 +160,42 @@ class Service:
         self._wake()
 
     def _loop(self, pool: ThreadPoolExecutor) -> None:
-        interval = self._watchdog
         last_ping = 0.0
         while not self._stopping():
-            if self._reload:
-                self._reload = False
-                self._do_reload()
-            self._reap()
-            now = self._clock()
-            self._dispatch(pool, now)
-            self._report()
-            if interval is not None and now - last_ping >= interval:
-                self._notifier.watchdog()
-                last_ping = now
+            now = self._work(pool)
+            last_ping = self._ping(now, last_ping)
             if self._once and not self._running and not self._due_now():
                 return
-            timeout = self._sleep_budget(now, interval)
-            changed = self._watcher.wait(timeout)
+            changed = self._watcher.wait(self._sleep_budget(now, self._watchdog))
             if self._stopping():
                 return
-            now = self._clock()
-            resync = now - self._last_scan >= self._config.push.resync_interval
-            if changed or resync or (self._wake_at is not None and now >= self._wake_at):
+            if changed or self._rescan_due():
                 self._scan()
+
+    def _work(self, pool: ThreadPoolExecutor) -> float:
+        """Take a reload, reap finished jobs, dispatch due ones, report; the time then."""
+        if self._reload:
+            self._reload = False
+            self._do_reload()
+        self._reap()
+        now = self._clock()
+        self._dispatch(pool, now)
+        self._report()
+        return now
+
+    def _ping(self, now: float, last: float) -> float:
+        """WATCHDOG=1 when it is due; the time of the last ping."""
+        if self._watchdog is not None and now - last >= self._watchdog:
+            self._notifier.watchdog()
+            return now
+        return last
+
+    def _rescan_due(self) -> bool:
+        """Whether to scan without a change: the resync interval, or a wake-up time, is due."""
+        now = self._clock()
+        if now - self._last_scan >= self._config.push.resync_interval:
+            return True
+        return self._wake_at is not None and now >= self._wake_at
 
     def _stopping(self) -> bool:
         """Whether to leave the loop; turns a recorded stop signal into the workers' stop."""
