@@ -1,0 +1,1 @@
+"""The OCI distribution protocol: one client per registry, auth, retries, uploads, health."""
