@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from imagepushd.config import Config, LiveConfig
-from imagepushd.decide.planner import Decision, Why, repush_jobs
+from imagepushd.decide.planner import Decision, Job, Why, repush_jobs
 from imagepushd.decisions import decide_snapshot
 from imagepushd.errors import ContainerdError, ImagepushdError, SnapshotBusyError
 from imagepushd.metrics import Metrics
@@ -269,11 +269,7 @@ class Service:
         now = self._clock()
         self._last_scan = now
         previous = self._snapshot
-        replan = (
-            previous is None
-            or self._planned_config is not self._config
-            or now - self._last_full >= self._config.push.resync_interval
-        )
+        replan = self._replan_due(now)
         full = replan or (self._verify_at is not None and now >= self._verify_at)
         started = time.monotonic()
         snap = self._read(now, full=full)
@@ -286,11 +282,22 @@ class Service:
         if scope is None or scope:
             self._plan(snap, scope, replan=replan)
         self._schedule_verify(snap, now)
+        self._count_scan(len(snap.images) if scope is None else len(scope), started)
+
+    def _count_scan(self, planned: int, started: float) -> None:
+        """The scan's work and time, in the metrics."""
         decoded = self._metadata.images_decoded
-        planned = len(snap.images) if scope is None else len(scope)
         self._metrics.scan_work(decoded - self._decoded, planned)
         self._decoded = decoded
         self._metrics.scan_observe(time.monotonic() - started)
+
+    def _replan_due(self, now: float) -> bool:
+        """Whether to plan every image: the first scan, a new configuration, or a resync."""
+        return (
+            self._snapshot is None
+            or self._planned_config is not self._config
+            or now - self._last_full >= self._config.push.resync_interval
+        )
 
     def _schedule_verify(self, snap: MetadataSnapshot, now: float) -> None:
         """A full read for a snapshot that may hide a change, when the time budget allows."""
@@ -360,6 +367,7 @@ class Service:
             log.debug("containerd is busy; reading its metadata again in %.2fs: %s", delay, exc)
 
     def _apply(self, decision: Decision, scope: Set[tuple[str, str]] | None = None) -> None:
+        """Write ``decision`` to the state and keep its waiting reasons and wake-up time."""
         state = self._state
         state.seen.update(decision.seen_changed, decision.seen_removed)
         if decision.cancel:
@@ -371,6 +379,10 @@ class Service:
                 job.namespace, job.name, job.digest, job.target, job.rule, reopen=True
             )
             log.info("queued %s/%s → %s (%s)", job.namespace, job.name, job.target, job.digest)
+        self._note_waiting(decision, scope)
+
+    def _note_waiting(self, decision: Decision, scope: Set[tuple[str, str]] | None) -> None:
+        """Log a waiting image when its reason changes; keep the reasons of names not planned."""
         reasons = {(n.namespace, n.name): n.why for n in decision.waiting}
         for key, why in reasons.items():
             if self._reasons.get(key) != why.key:
@@ -467,17 +479,10 @@ class Service:
 
         Only new or moved names are looked at, so each arrival asks for one run at most.
         """
-        if not changed or not any(r.referrers for r in self._config.rules):
-            return
-        new = self._parts.finder.among(
-            (r for r in snap.images if (r.namespace, r.name) in changed), snap
-        )
-        if not new:
+        jobs = self._referrer_jobs(snap, changed)
+        if not jobs:
             return
         state = self._state
-        jobs = repush_jobs(
-            new, state.pushed.newest(), state.pushed.holdings(), self._config.rules, snap
-        )
         open_jobs = {
             (j.namespace, j.name, j.digest, j.target): j for j in state.jobs.select(OPEN_STATUSES)
         }
@@ -496,6 +501,20 @@ class Service:
             elif current.status == RUNNING:
                 self._rerun.add(current.id)
             # A queued or failing job takes the newest snapshot's referrers when it runs.
+
+    def _referrer_jobs(
+        self, snap: MetadataSnapshot, changed: Mapping[tuple[str, str], object]
+    ) -> list[Job]:
+        """The pushed images that a referrer among ``changed`` names, to run again."""
+        if not changed or not any(r.referrers for r in self._config.rules):
+            return []
+        new = self._parts.finder.among(
+            (r for r in snap.images if (r.namespace, r.name) in changed), snap
+        )
+        if not new:
+            return []
+        pushed = self._state.pushed
+        return repush_jobs(new, pushed.newest(), pushed.holdings(), self._config.rules, snap)
 
     # ---- reporting -----------------------------------------------------------------------
 
