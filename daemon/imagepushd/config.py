@@ -388,36 +388,37 @@ def _rules(check: _Checker, raw: object) -> tuple[Rule, ...]:
         return ()
     rules = []
     for index, table in enumerate(raw):
-        p = f"rule[{index}]"
         if not isinstance(table, dict):
-            check.problem(p, "must be a table")
+            check.problem(f"rule[{index}]", "must be a table")
             continue
-        check.unknown(
-            table, p, {"match", "exclude", "namespaces", "target", "targets", "referrers"}
-        )
-        patterns = check.strings(table, p, "match")
-        if not patterns:
-            check.problem(f"{p}.match", "is required (one or more name patterns)")
-        match = _globs(check, f"{p}.match", patterns)
-        exclude = _globs(check, f"{p}.exclude", check.strings(table, p, "exclude"))
-        if "target" in table and "targets" in table:
-            check.problem(p, "set target or targets, not both")
-        templates = (
-            check.strings(table, p, "targets")
-            if "targets" in table
-            else check.strings(table, p, "target")
-        ) or ("{image}",)
-        key = "targets" if "targets" in table else "target"
-        for template in templates:
-            try:
-                check_template(template)
-            except ValueError as exc:
-                check.problem(f"{p}.{key}", str(exc))
-        referrers = check.get(table, p, "referrers", kind=bool, default=False, convert=_same)
-        rules.append(
-            Rule(index, match, exclude, check.strings(table, p, "namespaces"), templates, referrers)
-        )
+        rules.append(_rule(check, index, table))
     return tuple(rules)
+
+
+def _rule(check: _Checker, index: int, table: Mapping[str, Any]) -> Rule:
+    p = f"rule[{index}]"
+    check.unknown(table, p, {"match", "exclude", "namespaces", "target", "targets", "referrers"})
+    patterns = check.strings(table, p, "match")
+    if not patterns:
+        check.problem(f"{p}.match", "is required (one or more name patterns)")
+    match = _globs(check, f"{p}.match", patterns)
+    exclude = _globs(check, f"{p}.exclude", check.strings(table, p, "exclude"))
+    templates = _targets(check, table, p)
+    referrers = check.get(table, p, "referrers", kind=bool, default=False, convert=_same)
+    return Rule(index, match, exclude, check.strings(table, p, "namespaces"), templates, referrers)
+
+
+def _targets(check: _Checker, table: Mapping[str, Any], p: str) -> tuple[str, ...]:
+    if "target" in table and "targets" in table:
+        check.problem(p, "set target or targets, not both")
+    key = "targets" if "targets" in table else "target"
+    templates = check.strings(table, p, key) or ("{image}",)
+    for template in templates:
+        try:
+            check_template(template)
+        except ValueError as exc:
+            check.problem(f"{p}.{key}", str(exc))
+    return templates
 
 
 def _registries(check: _Checker, table: Mapping[str, Any]) -> dict[str, RegistrySettings]:

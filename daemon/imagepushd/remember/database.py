@@ -45,6 +45,8 @@ _SQLITE_FULL = 13
 _SQLITE_CANTOPEN = 14
 _SQLITE_NOTADB = 26
 
+_OPEN_FLAGS = os.O_RDWR | os.O_CLOEXEC
+
 
 class Database:
     """The state file at ``path``, opened (created if missing) and migrated to the latest schema.
@@ -111,30 +113,32 @@ class Database:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(
-                f"cannot create the directory of state file {self.path} "
-                f"({(exc.strerror or str(exc)).lower()})"
+                f"cannot create the directory of state file {self.path} ({_strerror(exc)})"
             ) from exc
-        flags = os.O_RDWR | os.O_CLOEXEC
+        if not self._create_file():
+            self._check_existing()
+
+    def _create_file(self) -> bool:
+        """Create the file with mode 0600; False if it exists already."""
         try:
-            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(self.path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            pass
+            return False
         except OSError as exc:
-            raise StateError(
-                f"cannot create state file {self.path} ({(exc.strerror or str(exc)).lower()})"
-            ) from exc
-        else:
-            try:
-                os.fchmod(fd, 0o600)  # exactly 0600 whatever the umask
-            finally:
-                os.close(fd)
-            return
+            raise StateError(f"cannot create state file {self.path} ({_strerror(exc)})") from exc
         try:
-            fd = os.open(self.path, flags)
+            os.fchmod(fd, 0o600)  # exactly 0600 whatever the umask
+        finally:
+            os.close(fd)
+        return True
+
+    def _check_existing(self) -> None:
+        """Refuse an existing path that cannot be the state file; warn if others may read it."""
+        try:
+            fd = os.open(self.path, _OPEN_FLAGS)
         except OSError as exc:
-            problem = (exc.strerror or str(exc)).lower()
             raise self._unusable(
-                f"cannot be opened ({problem})",
+                f"cannot be opened ({_strerror(exc)})",
                 "check the owner and mode of the file and its directory"
                 if isinstance(exc, PermissionError)
                 else "",
@@ -246,3 +250,8 @@ class Database:
                 raise StateError(f"state file {self.path} is closed")
             with self._tx(self._conn, write=write) as conn:
                 yield conn
+
+
+def _strerror(exc: OSError) -> str:
+    """The system's words for ``exc``, lower-case to sit inside a sentence."""
+    return (exc.strerror or str(exc)).lower()

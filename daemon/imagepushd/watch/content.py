@@ -329,6 +329,12 @@ class _Walker:
         if isinstance(parsed, Index):
             children = tuple(self._visit(c, c.platform, depth + 1) for c in parsed.manifests)
             return IndexNode(desc, parsed, children, data)
+        return self._manifest(desc, platform, parsed, data)
+
+    def _manifest(
+        self, desc: Descriptor, platform: Platform | None, parsed: Manifest, data: bytes
+    ) -> ManifestNode:
+        """A present manifest's node; its platform read from its config if no index gave one."""
         config_present = self._present(parsed.config)
         for layer in parsed.layers:
             self._present(layer)

@@ -104,6 +104,17 @@ def _refers(data: bytes, descriptor: Descriptor) -> _Refers | None:
     return _Refers(digest, artifact_type if isinstance(artifact_type, str) else "", annotations)
 
 
+def _cosign(name: str) -> tuple[str, str] | None:
+    """The cosign tag of image ``name`` and the digest it belongs to; None if not one."""
+    try:
+        tag = parse_reference(name, default_tag=None).tag
+    except InvalidReferenceError:
+        return None
+    if tag is None or (match := COSIGN_TAG.fullmatch(tag)) is None:
+        return None
+    return tag, f"sha256:{match.group(1)}"
+
+
 class ReferrerFinder:
     """Finds referrers among containerd's images, reading each manifest digest at most once.
 
@@ -140,17 +151,14 @@ class ReferrerFinder:
 
         ``known`` is the namespace's blob digests: a manifest outside it is not read.
         """
-        try:
-            tag = parse_reference(record.name, default_tag=None).tag
-        except InvalidReferenceError:
-            tag = None
-        cosign = COSIGN_TAG.fullmatch(tag) if tag is not None else None
+        cosign = _cosign(record.name)
         refers = self._subject_of(record.target, known)
+        listed: _Refers | None  # what the manifest itself says, when it names the subject
         if cosign is not None:
-            subject = f"sha256:{cosign.group(1)}"
-            listed = refers is not None and refers.subject == subject
+            tag, subject = cosign
+            listed = refers if refers is not None and refers.subject == subject else None
         elif refers is not None:
-            subject, listed = refers.subject, True
+            tag, subject, listed = None, refers.subject, refers
         else:
             return None
         return Referrer(
@@ -158,10 +166,10 @@ class ReferrerFinder:
             record.name,
             record.target,
             subject,
-            tag if cosign is not None else None,
-            listed,
-            refers.artifact_type if listed and refers is not None else "",
-            refers.annotations if listed and refers is not None else {},
+            tag,
+            listed is not None,
+            listed.artifact_type if listed is not None else "",
+            listed.annotations if listed is not None else {},
         )
 
     def among(self, records: Iterable[ImageRecord], snap: MetadataSnapshot) -> list[Referrer]:

@@ -32,6 +32,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from imagepushd.errors import RootNotFoundError
 from imagepushd.watch.metadata import META_DB
@@ -124,23 +125,36 @@ def _containerd_root(host: _Host, config: Path) -> tuple[Path, str] | None:
         if path in loaded:
             continue
         loaded.add(path)
-        try:
-            doc = tomllib.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        doc = _toml(path)
+        if doc is None:
             continue
         root = doc.get("root")
         if isinstance(root, str) and root:
             found = host.named(root, path.parent), f"root = in {path}"
-        imports = doc.get("imports")
-        for item in imports if isinstance(imports, list) else []:
-            if not isinstance(item, str) or not item:
-                continue
-            target = host.named(item, path.parent)
-            if "*" in item:
-                pending.extend(sorted(target.parent.glob(target.name)))
-            else:
-                pending.append(target)
+        pending.extend(_imports(host, doc.get("imports"), path.parent))
     return found
+
+
+def _toml(path: Path) -> dict[str, Any] | None:
+    """The document in ``path``; None if it cannot be read or parsed."""
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+
+
+def _imports(host: _Host, imports: object, base: Path) -> list[Path]:
+    """The files an ``imports`` list names, in order, globs expanded (sorted)."""
+    out: list[Path] = []
+    for item in imports if isinstance(imports, list) else []:
+        if not isinstance(item, str) or not item:
+            continue
+        target = host.named(item, base)
+        if "*" in item:
+            out.extend(sorted(target.parent.glob(target.name)))
+        else:
+            out.append(target)
+    return out
 
 
 def _docker_data_root(host: _Host, config: Path, default: Path) -> tuple[Path, str]:
