@@ -85,7 +85,6 @@ class Service:
     ) -> None:
         self._parts = parts
         self._live = parts.config
-        self._config = parts.config.current
         self._metadata = parts.metadata
         self._state = parts.state
         self._health = parts.health
@@ -118,6 +117,11 @@ class Service:
         self._decoded = 0
         # Running jobs to run again when they end: a referrer of theirs came during the push.
         self._rerun: set[int] = set()
+
+    @property
+    def _config(self) -> Config:
+        """The configuration as last read successfully (a reload replaces it)."""
+        return self._live.current
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -240,14 +244,14 @@ class Service:
 
     def _do_reload(self) -> None:
         self._notifier.reloading()
+        previous = self._config
         try:
             config = self._live.reload()
         except ImagepushdError as exc:
             log.error("reload: keeping the previous configuration: %s", exc)
         else:
-            if config.metrics != self._config.metrics:
+            if config.metrics != previous.metrics:
                 log.warning("reload: [metrics] changes take effect when the daemon restarts")
-            self._config = config
             self._metrics.rules_known([rule.index for rule in config.rules])
             self._parts.clients.forget()
             log.info("reloaded %s: %d rule(s)", self._live.path, len(config.rules))

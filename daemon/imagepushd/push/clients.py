@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from imagepushd.config import Config, LiveConfig
+from imagepushd.config import LiveConfig
 from imagepushd.errors import PushInterrupted
 from imagepushd.metrics import Metrics
 from imagepushd.push.registry.bodylimit import BodyLimit
@@ -172,27 +172,23 @@ class DaemonConnector:
         )
 
     def _credentials(self, host: str) -> Credentials | None:
-        # Read at first use and whenever the registry refuses them: a rotated password or a
-        # reloaded configuration is picked up by the next request.
-        return configured_credentials(self._config.current, host, self._env, self._home)
+        """``host``'s credentials, read now from the configuration as it is now.
+
+        Called at first use and whenever the registry refuses them: a rotated password or a
+        reloaded configuration is picked up by the next request.
+        """
+        settings = self._config.current.registry(host)
+        if not settings.username:
+            return CredentialStore(self._env, self._home).lookup(host)
+        if settings.password_file is not None:
+            secret = read_secret_file(settings.password_file, f'registries."{host}"')
+        elif settings.password_credential is not None:
+            secret = systemd_credential(settings.password_credential, self._env)
+        else:
+            secret = ""
+        return Credentials(username=settings.username, password=secret)
 
     def _retry_sleep(self, seconds: float) -> None:
         # The retry policy's sleep, cut short (abandoning the push) when the daemon stops.
         if self._stop.wait(seconds):
             raise PushInterrupted("stopping: retry abandoned")
-
-
-def configured_credentials(
-    config: Config, host: str, env: Mapping[str, str], home: Path
-) -> Credentials | None:
-    """Read ``host``'s credentials now: at first use and when the registry rejects them."""
-    settings = config.registry(host)
-    if settings.username:
-        if settings.password_file is not None:
-            secret = read_secret_file(settings.password_file, f'registries."{host}"')
-        elif settings.password_credential is not None:
-            secret = systemd_credential(settings.password_credential, env)
-        else:
-            secret = ""
-        return Credentials(username=settings.username, password=secret)
-    return CredentialStore(env, home).lookup(host)
